@@ -1,0 +1,86 @@
+"""Fast weights: one SGD step per synthetic label set, and the meta loss that follows it.
+
+For set m the fast weights are ``theta'_m = theta - alpha * grad_theta CE(f(x; theta), y_m)``
+(only for the selected parameters), and the meta loss is the KL divergence from the mentor's
+predictions to the student's predictions at ``theta'_m``. The fast forward goes through
+`torch.func.functional_call` on the real module with *cloned* buffers, so BatchNorm running
+statistics and ``num_batches_tracked`` of the student are never touched by it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .config import FastParamsSpec
+
+
+def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
+    """Names of the trainable parameters of ``module`` that get fast weights under ``spec``."""
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if spec == "all":
+        selected = [name for name, _ in named]
+    elif spec == "head":
+        get_classifier = getattr(module, "get_classifier", None)
+        if not callable(get_classifier):
+            raise ValueError(
+                "fast_params='head' needs a timm model (one with get_classifier()); "
+                "pass glob patterns or a predicate (name, param) -> bool instead"
+            )
+        head_ids = {id(p) for p in get_classifier().parameters()}
+        selected = [name for name, p in named if id(p) in head_ids]
+    elif callable(spec):
+        selected = [name for name, p in named if spec(name, p)]
+    else:
+        selected = [name for name, _ in named if any(fnmatch.fnmatchcase(name, pat) for pat in spec)]
+    if not selected:
+        raise ValueError(f"fast_params={spec!r} selects no trainable parameter of the model")
+    return selected
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32 when it is half precision (losses are computed in float32)."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def kl_to_mentor(student_logits: torch.Tensor, mentor_log_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(mentor || student)`` per sample, averaged over the batch."""
+    log_probs = F.log_softmax(upcast(student_logits), dim=1)
+    return F.kl_div(log_probs, mentor_log_probs, log_target=True, reduction="batchmean")
+
+
+def meta_losses(
+    module: nn.Module,
+    inputs: torch.Tensor,
+    logits: torch.Tensor,
+    synthetic_labels: torch.Tensor,
+    mentor_log_probs: torch.Tensor,
+    fast_names: list[str],
+    inner_lr: float,
+    first_order: bool,
+) -> Iterator[torch.Tensor]:
+    """Yield the meta loss ``J_m`` of each synthetic label set in turn.
+
+    ``logits`` is the student's output for ``inputs`` (its graph is reused for every inner
+    gradient and must stay alive while the generator runs). Consume one loss before asking
+    for the next to keep one set's graph in memory at a time.
+    """
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    fast_tensors = [params[name] for name in fast_names]
+    for labels in synthetic_labels:
+        inner_loss = F.cross_entropy(logits, labels)
+        grads = torch.autograd.grad(
+            inner_loss, fast_tensors, create_graph=not first_order, retain_graph=True, allow_unused=True
+        )
+        fast = {
+            name: p if g is None else p - inner_lr * (g.detach() if first_order else g)
+            for name, p, g in zip(fast_names, fast_tensors, grads)
+        }
+        state = {**params, **fast, **{name: b.clone() for name, b in buffers.items()}}
+        yield kl_to_mentor(functional_call(module, state, (inputs,)), mentor_log_probs)

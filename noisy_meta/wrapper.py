@@ -1,0 +1,454 @@
+"""`MetaNoiseWrapper`: MLNT's meta step around any timm model and any optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.func import functional_call
+
+from .compat import (
+    explain_double_backward_errors,
+    make_twice_differentiable,
+    second_order_context,
+    unwrap_model,
+)
+from .config import MetaNoiseConfig
+from .fast_weights import meta_losses, select_fast_params, upcast
+from .features import eval_mode, features_of, logits_and_features
+from .synthetic import nearest_neighbors, neighbor_label_transfer
+
+
+class MetaNoiseWrapper:
+    """Learning to learn from noisy labels (MLNT) around a model and its optimizer.
+
+    Each `step` runs one whole training iteration:
+
+    1. the conventional forward of the student (it updates BatchNorm statistics once, exactly
+       as plain training does) and its cross-entropy ``CE``;
+    2. the meta step, once the meta weight ``w`` is above zero: the mentor's predictions and
+       neighbour-search features, M synthetic label sets by neighbour label transfer, and for
+       each set one fast-weight SGD step and the KL divergence ``J_m`` from the mentor to the
+       fast-weight student. The gradient of ``w * mean_m J_m`` is accumulated one set at a
+       time, so memory does not grow with M;
+    3. the update (by default one optimizer step on ``grad CE + w * grad J``), skipped when the
+       loss or any gradient is not finite;
+    4. the mentor's EMA update.
+
+    Use it in your own loop instead with `meta_backward` (or `meta_loss`) after your forward
+    and `update_mentor` after your optimizer step.
+
+    Trade-offs worth knowing:
+
+    * The second-order meta-gradient (the paper's maths) costs roughly one extra double
+      backward per synthetic set; ``first_order=True`` is markedly cheaper and also works with
+      ops that cannot be differentiated twice.
+    * For second order the student is switched, in place, to twice-differentiable ops where
+      needed (timm attention off its fused kernel, ``nn.Hardsigmoid`` to a composite form);
+      `compat_changes` lists what changed. The mentor keeps the original ops.
+    * The mentor averages parameters *and* buffers (timm's ``ModelEmaV3`` default): averaging
+      parameters only, as the reference code does, leaves the mentor's BatchNorm statistics at
+      their initial values and its eval-mode predictions near chance.
+    * The meta step runs on the eager, unwrapped module: ``torch.compile`` cannot
+      differentiate twice, so a compiled model is trained through its ``_orig_mod``.
+
+    Args:
+        model: the student, a timm model or any module mapping ``[B, ...]`` inputs to
+            ``[B, C]`` logits. It may be ``torch.compile``-d.
+        optimizer: any optimizer over the student's parameters.
+        config: a `MetaNoiseConfig`; ``None`` uses the defaults.
+        mentor: optional starting mentor with the student's architecture (e.g. the best
+            mentor of a previous run, for iterative training); by default a copy of the
+            student. The wrapper keeps its own copy and never changes the module you pass.
+        **overrides: `MetaNoiseConfig` fields that replace those of ``config``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: MetaNoiseConfig | None = None,
+        *,
+        mentor: nn.Module | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = MetaNoiseConfig()
+        if not isinstance(config, MetaNoiseConfig):
+            raise TypeError(f"config must be a MetaNoiseConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise NotImplementedError(
+                "data-parallel models are not supported yet: DDP cannot run autograd.grad or a "
+                "double backward, so the meta step needs its own gradient synchronisation"
+            )
+        self.config = config.with_overrides(**overrides) if overrides else config
+        self.model = model
+        self.module = unwrap_model(model)
+        self.optimizer = optimizer
+        self._params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("the model has no trainable parameters")
+        self._fast_names = select_fast_params(self.module, self.config.fast_params)
+        self._num_classes = getattr(self.module, "num_classes", None)
+
+        self._ema, self._mentor = self._build_mentor(mentor)
+        # After the mentor copy, so the mentor keeps the faster (fused) ops for its no-grad passes.
+        self.compat_changes: list[str] = (
+            [] if self.config.first_order else make_twice_differentiable(self.module)
+        )
+        seed = self.config.seed
+        self._seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.num_updates = 0
+        self.num_skipped = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def mentor(self) -> nn.Module:
+        """The mentor (teacher) network, in eval mode."""
+        return self._mentor
+
+    @property
+    def meta_weight(self) -> float:
+        """The meta-loss weight ``w`` of the next update."""
+        return self.config.meta_weight_at(self.num_updates)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """One whole MLNT iteration on a batch; returns its statistics.
+
+        Keys: ``loss`` (``ce_loss + meta_weight * meta_loss``), ``ce_loss``, ``meta_loss``
+        (mean KL over the synthetic sets), ``meta_weight``, ``labels_changed`` (mean fraction
+        of labels the synthetic sets changed), ``mentor_decay``, ``skipped`` (1.0 when a
+        non-finite loss or gradient skipped the update), ``num_skipped`` and ``step`` (updates
+        so far). On any error the model's parameters, buffers and optimizer state are left as
+        they were.
+        """
+        self._check_batch(inputs, targets)
+        with self._restore_on_failure():
+            if self.config.update_rule == "joint":
+                return self._joint_step(inputs, targets)
+            return self._sequential_step(inputs, targets)
+
+    def meta_backward(
+        self, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor
+    ) -> dict[str, float]:
+        """Accumulate ``w * grad J`` into the parameters' ``.grad`` for a batch you already ran.
+
+        ``outputs`` are the student's logits for ``inputs`` from your own forward; their graph
+        stays alive, so call your own ``loss.backward()`` after this. One synthetic set's graph
+        is held at a time. Returns ``meta_loss``, ``meta_weight`` and ``labels_changed``.
+        For second order run that forward inside ``with wrapper.forward_context():``.
+        """
+        self._check_batch(inputs, targets)
+        self._check_outputs(outputs, targets)
+        weight = self.meta_weight
+        meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, outputs, weight)
+        values = torch.stack([meta_loss, changed]).tolist()
+        return {"meta_loss": values[0], "meta_weight": weight, "labels_changed": values[1]}
+
+    def meta_loss(self, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """The weighted meta loss ``w * mean_m J_m`` as one differentiable scalar.
+
+        For loops that want a single ``(loss + meta).backward()``. Unlike `meta_backward` it
+        keeps all M graphs alive until that backward, so memory grows with M.
+        """
+        self._check_batch(inputs, targets)
+        self._check_outputs(outputs, targets)
+        weight = self.meta_weight
+        if weight == 0.0:
+            return outputs.new_zeros(()).float()
+        synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
+        with explain_double_backward_errors():
+            losses = list(self._meta_losses(inputs, outputs, synthetic.labels, mentor_log_probs))
+        return torch.stack(losses).mean() * weight
+
+    @torch.no_grad()
+    def update_mentor(self) -> None:
+        """EMA-update the mentor from the student and advance the update counter.
+
+        Call it once after each optimizer step of your own loop (`step` calls it for you). The
+        counter drives the meta-weight ramp and the mentor decay schedule.
+        """
+        if self._ema is not None:
+            self._ema.apply_update_(self.module, self.config.mentor_decay_at(self.num_updates))
+        self.num_updates += 1
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Context for your own student forward: math attention when second order needs it."""
+        return second_order_context(not self.config.first_order)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, synthetic-label RNG state and mentor weights, for checkpointing."""
+        return {
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+            "seed": self._seed,
+            "generators": {str(device): g.get_state() for device, g in self._generators.items()},
+            "mentor": self._mentor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+        self._mentor.load_state_dict(state["mentor"])
+        self.num_updates = int(state["num_updates"])
+        self.num_skipped = int(state["num_skipped"])
+        self._seed = int(state["seed"])
+        self._generators = {}
+        for device, generator_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(generator_state)
+
+    # ------------------------------------------------------------------ the iteration
+
+    def _joint_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        step_index, weight = self.num_updates, self.meta_weight
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.forward_context():
+            logits = self.module(inputs)
+            self._check_outputs(logits, targets)
+            ce_loss = F.cross_entropy(upcast(logits), targets)
+            meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
+            torch.autograd.backward(ce_loss, inputs=self._params)
+        applied = self._step_if_finite(ce_loss, meta_loss)
+        self._finish_iteration(applied, applied)
+        return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not applied)
+
+    def _sequential_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        step_index, weight = self.num_updates, self.meta_weight
+        self.optimizer.zero_grad(set_to_none=True)
+        meta_loss = changed = torch.zeros((), device=inputs.device)
+        meta_applied = True
+        if weight > 0.0:
+            with self.forward_context():
+                logits = self._fast_forward(inputs, dict(self.module.named_parameters()))
+                self._check_outputs(logits, targets)
+                meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
+            meta_applied = self._step_if_finite(meta_loss)
+            del logits
+            self.optimizer.zero_grad(set_to_none=True)
+        logits = self.module(inputs)
+        self._check_outputs(logits, targets)
+        ce_loss = F.cross_entropy(upcast(logits), targets)
+        torch.autograd.backward(ce_loss, inputs=self._params)
+        applied = self._step_if_finite(ce_loss)
+        self._finish_iteration(applied, applied and meta_applied)
+        return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not (applied and meta_applied))
+
+    def _accumulate_meta_gradient(
+        self, inputs: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``weight * grad mean_m J_m`` to ``.grad``, one set at a time; return (J, changed)."""
+        zero = torch.zeros((), device=logits.device)
+        if weight == 0.0:
+            return zero, zero
+        synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
+        num_sets = synthetic.labels.shape[0]
+        total = zero
+        with explain_double_backward_errors():
+            for loss in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
+                torch.autograd.backward(
+                    loss * (weight / num_sets),
+                    inputs=self._params,
+                    retain_graph=not self.config.first_order,
+                )
+                total = total + loss.detach()
+        return total / num_sets, synthetic.changed_fraction
+
+    def _meta_losses(
+        self, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mentor_log_probs: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        return meta_losses(
+            self.module,
+            inputs,
+            upcast(logits),
+            labels,
+            mentor_log_probs,
+            self._fast_names,
+            self.config.inner_lr,
+            self.config.first_order,
+        )
+
+    def _synthetic_targets(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """Synthetic label sets and the mentor's log-probabilities for a batch."""
+        config = self.config
+        source = config.feature_source
+        if source == "mentor":
+            mentor_logits, features = logits_and_features(self._mentor, inputs)
+        else:
+            with torch.no_grad(), eval_mode(self._mentor):
+                mentor_logits = self._mentor(inputs)
+            if source == "student":
+                features = features_of(self.module, inputs)
+            elif isinstance(source, nn.Module):
+                features = features_of(source, inputs)
+            else:
+                with torch.no_grad():
+                    features = source(inputs)
+        self._check_features(features, inputs.shape[0])
+        neighbors = nearest_neighbors(features, config.num_neighbors)
+        synthetic = neighbor_label_transfer(
+            targets, neighbors, config.num_synthetic, config.perturb_ratio, self._generator(targets.device)
+        )
+        mentor_log_probs = F.log_softmax(upcast(mentor_logits.detach()), dim=1)
+        return synthetic, mentor_log_probs
+
+    def _fast_forward(self, inputs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+        return functional_call(self.module, {**params, **buffers}, (inputs,))
+
+    def _step_if_finite(self, *losses: torch.Tensor) -> bool:
+        """Step the optimizer if the losses and all gradients are finite, else drop the gradients."""
+        checks = [torch.isfinite(loss).all() for loss in losses]
+        checks += [p.grad.isfinite().all() for p in self._params if p.grad is not None]
+        if bool(torch.stack(checks).all()):
+            self.optimizer.step()
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def _finish_iteration(self, stepped: bool, complete: bool) -> None:
+        if stepped:
+            self.update_mentor()
+        if not complete:
+            self.num_skipped += 1
+
+    def _stats(
+        self,
+        step_index: int,
+        ce_loss: torch.Tensor,
+        meta_loss: torch.Tensor,
+        changed: torch.Tensor,
+        weight: float,
+        skipped: bool,
+    ) -> dict[str, float]:
+        ce, meta, changed_fraction = torch.stack([ce_loss.detach().float(), meta_loss.float(), changed]).tolist()
+        return {
+            "loss": ce + weight * meta,
+            "ce_loss": ce,
+            "meta_loss": meta,
+            "meta_weight": weight,
+            "labels_changed": changed_fraction,
+            "mentor_decay": self.config.mentor_decay_at(step_index),
+            "skipped": float(skipped),
+            "num_skipped": float(self.num_skipped),
+            "step": float(self.num_updates),
+        }
+
+    # ------------------------------------------------------------------ set-up and checks
+
+    def _build_mentor(self, mentor: nn.Module | None) -> tuple[ModelEmaV3 | None, nn.Module]:
+        source = self.module if mentor is None else unwrap_model(mentor)
+        if mentor is not None and self.config.mentor_update == "ema":
+            _check_same_state_layout(self.module, source)
+        device = self._params[0].device
+        if self.config.mentor_update == "ema":
+            ema = ModelEmaV3(source, decay=self.config.mentor_decay_ramp)
+            ema.module.to(device)
+            ema.module.requires_grad_(False)
+            return ema, ema.module
+        frozen = copy.deepcopy(source).eval().to(device).requires_grad_(False)
+        return None, frozen
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return generator
+
+    @contextlib.contextmanager
+    def _restore_on_failure(self) -> Iterator[None]:
+        """Undo buffer updates and drop gradients when the iteration raises or is skipped."""
+        buffers = [b for b in self.module.buffers()]
+        saved = [b.clone() for b in buffers]
+        skipped_before = self.num_skipped
+        try:
+            yield
+        except BaseException:
+            self._restore_buffers(buffers, saved)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        if self.num_skipped != skipped_before:
+            self._restore_buffers(buffers, saved)
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore_buffers(buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+
+    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError(
+                f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}"
+            )
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(
+                f"targets must hold integer class indices (torch.long), got {targets.dtype}; "
+                "soft or one-hot labels are not supported"
+            )
+        if targets.ndim != 1:
+            raise ValueError(f"targets must have shape [B], got {list(targets.shape)}")
+        if inputs.ndim == 0 or inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"inputs and targets disagree on the batch size: inputs {list(inputs.shape)}, "
+                f"targets {list(targets.shape)}"
+            )
+        batch_size, k = targets.shape[0], self.config.num_neighbors
+        if batch_size <= k:
+            raise ValueError(
+                f"a batch of {batch_size} samples is too small for num_neighbors={k}: each sample "
+                f"needs {k} other samples. Use batches of at least {k + 1} (e.g. drop_last=True in "
+                "the DataLoader) or lower num_neighbors"
+            )
+        if isinstance(self._num_classes, int):
+            self._check_label_range(targets, self._num_classes)
+
+    def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != targets.shape[0]:
+            shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ValueError(
+                f"the model must return [B, C] logits for a batch of {targets.shape[0]}, got {shape}"
+            )
+        if not outputs.is_floating_point():
+            raise ValueError(f"the model must return floating-point logits, got {outputs.dtype}")
+        self._check_label_range(targets, outputs.shape[1])
+
+    @staticmethod
+    def _check_label_range(targets: torch.Tensor, num_classes: int) -> None:
+        low, high = torch.stack([targets.min(), targets.max()]).tolist()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"targets must lie in [0, {num_classes}) for a {num_classes}-class model, "
+                f"got values from {low} to {high}"
+            )
+
+    @staticmethod
+    def _check_features(features: torch.Tensor, batch_size: int) -> None:
+        if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != batch_size:
+            shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"neighbour features must have shape [B, ...] with B={batch_size}, got {shape}")
+
+
+def _check_same_state_layout(student: nn.Module, mentor: nn.Module) -> None:
+    """An EMA mentor must have the student's state-dict names and shapes."""
+    student_state, mentor_state = student.state_dict(), mentor.state_dict()
+    layout = {name: tuple(t.shape) for name, t in student_state.items()}
+    other = {name: tuple(t.shape) for name, t in mentor_state.items()}
+    if layout != other:
+        differing = sorted(set(layout.items()) ^ set(other.items()))[:5]
+        raise ValueError(
+            "an EMA mentor must have the student's architecture (same state-dict names and shapes); "
+            f"first differences: {differing}. Use mentor_update='frozen' for a different architecture"
+        )
