@@ -331,7 +331,9 @@ class MetaNoiseWrapper:
         weight: float,
         skipped: bool,
     ) -> dict[str, float]:
-        ce, meta, changed_fraction = torch.stack([ce_loss.detach().float(), meta_loss.float(), changed]).tolist()
+        dtype = torch.promote_types(ce_loss.dtype, meta_loss.dtype)
+        values = torch.stack([ce_loss.detach().to(dtype), meta_loss.to(dtype), changed.to(dtype)])
+        ce, meta, changed_fraction = values.tolist()
         return {
             "loss": ce + weight * meta,
             "ce_loss": ce,
