@@ -167,7 +167,7 @@ def test_mentor_tracks_student_accuracy_in_eval_mode():
         model, optimizer, num_synthetic=1, first_order=True, ramp_start=20, ramp_end=60, seed=0,
         mentor_decay_ramp=0.9, mentor_decay=0.95,
     )
-    for epoch in range(3):
+    for _ in range(3):
         order = torch.randperm(len(train_x))
         for start in range(0, len(order) - 31, 32):
             index = order[start:start + 32]
