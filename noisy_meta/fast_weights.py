@@ -71,7 +71,6 @@ def meta_losses(
     for the next to keep one set's graph in memory at a time.
     """
     params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
     fast_tensors = [params[name] for name in fast_names]
     for labels in synthetic_labels:
         inner_loss = F.cross_entropy(logits, labels)
@@ -82,5 +81,10 @@ def meta_losses(
             name: p if g is None else p - inner_lr * (g.detach() if first_order else g)
             for name, p, g in zip(fast_names, fast_tensors, grads)
         }
-        state = {**params, **fast, **{name: b.clone() for name, b in buffers.items()}}
-        yield kl_to_mentor(functional_call(module, state, (inputs,)), mentor_log_probs)
+        yield kl_to_mentor(forward_with_cloned_buffers(module, {**params, **fast}, inputs), mentor_log_probs)
+
+
+def forward_with_cloned_buffers(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """``module(inputs)`` with ``params``, on copies of its buffers (BatchNorm stats stay as they are)."""
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    return functional_call(module, {**params, **buffers}, (inputs,))

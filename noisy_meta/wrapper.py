@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.func import functional_call
 
 from .compat import (
     explain_double_backward_errors,
@@ -20,7 +19,7 @@ from .compat import (
     unwrap_model,
 )
 from .config import MetaNoiseConfig
-from .fast_weights import meta_losses, select_fast_params, upcast
+from .fast_weights import forward_with_cloned_buffers, meta_losses, select_fast_params, upcast
 from .features import eval_mode, features_of, logits_and_features
 from .synthetic import nearest_neighbors, neighbor_label_transfer
 
@@ -230,7 +229,7 @@ class MetaNoiseWrapper:
         meta_applied = True
         if weight > 0.0:
             with self.forward_context():
-                logits = self._fast_forward(inputs, dict(self.module.named_parameters()))
+                logits = forward_with_cloned_buffers(self.module, dict(self.module.named_parameters()), inputs)
                 self._check_outputs(logits, targets)
                 meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
             meta_applied = self._step_if_finite(meta_loss)
@@ -301,10 +300,6 @@ class MetaNoiseWrapper:
         )
         mentor_log_probs = F.log_softmax(upcast(mentor_logits.detach()), dim=1)
         return synthetic, mentor_log_probs
-
-    def _fast_forward(self, inputs: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-        return functional_call(self.module, {**params, **buffers}, (inputs,))
 
     def _step_if_finite(self, *losses: torch.Tensor) -> bool:
         """Step the optimizer if the losses and all gradients are finite, else drop the gradients."""
@@ -425,7 +420,8 @@ class MetaNoiseWrapper:
             )
         if not outputs.is_floating_point():
             raise ValueError(f"the model must return floating-point logits, got {outputs.dtype}")
-        self._check_label_range(targets, outputs.shape[1])
+        if outputs.shape[1] != self._num_classes:  # else `_check_batch` already checked the range
+            self._check_label_range(targets, outputs.shape[1])
 
     @staticmethod
     def _check_label_range(targets: torch.Tensor, num_classes: int) -> None:
