@@ -72,10 +72,17 @@ class MetaNoiseConfig:
             ``grad CE + w * grad J``) or ``"sequential"`` (the paper's notation: an optimizer
             step on ``w * grad J``, then a fresh forward and an optimizer step on ``grad CE``).
 
+    Applying the update
+        clip_grad: clip the global gradient norm (after unscaling, after the all-reduce) to
+            this value before each optimizer step; ``None`` does not clip.
+        dist_bn: with several processes, how BatchNorm statistics (which each rank updates
+            from its own data) are made equal on all ranks after each update: ``"reduce"``
+            averages them (timm's default), ``"broadcast"`` copies rank 0's (what DDP does).
+
     Reproducibility
         seed: seeds the ``torch.Generator`` that draws the synthetic labels. ``None`` draws a
             seed from PyTorch's global RNG once, so ``torch.manual_seed`` still makes runs
-            repeatable.
+            repeatable. With several processes every rank uses rank 0's seed.
     """
 
     num_synthetic: int = 10
@@ -92,6 +99,8 @@ class MetaNoiseConfig:
     mentor_decay: float = 0.999
     mentor_update: Literal["ema", "frozen"] = "ema"
     update_rule: Literal["joint", "sequential"] = "joint"
+    clip_grad: float | None = None
+    dist_bn: Literal["reduce", "broadcast"] = "reduce"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -126,6 +135,10 @@ class MetaNoiseConfig:
             yield f"mentor_update must be 'ema' or 'frozen', got {self.mentor_update!r}"
         if self.update_rule not in ("joint", "sequential"):
             yield f"update_rule must be 'joint' or 'sequential', got {self.update_rule!r}"
+        if self.clip_grad is not None and (not _is_real(self.clip_grad) or self.clip_grad <= 0):
+            yield f"clip_grad must be a finite number > 0 or None, got {self.clip_grad!r}"
+        if self.dist_bn not in ("reduce", "broadcast"):
+            yield f"dist_bn must be 'reduce' or 'broadcast', got {self.dist_bn!r}"
         if self.seed is not None and not _is_int(self.seed):
             yield f"seed must be an integer or None, got {self.seed!r}"
         yield from _spec_errors("fast_params", self.fast_params, _FAST_PARAM_NAMES, allow_patterns=True)

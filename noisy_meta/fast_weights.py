@@ -63,25 +63,38 @@ def meta_losses(
     fast_names: list[str],
     inner_lr: float,
     first_order: bool,
+    grad_scale: float = 1.0,
 ) -> Iterator[torch.Tensor]:
     """Yield the meta loss ``J_m`` of each synthetic label set in turn.
 
     ``logits`` is the student's output for ``inputs`` (its graph is reused for every inner
     gradient and must stay alive while the generator runs). Consume one loss before asking
     for the next to keep one set's graph in memory at a time.
+
+    ``grad_scale`` (fp16's loss scale, a power of two) multiplies each inner loss before its
+    gradient and divides the gradient after, so half-precision backward passes do not
+    underflow; an overflow shows up as a non-finite meta loss.
     """
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
     for labels in synthetic_labels:
         inner_loss = F.cross_entropy(logits, labels)
+        if grad_scale != 1.0:
+            inner_loss = inner_loss * grad_scale
         grads = torch.autograd.grad(
             inner_loss, fast_tensors, create_graph=not first_order, retain_graph=True, allow_unused=True
         )
         fast = {
             name: p if g is None else p - inner_lr * (g.detach() if first_order else g)
-            for name, p, g in zip(fast_names, fast_tensors, grads)
+            for name, p, g in zip(fast_names, fast_tensors, _unscaled(grads, grad_scale))
         }
         yield kl_to_mentor(forward_with_cloned_buffers(module, {**params, **fast}, inputs), mentor_log_probs)
+
+
+def _unscaled(grads: tuple[torch.Tensor | None, ...], grad_scale: float) -> list[torch.Tensor | None]:
+    if grad_scale == 1.0:
+        return list(grads)
+    return [None if g is None else g / grad_scale for g in grads]
 
 
 def forward_with_cloned_buffers(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -21,6 +22,7 @@ from .compat import (
 from .config import MetaNoiseConfig
 from .fast_weights import forward_with_cloned_buffers, meta_losses, select_fast_params, upcast
 from .features import eval_mode, features_of, logits_and_features
+from .runtime import TrainingRuntime
 from .synthetic import nearest_neighbors, neighbor_label_transfer
 
 
@@ -43,6 +45,11 @@ class MetaNoiseWrapper:
     Use it in your own loop instead with `meta_backward` (or `meta_loss`) after your forward
     and `update_mentor` after your optimizer step.
 
+    With Hugging Face Accelerate, pass the prepared model and optimizer and the accelerator:
+    `step` then runs under its autocast, applies fp16's GradScaler (to the inner gradients
+    too), honours ``accelerator.accumulate`` and, with several processes, all-reduces the
+    whole gradient once per update (see `noisy_meta.runtime`).
+
     Trade-offs worth knowing:
 
     * The second-order meta-gradient (the paper's maths) costs roughly one extra double
@@ -55,7 +62,9 @@ class MetaNoiseWrapper:
       parameters only, as the reference code does, leaves the mentor's BatchNorm statistics at
       their initial values and its eval-mode predictions near chance.
     * The meta step runs on the eager, unwrapped module: ``torch.compile`` cannot
-      differentiate twice, so a compiled model is trained through its ``_orig_mod``.
+      differentiate twice, so a compiled model is trained through its ``_orig_mod``; DDP's
+      reducer cannot serve ``autograd.grad`` either, so `step` all-reduces the gradient itself
+      in one flat buffer after the backward instead of overlapping it with the backward.
 
     Args:
         model: the student, a timm model or any module mapping ``[B, ...]`` inputs to
@@ -65,6 +74,8 @@ class MetaNoiseWrapper:
         mentor: optional starting mentor with the student's architecture (e.g. the best
             mentor of a previous run, for iterative training); by default a copy of the
             student. The wrapper keeps its own copy and never changes the module you pass.
+        accelerator: the ``accelerate.Accelerator`` that prepared ``model`` and ``optimizer``.
+        scaler: a ``torch.amp.GradScaler`` for fp16 training without Accelerate.
         **overrides: `MetaNoiseConfig` fields that replace those of ``config``.
     """
 
@@ -75,6 +86,8 @@ class MetaNoiseWrapper:
         config: MetaNoiseConfig | None = None,
         *,
         mentor: nn.Module | None = None,
+        accelerator: Any | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         **overrides: Any,
     ) -> None:
         if config is None:
@@ -85,12 +98,13 @@ class MetaNoiseWrapper:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            raise NotImplementedError(
-                "data-parallel models are not supported yet: DDP cannot run autograd.grad or a "
-                "double backward, so the meta step needs its own gradient synchronisation"
-            )
         self.config = config.with_overrides(**overrides) if overrides else config
+        self.runtime = TrainingRuntime(model, optimizer, accelerator, scaler)
+        if self.config.update_rule == "sequential" and self.runtime.accumulation_steps > 1:
+            raise ValueError(
+                "update_rule='sequential' makes two optimizer updates per batch and cannot accumulate "
+                "gradients over batches; use update_rule='joint' with gradient accumulation"
+            )
         self.model = model
         self.module = unwrap_model(model)
         self.optimizer = optimizer
@@ -105,9 +119,9 @@ class MetaNoiseWrapper:
         self.compat_changes: list[str] = (
             [] if self.config.first_order else make_twice_differentiable(self.module)
         )
-        seed = self.config.seed
-        self._seed = int(torch.randint(2**62, (1,)).item()) if seed is None else seed
+        self._seed = self._shared_seed(self.config.seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._accumulating = False
         self.num_updates = 0
         self.num_skipped = 0
 
@@ -132,9 +146,14 @@ class MetaNoiseWrapper:
         non-finite loss or gradient skipped the update), ``num_skipped`` and ``step`` (updates
         so far). On any error the model's parameters, buffers and optimizer state are left as
         they were.
+
+        Inside ``accelerator.accumulate(model)`` a batch that only accumulates gradients
+        returns its losses with no update made (``step`` unchanged).
         """
         self._check_batch(inputs, targets)
-        with self._restore_on_failure():
+        if not self._accumulating:
+            self._zero_grad()
+        with self._restore_on_failure(), self.runtime.autocast():
             if self.config.update_rule == "joint":
                 return self._joint_step(inputs, targets)
             return self._sequential_step(inputs, targets)
@@ -145,31 +164,39 @@ class MetaNoiseWrapper:
         """Accumulate ``w * grad J`` into the parameters' ``.grad`` for a batch you already ran.
 
         ``outputs`` are the student's logits for ``inputs`` from your own forward; their graph
-        stays alive, so call your own ``loss.backward()`` after this. One synthetic set's graph
-        is held at a time. Returns ``meta_loss``, ``meta_weight`` and ``labels_changed``.
-        For second order run that forward inside ``with wrapper.forward_context():``.
+        stays alive, so call your own ``loss.backward()`` (or ``accelerator.backward(loss)``)
+        after this. One synthetic set's graph is held at a time. Returns ``meta_loss``,
+        ``meta_weight`` and ``labels_changed``. For second order run that forward inside
+        ``with wrapper.forward_context():``.
+
+        The gradient is added to ``.grad`` directly (with the accelerator's accumulation
+        divisor and fp16 loss scale), without firing DDP's hooks: your own backward through
+        the DDP model then all-reduces meta and CE gradient together, once.
         """
         self._check_batch(inputs, targets)
         self._check_outputs(outputs, targets)
         weight = self.meta_weight
-        meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, outputs, weight)
+        with self.runtime.autocast():
+            meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, outputs, weight)
         values = torch.stack([meta_loss, changed]).tolist()
         return {"meta_loss": values[0], "meta_weight": weight, "labels_changed": values[1]}
 
     def meta_loss(self, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """The weighted meta loss ``w * mean_m J_m`` as one differentiable scalar.
 
-        For loops that want a single ``(loss + meta).backward()``. Unlike `meta_backward` it
-        keeps all M graphs alive until that backward, so memory grows with M.
+        For loops that want a single ``(loss + meta).backward()`` (or ``accelerator.backward``,
+        which also works through DDP). Unlike `meta_backward` it keeps all M graphs alive
+        until that backward, so memory grows with M.
         """
         self._check_batch(inputs, targets)
         self._check_outputs(outputs, targets)
         weight = self.meta_weight
         if weight == 0.0:
             return outputs.new_zeros(()).float()
-        synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
-        with explain_double_backward_errors():
-            losses = list(self._meta_losses(inputs, outputs, synthetic.labels, mentor_log_probs))
+        with self.runtime.autocast():
+            synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
+            with explain_double_backward_errors():
+                losses = list(self._meta_losses(inputs, outputs, synthetic.labels, mentor_log_probs))
         return torch.stack(losses).mean() * weight
 
     @torch.no_grad()
@@ -177,8 +204,14 @@ class MetaNoiseWrapper:
         """EMA-update the mentor from the student and advance the update counter.
 
         Call it once after each optimizer step of your own loop (`step` calls it for you). The
-        counter drives the meta-weight ramp and the mentor decay schedule.
+        counter drives the meta-weight ramp and the mentor decay schedule. With several
+        processes it first makes BatchNorm statistics equal on all ranks (``dist_bn``). It does
+        nothing on an ``accelerator.accumulate`` batch that made no update, or after an
+        Accelerate optimizer step that fp16's GradScaler skipped.
         """
+        if not self.runtime.sync_gradients or getattr(self.optimizer, "step_was_skipped", False):
+            return
+        self.runtime.sync_buffers(self.module, self.config.dist_bn)
         if self._ema is not None:
             self._ema.apply_update_(self.module, self.config.mentor_decay_at(self.num_updates))
         self.num_updates += 1
@@ -211,20 +244,21 @@ class MetaNoiseWrapper:
 
     def _joint_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight
-        self.optimizer.zero_grad(set_to_none=True)
         with self.forward_context():
             logits = self.module(inputs)
             self._check_outputs(logits, targets)
             ce_loss = F.cross_entropy(upcast(logits), targets)
             meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
-            torch.autograd.backward(ce_loss, inputs=self._params)
-        applied = self._step_if_finite(ce_loss, meta_loss)
+            self._add_grad(ce_loss)
+        if not self.runtime.sync_gradients:
+            self._accumulating = True
+            return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=False)
+        applied = self._apply_update(ce_loss, meta_loss)
         self._finish_iteration(applied, applied)
         return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not applied)
 
     def _sequential_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight
-        self.optimizer.zero_grad(set_to_none=True)
         meta_loss = changed = torch.zeros((), device=inputs.device)
         meta_applied = True
         if weight > 0.0:
@@ -232,14 +266,13 @@ class MetaNoiseWrapper:
                 logits = forward_with_cloned_buffers(self.module, dict(self.module.named_parameters()), inputs)
                 self._check_outputs(logits, targets)
                 meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
-            meta_applied = self._step_if_finite(meta_loss)
             del logits
-            self.optimizer.zero_grad(set_to_none=True)
+            meta_applied = self._apply_update(meta_loss)
         logits = self.module(inputs)
         self._check_outputs(logits, targets)
         ce_loss = F.cross_entropy(upcast(logits), targets)
-        torch.autograd.backward(ce_loss, inputs=self._params)
-        applied = self._step_if_finite(ce_loss)
+        self._add_grad(ce_loss)
+        applied = self._apply_update(ce_loss)
         self._finish_iteration(applied, applied and meta_applied)
         return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not (applied and meta_applied))
 
@@ -255,11 +288,7 @@ class MetaNoiseWrapper:
         total = zero
         with explain_double_backward_errors():
             for loss in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
-                torch.autograd.backward(
-                    loss * (weight / num_sets),
-                    inputs=self._params,
-                    retain_graph=not self.config.first_order,
-                )
+                self._add_grad(loss * (weight / num_sets), retain_graph=not self.config.first_order)
                 total = total + loss.detach()
         return total / num_sets, synthetic.changed_fraction
 
@@ -275,6 +304,7 @@ class MetaNoiseWrapper:
             self._fast_names,
             self.config.inner_lr,
             self.config.first_order,
+            self.runtime.loss_scale(),
         )
 
     def _synthetic_targets(self, inputs: torch.Tensor, targets: torch.Tensor):
@@ -301,15 +331,44 @@ class MetaNoiseWrapper:
         mentor_log_probs = F.log_softmax(upcast(mentor_logits.detach()), dim=1)
         return synthetic, mentor_log_probs
 
-    def _step_if_finite(self, *losses: torch.Tensor) -> bool:
-        """Step the optimizer if the losses and all gradients are finite, else drop the gradients."""
-        checks = [torch.isfinite(loss).all() for loss in losses]
-        checks += [p.grad.isfinite().all() for p in self._params if p.grad is not None]
-        if bool(torch.stack(checks).all()):
-            self.optimizer.step()
-            return True
-        self.optimizer.zero_grad(set_to_none=True)
-        return False
+    def _add_grad(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Add the gradient of ``loss`` (scaled as ``accelerator.backward`` would) to ``.grad``.
+
+        ``autograd.grad`` rather than ``backward``: it never fires DDP's reducer hooks.
+        """
+        grads = torch.autograd.grad(
+            self.runtime.scale_loss(loss), self._params, retain_graph=retain_graph, allow_unused=True
+        )
+        with torch.no_grad():
+            for param, grad in zip(self._params, grads):
+                if grad is None:
+                    continue
+                if param.grad is None:
+                    param.grad = grad
+                else:
+                    param.grad.add_(grad)
+
+    def _apply_update(self, *losses: torch.Tensor) -> bool:
+        """All-reduce, clip and apply the gradient unless something is not finite; zero it after.
+
+        Returns whether the parameters were updated.
+        """
+        runtime = self.runtime
+        losses_finite = bool(torch.stack([torch.isfinite(loss).all() for loss in losses]).all())
+        ok = runtime.all_reduce_gradients(self._params, losses_finite)
+        if ok and self.config.clip_grad is not None:
+            runtime.clip_gradients(self._params, self.config.clip_grad)
+        if ok and runtime.scaler is None:  # a GradScaler checks the gradients itself
+            checks = [p.grad.isfinite().all() for p in self._params if p.grad is not None]
+            ok = not checks or bool(torch.stack(checks).all())
+        applied = ok and runtime.optimizer_step(ok)
+        self._zero_grad()
+        self._accumulating = False
+        return applied
+
+    def _zero_grad(self) -> None:
+        for param in self._params:
+            param.grad = None
 
     def _finish_iteration(self, stepped: bool, complete: bool) -> None:
         if stepped:
@@ -356,6 +415,17 @@ class MetaNoiseWrapper:
         frozen = copy.deepcopy(source).eval().to(device).requires_grad_(False)
         return None, frozen
 
+    def _shared_seed(self, seed: int | None) -> int:
+        """``seed``, or one drawn from the global RNG; rank 0's on every rank."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,)).item())
+        group = self.runtime.process_group
+        if group is not None:
+            value = torch.tensor([seed], dtype=torch.int64, device=self._params[0].device)
+            dist.broadcast(value, src=dist.get_process_group_ranks(group)[0], group=group)
+            seed = int(value.item())
+        return seed
+
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
         if generator is None:
@@ -374,7 +444,8 @@ class MetaNoiseWrapper:
             yield
         except BaseException:
             self._restore_buffers(buffers, saved)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
+            self._accumulating = False
             raise
         if self.num_skipped != skipped_before:
             self._restore_buffers(buffers, saved)

@@ -194,7 +194,32 @@ def test_op_without_double_backward_is_named_with_the_fix():
     assert first_order.step(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))["skipped"] == 0.0
 
 
-def test_data_parallel_models_are_refused_until_supported():
+def test_data_parallel_is_refused_with_a_pointer_to_ddp():
     model = tiny_resnet()
-    with pytest.raises(NotImplementedError, match="data-parallel"):
+    with pytest.raises(NotImplementedError, match="DataParallel.*DistributedDataParallel"):
         MetaNoiseWrapper(nn.DataParallel(model), torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_sequential_rule_refuses_gradient_accumulation():
+    from accelerate import Accelerator
+
+    model = tiny_resnet()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="sequential.*accumulat"):
+        MetaNoiseWrapper(model, optimizer, update_rule="sequential", accelerator=accelerator)
+
+
+def test_accelerator_and_scaler_together_are_refused():
+    from accelerate import Accelerator
+
+    model = tiny_resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="either an accelerator or a scaler"):
+        MetaNoiseWrapper(model, optimizer, accelerator=Accelerator(cpu=True), scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("field, value", [("clip_grad", 0.0), ("clip_grad", float("nan")), ("dist_bn", "sync")])
+def test_update_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        MetaNoiseConfig(**{field: value})

@@ -1,0 +1,206 @@
+"""How gradients are scaled, synchronised and applied: plain PyTorch, Accelerate, DDP, AMP.
+
+The meta step cannot run through ``DistributedDataParallel``: DDP's reducer expects one
+backward per forward, and the meta-gradient needs ``autograd.grad`` with ``create_graph``
+plus one backward per synthetic set. So `MetaNoiseWrapper.step` computes every gradient on
+the unwrapped module, where DDP's hooks stay idle, and `TrainingRuntime` all-reduces the
+finished gradient itself, exactly once per optimizer update, in one flat buffer. BatchNorm
+running statistics, which each rank updates from its own data, are then made equal on all
+ranks (``dist_bn``: averaged, or rank 0's copied), so the mentor, an average of parameters and
+buffers, stays identical on every rank too.
+
+Mixed precision follows Accelerate: ``accelerator.autocast()`` around the forwards, and for
+fp16 the GradScaler's scale on every backward, including the inner ``autograd.grad`` of the
+fast-weight step (scaled there, unscaled before the fast weights are formed), so that the
+scaler sees, and skips, an update whose gradients overflowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+_UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+
+
+def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapper in ``model`` (under ``torch.compile`` too), if any."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+
+
+class TrainingRuntime:
+    """Gradient scaling, accumulation, all-reduce and optimizer stepping for one model.
+
+    Args:
+        model: the model as the user holds it (possibly DDP-wrapped by ``accelerator.prepare``).
+        optimizer: its optimizer (possibly Accelerate's ``AcceleratedOptimizer``).
+        accelerator: an ``accelerate.Accelerator``; it provides autocast, the GradScaler,
+            gradient accumulation and the process group.
+        scaler: a ``torch.amp.GradScaler`` for fp16 without Accelerate.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        accelerator: Any | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if isinstance(model, nn.DataParallel):
+            raise NotImplementedError(
+                "nn.DataParallel is not supported (it replicates the model on every call, which the "
+                "meta step cannot differentiate through); use DistributedDataParallel, e.g. through "
+                "`accelerate launch`"
+            )
+        if accelerator is not None:
+            kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+            if kind in _UNSUPPORTED_DISTRIBUTED:
+                raise NotImplementedError(
+                    f"Accelerate's {kind} mode is not supported: the meta step needs the whole model "
+                    "on every process (use plain multi-GPU / multi-CPU data parallelism)"
+                )
+            if scaler is not None:
+                raise ValueError("pass either an accelerator or a scaler, not both: the accelerator owns its scaler")
+            scaler = accelerator.scaler
+        self.accelerator = accelerator
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        ddp = find_ddp(model)
+        group = ddp.process_group if ddp is not None else None
+        self.process_group = group if ddp is not None and dist.get_world_size(group) > 1 else None
+        self.rank = dist.get_rank(group) if self.process_group is not None else 0
+        self.world_size = dist.get_world_size(group) if self.process_group is not None else 1
+
+    # ------------------------------------------------------------------ per micro-batch
+
+    @property
+    def sync_gradients(self) -> bool:
+        """False on the micro-batches of an ``accelerator.accumulate`` window that only accumulate."""
+        return True if self.accelerator is None else bool(self.accelerator.sync_gradients)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return 1 if self.accelerator is None else int(self.accelerator.gradient_accumulation_steps)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Accelerate's autocast (a no-op without an accelerator or mixed precision)."""
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def loss_scale(self) -> float:
+        """The GradScaler's current scale (a power of two), or 1."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` as ``accelerator.backward`` would differentiate it: / accumulation, * scale."""
+        steps = self.accumulation_steps
+        if steps != 1:
+            loss = loss / steps
+        if self.scaler is not None:
+            loss = loss * self.loss_scale()
+        return loss
+
+    # ------------------------------------------------------------------ per update
+
+    @torch.no_grad()
+    def all_reduce_gradients(self, params: list[nn.Parameter], local_ok: bool = True) -> bool:
+        """Average the gradients over ranks in one all-reduce; True if every rank is ``local_ok``.
+
+        Alongside the gradients go one "has a gradient" count per parameter and the
+        ``local_ok`` flag, so a parameter keeps ``grad=None`` only when no rank produced a
+        gradient for it (as without distribution), and a non-finite loss on one rank makes
+        every rank skip the update.
+        """
+        if self.process_group is None:
+            return local_ok
+        reference = params[0]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        markers = [float(p.grad is not None) for p in params] + [0.0 if local_ok else 1.0]
+        flags = torch.tensor(markers, device=reference.device, dtype=torch.float32)
+        reduced = self._all_reduce_mean(grads + [flags])
+        flags = reduced.pop()
+        has_grad = (flags[:-1] > 0).tolist()
+        for p, grad, present in zip(params, reduced, has_grad):
+            p.grad = grad if present else None
+        return bool(flags[-1] == 0)
+
+    def clip_gradients(self, params: list[nn.Parameter], max_norm: float) -> None:
+        """Unscale (fp16) and clip the global gradient norm to ``max_norm``."""
+        if self.accelerator is not None:
+            self.accelerator.clip_grad_norm_(params, max_norm)
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def optimizer_step(self, grads_finite: bool) -> bool:
+        """Step the optimizer; return whether it updated the parameters.
+
+        With a GradScaler, the scaler decides (it skips, and lowers its scale, on inf/NaN
+        gradients); without one, ``grads_finite`` does.
+        """
+        if self.scaler is None:
+            if grads_finite:
+                self.optimizer.step()
+            return grads_finite
+        before = self.scaler.get_scale()
+        if self.accelerator is not None:
+            self.optimizer.step()  # AcceleratedOptimizer: scaler.step + scaler.update
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return not self.scaler.get_scale() < before
+
+    @torch.no_grad()
+    def sync_buffers(self, module: nn.Module, mode: str) -> None:
+        """Make floating-point buffers (BatchNorm statistics) equal on all ranks.
+
+        ``mode="reduce"`` averages them (timm's ``--dist-bn reduce``); ``"broadcast"`` copies
+        rank 0's, as DDP does before every forward. Integer buffers such as
+        ``num_batches_tracked`` are equal on all ranks already.
+        """
+        if self.process_group is None:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        if mode == "reduce":
+            values = self._all_reduce_mean(buffers)
+        else:
+            values = self._flat_collective(buffers, self._broadcast_from_first_rank)
+        for buffer, value in zip(buffers, values):
+            buffer.copy_(value)
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        def mean(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat, group=self.process_group)
+            flat.div_(self.world_size)
+
+        return self._flat_collective(tensors, mean)
+
+    def _broadcast_from_first_rank(self, flat: torch.Tensor) -> None:
+        source = dist.get_process_group_ranks(self.process_group)[0]
+        dist.broadcast(flat, src=source, group=self.process_group)
+
+    @staticmethod
+    def _flat_collective(tensors: list[torch.Tensor], collective) -> list[torch.Tensor]:
+        """Run ``collective`` in place on one flat buffer per dtype; new tensors shaped like ``tensors``."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            by_dtype.setdefault(tensor.dtype, []).append(index)
+        results: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for indices in by_dtype.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+            collective(flat)
+            for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+                results[i] = chunk.view_as(tensors[i])
+        return results
