@@ -106,7 +106,7 @@ class TrainingRuntime:
         if steps != 1:
             loss = loss / steps
         if self.scaler is not None:
-            loss = loss * self.loss_scale()
+            loss = self.scaler.scale(loss)
         return loss
 
     # ------------------------------------------------------------------ per update

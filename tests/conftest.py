@@ -41,3 +41,17 @@ def batch64() -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.randn(12, 6, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, 3, (12,), generator=generator)
     return inputs, targets
+
+
+@pytest.fixture
+def make_accelerator():
+    """Build ``accelerate.Accelerator`` objects; their shared global state is reset afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def build(**kwargs):
+        return Accelerator(cpu=True, **kwargs)
+
+    yield build
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

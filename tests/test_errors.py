@@ -200,23 +200,19 @@ def test_data_parallel_is_refused_with_a_pointer_to_ddp():
         MetaNoiseWrapper(nn.DataParallel(model), torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def test_sequential_rule_refuses_gradient_accumulation():
-    from accelerate import Accelerator
-
+def test_sequential_rule_refuses_gradient_accumulation(make_accelerator):
     model = tiny_resnet()
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="sequential.*accumulat"):
         MetaNoiseWrapper(model, optimizer, update_rule="sequential", accelerator=accelerator)
 
 
-def test_accelerator_and_scaler_together_are_refused():
-    from accelerate import Accelerator
-
+def test_accelerator_and_scaler_together_are_refused(make_accelerator):
     model = tiny_resnet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="either an accelerator or a scaler"):
-        MetaNoiseWrapper(model, optimizer, accelerator=Accelerator(cpu=True), scaler=torch.amp.GradScaler("cpu"))
+        MetaNoiseWrapper(model, optimizer, accelerator=make_accelerator(), scaler=torch.amp.GradScaler("cpu"))
 
 
 @pytest.mark.parametrize("field, value", [("clip_grad", 0.0), ("clip_grad", float("nan")), ("dist_bn", "sync")])

@@ -1,0 +1,204 @@
+"""Accelerate in one process: prepared models, bf16, fp16 loss scaling, accumulation, clipping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyMLP, tiny_resnet
+
+from noisy_meta import MetaNoiseWrapper, meta_losses
+
+
+def settings(**overrides):
+    values = dict(num_synthetic=3, num_neighbors=4, ramp_start=0, ramp_end=0, seed=0)
+    values.update(overrides)
+    return values
+
+
+def image_batch(seed: int, batch_size: int = 12, size: int = 16):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch_size, 3, size, size, generator=generator)
+    return inputs, torch.randint(0, 4, (batch_size,), generator=generator)
+
+
+def vector_batch(seed: int, batch_size: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch_size, 6, generator=generator, dtype=torch.float64)
+    return inputs, torch.randint(0, 3, (batch_size,), generator=generator)
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def state(module):
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_prepared_model_trains_exactly_like_the_plain_wrapper(make_accelerator):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    plain_model = copy.deepcopy(model)
+    accelerator = make_accelerator()
+    prepared, optimizer = accelerator.prepare(model, sgd(model))
+    wrapper = MetaNoiseWrapper(prepared, optimizer, accelerator=accelerator, **settings())
+    plain = MetaNoiseWrapper(plain_model, sgd(plain_model), **settings())
+    for seed in range(3):
+        assert wrapper.step(*image_batch(seed)) == plain.step(*image_batch(seed))
+    assert_states_equal(state(wrapper.module), state(plain_model))
+    assert_states_equal(state(wrapper.mentor), state(plain.mentor))
+
+
+def test_bf16_autocast_runs_the_forwards_in_bf16_and_keeps_fp32_parameters(make_accelerator):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    reference_model = copy.deepcopy(model)
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    accelerator = make_accelerator(mixed_precision="bf16")
+    prepared, optimizer = accelerator.prepare(model, sgd(model))
+    wrapper = MetaNoiseWrapper(prepared, optimizer, accelerator=accelerator, **settings())
+    seen = []
+    handle = wrapper.module.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    # 32 px, not 16: PyTorch 2.15's CPU bf16 conv weight gradient is sometimes NaN for a stride-2
+    # conv on a 1x1 input (what layer4 of this tiny ResNet sees at 16 px), with or without us.
+    batch = image_batch(0, size=32)
+    stats = wrapper.step(*batch)
+    handle.remove()
+    assert stats["skipped"] == 0.0 and all(map(torch.isfinite, map(torch.tensor, stats.values())))
+    assert torch.bfloat16 in seen  # the student's forwards ran under autocast
+    assert all(p.dtype == torch.float32 for p in wrapper.module.parameters())
+    assert all(p.dtype == torch.float32 for p in wrapper.mentor.parameters())
+
+    # The bf16 update points the same way as the fp32 one.
+    reference = MetaNoiseWrapper(reference_model, sgd(reference_model), **settings())
+    reference.step(*batch)
+    delta_bf16 = torch.nn.utils.parameters_to_vector(wrapper.module.parameters()) - start
+    delta_fp32 = torch.nn.utils.parameters_to_vector(reference_model.parameters()) - start
+    assert F.cosine_similarity(delta_bf16, delta_fp32, dim=0) > 0.95  # bf16 keeps ~3 digits
+
+
+def test_loss_scaling_is_exact_for_the_inner_and_outer_gradients():
+    """A power-of-two GradScaler in fp32 changes nothing: every scale is undone exactly."""
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    scaled_model = copy.deepcopy(model)
+    plain = MetaNoiseWrapper(model, sgd(model), **settings())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    scaled = MetaNoiseWrapper(scaled_model, sgd(scaled_model), scaler=scaler, **settings())
+    for seed in range(3):
+        a, b = plain.step(*image_batch(seed)), scaled.step(*image_batch(seed))
+        assert a == b
+    assert scaler.get_scale() == 2.0**12  # no step was skipped
+    assert_states_equal(state(model), state(scaled_model))
+    assert_states_equal(state(plain.mentor), state(scaled.mentor))
+
+
+def test_the_inner_loss_is_scaled_before_its_gradient_and_unscaled_after(mlp64, batch64):
+    inputs, targets = batch64
+    logits = mlp64(inputs)
+    mentor = F.log_softmax(torch.randn(12, 3, dtype=torch.float64), dim=1)
+    labels = targets.unsqueeze(0)
+    names = [name for name, _ in mlp64.named_parameters()]
+
+    def meta_loss(scale):
+        return next(meta_losses(mlp64, inputs, logits, labels, mentor, names, 0.2, False, scale))
+
+    assert torch.equal(meta_loss(2.0**20), meta_loss(1.0))  # unscaled exactly
+    assert not torch.isfinite(meta_loss(2.0**1023 * 2.0**1))  # scaled: the gradient overflowed
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_lowers_the_scale():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # loss * scale overflows float32
+    wrapper = MetaNoiseWrapper(model, sgd(model), scaler=scaler, **settings())
+    before, mentor_before = state(model), state(wrapper.mentor)
+    stats = wrapper.step(*image_batch(0))
+    assert stats["skipped"] == 1.0 and wrapper.num_skipped == 1 and wrapper.num_updates == 0
+    assert scaler.get_scale() == 2.0**126
+    assert_states_equal(state(model), before)  # parameters and BatchNorm buffers
+    assert_states_equal(state(wrapper.mentor), mentor_before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_gradient_accumulation_equals_the_summed_gradient_of_the_micro_batches(make_accelerator, first_order):
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    reference_model = copy.deepcopy(model)
+    config = settings(num_neighbors=3, first_order=first_order)
+    accelerator = make_accelerator(gradient_accumulation_steps=2)
+    prepared, optimizer = accelerator.prepare(model, sgd(model))
+    wrapper = MetaNoiseWrapper(prepared, optimizer, accelerator=accelerator, **config)
+    reference_optimizer = sgd(reference_model)
+    reference = MetaNoiseWrapper(reference_model, reference_optimizer, **config)
+
+    micro_batches = [vector_batch(seed) for seed in range(4)]
+    for index, (inputs, targets) in enumerate(micro_batches):
+        with accelerator.accumulate(prepared):
+            stats = wrapper.step(inputs, targets)
+        assert stats["step"] == (index + 1) // 2  # an update every second micro-batch
+
+    for first in (0, 2):
+        reference_optimizer.zero_grad()
+        for inputs, targets in micro_batches[first : first + 2]:
+            outputs = reference_model(inputs)
+            loss = F.cross_entropy(outputs, targets) + reference.meta_loss(inputs, targets, outputs)
+            (loss / 2).backward()
+        reference_optimizer.step()
+        reference.update_mentor()
+
+    for name, value in state(reference_model).items():
+        torch.testing.assert_close(state(wrapper.module)[name], value, rtol=1e-12, atol=1e-12)
+    for name, value in state(reference.mentor).items():
+        torch.testing.assert_close(state(wrapper.mentor)[name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_clipping_clips_the_whole_update(mlp64, batch64):
+    inputs, targets = batch64
+    reference_model = copy.deepcopy(mlp64)
+    wrapper = MetaNoiseWrapper(mlp64, sgd(mlp64), **settings(num_neighbors=3, clip_grad=1e-3))
+    wrapper.step(inputs, targets)
+
+    optimizer = sgd(reference_model)
+    reference = MetaNoiseWrapper(reference_model, optimizer, **settings(num_neighbors=3))
+    outputs = reference_model(inputs)
+    reference.meta_backward(inputs, targets, outputs)
+    F.cross_entropy(outputs, targets).backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference_model.parameters(), 1e-3)
+    assert norm > 1e-2  # the clipping is active
+    optimizer.step()
+    for name, value in state(reference_model).items():
+        torch.testing.assert_close(state(mlp64)[name], value, rtol=1e-12, atol=1e-14)
+
+
+def test_own_loop_with_accelerator_backward_equals_step(make_accelerator):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    own_model = copy.deepcopy(model)
+    accelerator = make_accelerator(gradient_accumulation_steps=1)
+    prepared, optimizer = accelerator.prepare(model, sgd(model))
+    own_prepared, own_optimizer = accelerator.prepare(own_model, sgd(own_model))
+    wrapper = MetaNoiseWrapper(prepared, optimizer, accelerator=accelerator, **settings())
+    own = MetaNoiseWrapper(own_prepared, own_optimizer, accelerator=accelerator, **settings())
+    for seed in range(3):
+        inputs, targets = image_batch(seed)
+        wrapper.step(inputs, targets)
+        with own.forward_context():
+            outputs = own_prepared(inputs)
+        own.meta_backward(inputs, targets, outputs)
+        accelerator.backward(F.cross_entropy(outputs, targets))
+        own_optimizer.step()
+        own_optimizer.zero_grad()
+        own.update_mentor()
+    for name, value in state(own.module).items():
+        torch.testing.assert_close(state(wrapper.module)[name], value, rtol=1e-5, atol=1e-6)
