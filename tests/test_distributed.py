@@ -1,0 +1,55 @@
+"""Two real processes (gloo on CPU) through `accelerate launch --multi_gpu --num_processes 2`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``script`` as two ranks; the test fails with both ranks' output if it does not exit 0."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("ddp") / "results.json"
+    launch_two_processes(TESTS / "ddp_worker.py", str(path))
+    return json.loads(path.read_text())
+
+
+def test_two_processes_really_ran(ddp_results):
+    assert ddp_results["num_processes"] == 2
+    assert ddp_results["distributed_type"] == "DistributedType.MULTI_CPU"
+
+
+@pytest.mark.parametrize("run", ["step_reduce", "step_broadcast", "step_first_order", "own_loop"])
+def test_ranks_hold_bitwise_identical_student_and_mentor(ddp_results, run):
+    """After several meta steps on different data per rank: parameters, BatchNorm buffers, mentor."""
+    assert ddp_results[f"{run}_identical"] is True
+
+
+def test_meta_weight_zero_two_half_batches_match_one_full_batch(ddp_results):
+    assert ddp_results["half_batch_max_difference"] < 1e-6
