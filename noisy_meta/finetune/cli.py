@@ -1,0 +1,135 @@
+"""Command-line flags of `examples/finetune.py` (timm's ``train.py`` names where they exist)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..config import MetaNoiseConfig
+from ..noise import NOISE_KINDS
+from .data import EMBEDDED
+
+#: MetaNoiseConfig fields whose flag takes something other than the field's own type.
+_FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
+_FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "mentor_update": ("ema", "frozen"),
+    "update_rule": ("joint", "sequential"),
+    "dist_bn": ("reduce", "broadcast"),
+    "feature_source": ("mentor", "student"),
+}
+#: Fields whose default depends on the run length when the flag is not given (see `resolve_meta_config`).
+AUTO_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")
+
+#: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
+#: cores) and for any other data set.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "model": "test_resnet", "img_size": 32, "epochs": 8, "noise": "symmetric", "noise_rate": 0.4,
+    "no_aug": True, "meta_first_order": True, "meta_num_synthetic": 5,
+}
+GENERAL_DEFAULTS: dict[str, Any] = {"model": "resnet18", "epochs": 10, "noise": "none", "noise_rate": 0.0, "no_aug": False}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune a timm model on noisily labelled images with MLNT (noisy-meta).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None, help=f"timm model name; default {EMBEDDED_DEFAULTS['model']} (a small timm ResNet) for {EMBEDDED}, else {GENERAL_DEFAULTS['model']}")
+    model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
+    model.add_argument("--checkpoint", default=None, help="start from local weights (.safetensors or torch file); a classifier of another size is replaced")
+    model.add_argument("--num-classes", type=int, default=None, help="default: from the label column")
+    model.add_argument("--img-size", type=int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}")
+
+    data = parser.add_argument_group("data (Hugging Face datasets)")
+    data.add_argument("--dataset", default=EMBEDDED, help=f"'{EMBEDDED}' (offline MNIST, built in), a save_to_disk or imagefolder directory, parquet files, or a hub id")
+    data.add_argument("--train-split", default="train")
+    data.add_argument("--val-split", default=None, help="default: carve --val-fraction of the training split")
+    data.add_argument("--test-split", default="auto", help="'auto': 'test' when present; 'none' for no test split")
+    data.add_argument("--val-fraction", type=float, default=0.1)
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--label-column", default="label", help="the (noisy) label trained on")
+    data.add_argument("--clean-label-column", default=None, help="true labels, when the data set has them (e.g. CIFAR-10N)")
+    data.add_argument("--noise", choices=NOISE_KINDS, default=None, help=f"inject label noise into train; default symmetric for {EMBEDDED}, else none")
+    data.add_argument("--noise-rate", type=float, default=None, help=f"default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}")
+    data.add_argument("--no-aug", action=argparse.BooleanOptionalAction, default=None, help=f"no training augmentation (default on for {EMBEDDED})")
+    data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop scale range")
+    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--opt", default="sgd", help="timm.optim.create_optimizer_v2 name")
+    optim.add_argument("--lr", type=float, default=0.05)
+    optim.add_argument("--momentum", type=float, default=0.9)
+    optim.add_argument("--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--sched", default="cosine", help="timm.scheduler name, or 'none'")
+    optim.add_argument("--warmup-epochs", type=int, default=0)
+    optim.add_argument("--epochs", type=int, default=None, help=f"default {EMBEDDED_DEFAULTS['epochs']} for {EMBEDDED}, else {GENERAL_DEFAULTS['epochs']}")
+    optim.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
+    optim.add_argument("--grad-accum-steps", type=int, default=1)
+    optim.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration")
+
+    meta = parser.add_argument_group("MLNT (MetaNoiseConfig fields)")
+    meta.add_argument("--no-meta", action="store_true", help="cross-entropy baseline in the same pipeline (meta weight 0; the EMA mentor is still tracked)")
+    for field in dataclasses.fields(MetaNoiseConfig):
+        _add_field_flag(meta, field)
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", default="output/finetune")
+    output.add_argument("--resume", nargs="?", const="", default=None, help="continue from a checkpoint directory (no value: <output-dir>/last)")
+    output.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) -> None:
+    flag = "--" + field.name.replace("_", "-")
+    dest = "meta_" + field.name
+    default = field.default
+    if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
+        flag = "--meta-seed"
+    if isinstance(default, bool):
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
+        return
+    kind = _FIELD_TYPES.get(field.name, type(default))
+    note = "run-length dependent" if field.name in AUTO_FIELDS else repr(default)
+    if field.name == "fast_params":
+        note += "; or comma-separated glob patterns such as 'layer4.*,fc.*'"
+    if field.name == "seed":
+        note = "--seed"
+    group.add_argument(flag, dest=dest, type=kind, choices=_FIELD_CHOICES.get(field.name), default=None, help=f"default {note}")
+
+
+def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled."""
+    defaults = EMBEDDED_DEFAULTS if args.dataset == EMBEDDED else GENERAL_DEFAULTS
+    filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    for name, value in filled.items():
+        setattr(args, name, value)
+    return filled
+
+
+def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
+    """The `MetaNoiseConfig` of a run and the run-length dependent values chosen for it.
+
+    Flags not given keep the library defaults, except the schedules, which the library sets
+    for long Clothing1M runs: here the meta step ramps up over 10%-40% of the updates, and the
+    mentor averages over about 5% of them (decay clamped to the reference's 0.999 / 0.99).
+    """
+    values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
+    values = {name: value for name, value in values.items() if value is not None}
+    fast_params = values.get("fast_params")
+    if isinstance(fast_params, str) and fast_params not in ("all", "head"):
+        values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
+    values.setdefault("seed", args.seed)
+    automatic = {
+        "ramp_start": round(0.1 * total_updates),
+        "ramp_end": round(0.4 * total_updates),
+        "mentor_decay": min(0.999, max(0.9, 1.0 - 20.0 / max(total_updates, 1))),
+        "mentor_decay_ramp": min(0.99, max(0.8, 1.0 - 50.0 / max(total_updates, 1))),
+    }
+    chosen = {name: value for name, value in automatic.items() if name not in values}
+    values.update(chosen)
+    if args.no_meta:
+        values["meta_weight"] = 0.0
+    return MetaNoiseConfig(**values), chosen

