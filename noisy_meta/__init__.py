@@ -12,7 +12,12 @@ or keep your own loop with `MetaNoiseWrapper.meta_backward` and `MetaNoiseWrappe
 from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
 from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
-from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
+from .synthetic import (
+    SyntheticLabels,
+    nearest_neighbors,
+    neighbor_label_transfer,
+    num_perturbed,
+)
 from .wrapper import MetaNoiseWrapper
 
 __version__ = "0.1.0"

@@ -20,7 +20,12 @@ from .compat import (
     unwrap_model,
 )
 from .config import MetaNoiseConfig
-from .fast_weights import forward_with_cloned_buffers, meta_losses, select_fast_params, upcast
+from .fast_weights import (
+    forward_with_cloned_buffers,
+    meta_losses,
+    select_fast_params,
+    upcast,
+)
 from .features import eval_mode, features_of, logits_and_features
 from .runtime import TrainingRuntime
 from .synthetic import nearest_neighbors, neighbor_label_transfer

@@ -20,12 +20,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two_processes(script: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``script`` as two ranks; the test fails with both ranks' output if it does not exit 0."""
+def launch(script: Path, *args: str, num_processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` ``script``; the test fails with the ranks' output if it does not exit 0."""
+    processes = ["--multi_gpu", "--num_processes", "2"] if num_processes == 2 else ["--num_processes", "1"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(script), *args,
+        sys.executable, "-m", "accelerate.commands.launch", *processes, "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -36,7 +37,7 @@ def launch_two_processes(script: Path, *args: str, timeout: int = 600) -> subpro
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory) -> dict:
     path = tmp_path_factory.mktemp("ddp") / "results.json"
-    launch_two_processes(TESTS / "ddp_worker.py", str(path))
+    launch(TESTS / "ddp_worker.py", str(path))
     return json.loads(path.read_text())
 
 

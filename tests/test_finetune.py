@@ -17,7 +17,7 @@ import timm
 import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
-from test_distributed import launch_two_processes
+from test_distributed import launch
 
 from noisy_meta import MetaNoiseConfig
 from noisy_meta.finetune import build_parser, resolve_meta_config
@@ -174,7 +174,7 @@ def test_data_errors_name_the_problem(tiny_mnist, overrides, message):
 
 def test_single_process_run_writes_the_documented_layout(tiny_mnist, tmp_path):
     output = tmp_path / "run"
-    result = run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--noise", "symmetric", "--noise-rate", "0.4")
+    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--noise", "symmetric", "--noise-rate", "0.4", num_processes=1)
     assert "realised" in result.stdout and "clean-test accuracy" in result.stdout
     records = metrics(output)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -233,7 +233,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_two_process_run(tiny_mnist, tmp_path):
     output = tmp_path / "ddp"
-    result = launch_two_processes(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1")
+    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1")
     assert result.stdout.count("clean-test accuracy") == 1  # the main process prints, the other is quiet
     records = metrics(output)
     assert len(records) == 1 and records[0]["updates"] == 256 // (2 * 32)  # 256 training digits over 2 ranks

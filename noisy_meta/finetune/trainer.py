@@ -23,9 +23,22 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import METRICS_FILE, MetricsLog, RunState, find_checkpoint, save_checkpoint
+from .checkpoint import (
+    METRICS_FILE,
+    MetricsLog,
+    RunState,
+    find_checkpoint,
+    save_checkpoint,
+)
 from .cli import apply_data_set_defaults, build_parser, resolve_meta_config
-from .data import CLEAN_COLUMN, EMBEDDED, attach_transform, collate, load_image_dataset, prepare_splits
+from .data import (
+    CLEAN_COLUMN,
+    EMBEDDED,
+    attach_transform,
+    collate,
+    load_image_dataset,
+    prepare_splits,
+)
 from .progress import EpochProgress, summary_table
 
 
