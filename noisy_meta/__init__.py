@@ -7,11 +7,14 @@ Wrap a model and its optimizer::
         stats = wrapper.step(inputs, targets)
 
 or keep your own loop with `MetaNoiseWrapper.meta_backward` and `MetaNoiseWrapper.update_mentor`.
+With Accelerate pass ``accelerator=`` (mixed precision, DDP, accumulation); `noisy_meta.finetune`
+is the complete command-line fine-tuning run (``accelerate launch examples/finetune.py``).
 """
 
 from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
 from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
+from .noise import CIFAR10_ASYMMETRIC_MAP, NoisyLabels, inject_noise
 from .synthetic import (
     SyntheticLabels,
     nearest_neighbors,
@@ -23,12 +26,15 @@ from .wrapper import MetaNoiseWrapper
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR10_ASYMMETRIC_MAP",
     "FastParamsSpec",
     "FeatureSourceSpec",
     "MetaNoiseConfig",
     "MetaNoiseWrapper",
+    "NoisyLabels",
     "SecondOrderUnsupportedError",
     "SyntheticLabels",
+    "inject_noise",
     "kl_to_mentor",
     "make_twice_differentiable",
     "meta_losses",

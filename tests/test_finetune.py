@@ -169,6 +169,26 @@ def test_data_errors_name_the_problem(tiny_mnist, overrides, message):
         prepare_splits(load_from_disk(str(tiny_mnist)), **split_args(**overrides))
 
 
+def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier(tmp_path):
+    from noisy_meta.finetune.checkpoint import save_weights
+    from noisy_meta.finetune.trainer import _create_model
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_resnet", num_classes=7)
+    path = tmp_path / "weights.safetensors"
+    save_weights(source, path)
+    args = build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)])
+    model = _create_model(args, num_classes=3)
+    assert model.num_classes == 3
+    loaded, saved = model.state_dict(), source.state_dict()
+    head = {name for name, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
+    for name in saved:
+        if name not in head:
+            assert torch.equal(loaded[name], saved[name]), name
+    with pytest.raises(FileNotFoundError, match="--checkpoint: no file"):
+        _create_model(build_parser().parse_args(["--checkpoint", str(tmp_path / "missing.pt")]), num_classes=3)
+
+
 # ------------------------------------------------------------------------------- runs
 
 

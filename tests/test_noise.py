@@ -1,0 +1,76 @@
+"""Label-noise injection: each kind against its definition, seeding, the reported statistics, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from noisy_meta.noise import CIFAR10_ASYMMETRIC_MAP, inject_noise, transition_matrix
+
+LABELS = np.repeat(np.arange(10), 2000)
+
+
+def test_symmetric_k_minus_1_never_keeps_the_true_class_of_a_chosen_sample():
+    noisy = inject_noise(LABELS, 10, "symmetric", 0.4, seed=0)
+    assert noisy.realised_rate == pytest.approx(0.4, abs=0.01)
+    flipped = noisy.labels[noisy.is_noisy]
+    assert np.bincount(flipped, minlength=10).min() > 0.08 * flipped.size  # spread over classes
+    off_diagonal = noisy.transition_matrix[~np.eye(10, dtype=bool)].reshape(10, 9)
+    np.testing.assert_allclose(off_diagonal, 0.4 / 9, atol=0.015)
+
+
+def test_symmetric_k_convention_may_land_on_the_true_class():
+    noisy = inject_noise(LABELS, 10, "symmetric", 0.4, seed=0, include_true_class=True)
+    assert noisy.realised_rate == pytest.approx(0.4 * 9 / 10, abs=0.01)
+
+
+def test_pairflip_moves_to_the_next_class():
+    noisy = inject_noise(LABELS, 10, "pairflip", 0.3, seed=1)
+    changed = noisy.is_noisy
+    assert np.array_equal(noisy.labels[changed], (noisy.clean_labels[changed] + 1) % 10)
+    assert noisy.realised_rate == pytest.approx(0.3, abs=0.01)
+
+
+def test_asymmetric_cifar10_map_touches_only_its_classes():
+    noisy = inject_noise(LABELS, 10, "asymmetric", 0.5, seed=2)
+    for source in range(10):
+        rows = noisy.clean_labels == source
+        if source in CIFAR10_ASYMMETRIC_MAP:
+            targets = set(noisy.labels[rows & noisy.is_noisy].tolist())
+            assert targets == {CIFAR10_ASYMMETRIC_MAP[source]}
+            assert noisy.transition_matrix[source, source] == pytest.approx(0.5, abs=0.03)
+        else:
+            assert not noisy.is_noisy[rows].any()
+
+
+def test_custom_class_map_and_none():
+    noisy = inject_noise(LABELS[:100] % 3, 3, "asymmetric", 1.0, seed=0, class_map={0: 2})
+    assert np.array_equal(noisy.labels, np.where(LABELS[:100] % 3 == 0, 2, LABELS[:100] % 3))
+    clean = inject_noise(LABELS, 10, "none", 0.9, seed=0)
+    assert clean.realised_rate == 0.0 and np.array_equal(clean.transition_matrix, np.eye(10))
+
+
+def test_seeded_and_statistics_consistent():
+    a = inject_noise(LABELS, 10, "symmetric", 0.5, seed=7)
+    b = inject_noise(LABELS, 10, "symmetric", 0.5, seed=7)
+    c = inject_noise(LABELS, 10, "symmetric", 0.5, seed=8)
+    assert np.array_equal(a.labels, b.labels) and not np.array_equal(a.labels, c.labels)
+    assert np.array_equal(a.clean_labels, LABELS)
+    np.testing.assert_allclose(a.transition_matrix.sum(axis=1), 1.0)
+    assert np.array_equal(a.transition_matrix, transition_matrix(LABELS, a.labels, 10))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((LABELS, 10, "gaussian", 0.2), {}, "noise kind"),
+        ((LABELS, 10, "symmetric", 1.5), {}, "noise rate"),
+        ((LABELS, 1, "symmetric", 0.2), {}, "at least 2 classes"),
+        ((LABELS, 5, "symmetric", 0.2), {}, r"integers in \[0, 5\)"),
+        ((LABELS % 5, 5, "asymmetric", 0.2), {}, "CIFAR-10"),
+        ((LABELS % 5, 5, "asymmetric", 0.2), {"class_map": {0: 7}}, "outside"),
+    ],
+)
+def test_bad_arguments_are_refused(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        inject_noise(*args, seed=0, **kwargs)
