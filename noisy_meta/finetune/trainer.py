@@ -7,6 +7,7 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -83,6 +84,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if splits.noise is not None:
         console.print(f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised")
+    console.print(
+        f"train {len(splits.train)}, validation {len(splits.validation)} (scored against "
+        f"{'clean' if splits.validation_is_clean else 'the given'} labels), "
+        f"test {len(splits.test) if splits.test is not None else 0}; {splits.num_classes} classes"
+    )
 
     # ---------------------------------------------------------------- model, optimizer, schedule
     model = _create_model(args, splits.num_classes)
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, loaders))
-    updates_per_epoch = max(len(train_loader) // args.grad_accum_steps, 1)
+    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)  # the last window syncs early
     scheduler = None
     if args.sched != "none":
         scheduler, _ = create_scheduler_v2(
