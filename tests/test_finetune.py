@@ -155,6 +155,16 @@ def test_noise_keeps_the_clean_label_and_validation_is_carved_from_train(tiny_mn
     assert test["label"] == test["clean_label"] or test["clean_label"] == [-1] * len(test)
 
 
+def test_a_clean_label_column_is_kept_beside_the_noisy_one(tiny_mnist):
+    data = load_from_disk(str(tiny_mnist))
+    data = data.map(lambda row: {"worse_label": (row["label"] + row["label"] % 2) % 10})  # CIFAR-10N style
+    splits = prepare_splits(data, **split_args(label_column="worse_label", clean_label_column="label", noise="none"))
+    assert splits.noise is None and splits.validation_is_clean
+    for split in (splits.train, splits.validation, splits.test):
+        clean = np.asarray(split["clean_label"])
+        assert np.array_equal(np.asarray(split["label"]), (clean + clean % 2) % 10)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

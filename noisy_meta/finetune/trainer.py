@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     console = Console(quiet=not accelerator.is_main_process)
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+        console.print(f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32")
     set_seed(args.seed)
     console.print(f"defaults for {'the embedded data' if embedded else 'this data set'}: {filled}")
     output_dir = Path(args.output_dir)
