@@ -83,6 +83,31 @@ def half_batches_match_the_full_batch(accelerator: Accelerator) -> float:
     return float((distributed - reference).abs().max().detach())
 
 
+def accumulation_paths(accelerator: Accelerator) -> tuple[MetaNoiseWrapper, MetaNoiseWrapper]:
+    """Two updates of two micro-batches each: by `step`, and by an own loop through DDP's reducer."""
+    wrappers = []
+    for own_loop in (False, True):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        wrapper = MetaNoiseWrapper(model, optimizer, accelerator=accelerator, **SETTINGS, seed=0)
+        for micro in range(4):
+            inputs, targets = image_batch(1000 + 10 * micro + accelerator.process_index)
+            with accelerator.accumulate(model):
+                if not own_loop:
+                    wrapper.step(inputs, targets)
+                    continue
+                with wrapper.forward_context():
+                    outputs = model(inputs)  # DDP: no_sync on the first micro-batch of each window
+                wrapper.meta_backward(inputs, targets, outputs)
+                accelerator.backward(F.cross_entropy(outputs, targets))
+                optimizer.step()
+                optimizer.zero_grad()
+                wrapper.update_mentor()
+        wrappers.append(wrapper)
+    return wrappers[0], wrappers[1]
+
+
 def main() -> None:
     accelerator = Accelerator(cpu=True)  # with `--multi_gpu` and 2 processes: MULTI_CPU over gloo
     results: dict[str, object] = {
@@ -98,6 +123,13 @@ def main() -> None:
     own = train_with_own_loop(accelerator)
     results["own_loop_identical"] = identical_on_all_ranks(accelerator, flat_state(own))
     results["half_batch_max_difference"] = half_batches_match_the_full_batch(accelerator)
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)  # shares the process group
+    by_step, by_own_loop = accumulation_paths(accelerator)
+    results["accumulation_updates"] = [by_step.num_updates, by_own_loop.num_updates]
+    results["accumulation_identical"] = identical_on_all_ranks(accelerator, flat_state(by_step))
+    difference = torch.nn.utils.parameters_to_vector(by_step.module.parameters()) - torch.nn.utils.parameters_to_vector(by_own_loop.module.parameters())
+    results["accumulation_paths_max_difference"] = float(difference.detach().abs().max())
     if accelerator.is_main_process:
         with open(sys.argv[1], "w") as handle:
             json.dump(results, handle)

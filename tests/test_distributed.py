@@ -54,3 +54,10 @@ def test_ranks_hold_bitwise_identical_student_and_mentor(ddp_results, run):
 
 def test_meta_weight_zero_two_half_batches_match_one_full_batch(ddp_results):
     assert ddp_results["half_batch_max_difference"] < 1e-6
+
+
+def test_accumulation_over_ranks_by_step_matches_ddp_own_loop(ddp_results):
+    """`step` (own all-reduce) and an own loop through DDP's reducer (no_sync windows) agree."""
+    assert ddp_results["accumulation_updates"] == [2, 2]
+    assert ddp_results["accumulation_identical"] is True
+    assert ddp_results["accumulation_paths_max_difference"] < 1e-5
