@@ -11,8 +11,9 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
-#: What selects the parameters that get fast weights: ``"all"``, ``"head"`` (the timm
-#: classifier, ``model.get_classifier()``), a sequence of glob patterns matched against
+#: What selects the parameters that get fast weights: ``"all"``, ``"last_stage"`` (timm models:
+#: the last feature stage of ``feature_info`` and everything after it, final norms and head),
+#: ``"head"`` (the timm classifier, ``model.get_classifier()``), a sequence of glob patterns matched against
 #: parameter names (``["layer4.*", "fc.*"]``), or a predicate ``(name, param) -> bool``.
 FastParamsSpec = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
@@ -21,7 +22,7 @@ FastParamsSpec = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 #: or a callable ``inputs -> features [B, D]``.
 FeatureSourceSpec = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
-_FAST_PARAM_NAMES = ("all", "head")
+_FAST_PARAM_NAMES = ("all", "last_stage", "head")
 _FEATURE_SOURCE_NAMES = ("mentor", "student")
 
 
@@ -55,6 +56,9 @@ class MetaNoiseConfig:
             works with ops that have no double backward.
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others
             keep their value in the fast forward but still receive the meta-gradient.
+        meta_every: run the meta step on every N-th update only (the others are plain
+            cross-entropy updates); 1 runs it on every update. The meta gradient is not
+            rescaled, so the meta loss's average weight is ``meta_weight / meta_every``.
 
     Schedules (in optimizer updates, counted by the wrapper)
         meta_weight: the meta loss weight once the ramp-up is over.
@@ -92,6 +96,7 @@ class MetaNoiseConfig:
     inner_lr: float = 0.2
     first_order: bool = False
     fast_params: FastParamsSpec = "all"
+    meta_every: int = 1
     meta_weight: float = 1.0
     ramp_start: int = 500
     ramp_end: int = 2000
@@ -109,7 +114,7 @@ class MetaNoiseConfig:
             raise ValueError("invalid MetaNoiseConfig: " + "; ".join(errors))
 
     def _errors(self):
-        for name in ("num_synthetic", "num_neighbors"):
+        for name in ("num_synthetic", "num_neighbors", "meta_every"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 yield f"{name} must be an integer >= 1, got {value!r}"
@@ -157,7 +162,7 @@ class MetaNoiseConfig:
 
     def meta_weight_at(self, step: int) -> float:
         """Meta-loss weight ``w`` for the update with index ``step`` (0-based)."""
-        if step < self.ramp_start:
+        if step < self.ramp_start or step % self.meta_every:
             return 0.0
         if step >= self.ramp_end:
             return float(self.meta_weight)

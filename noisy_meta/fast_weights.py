@@ -34,6 +34,8 @@ def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
             )
         head_ids = {id(p) for p in get_classifier().parameters()}
         selected = [name for name, p in named if id(p) in head_ids]
+    elif spec == "last_stage":
+        selected = _from_last_stage(module, [name for name, _ in named])
     elif callable(spec):
         selected = [name for name, p in named if spec(name, p)]
     else:
@@ -41,6 +43,22 @@ def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
     if not selected:
         raise ValueError(f"fast_params={spec!r} selects no trainable parameter of the model")
     return selected
+
+
+def _from_last_stage(module: nn.Module, names: list[str]) -> list[str]:
+    """Parameters from the start of the last feature stage (timm's ``feature_info``) to the head."""
+    feature_info = getattr(module, "feature_info", None)
+    stages = [info.get("module") for info in feature_info or [] if isinstance(info, dict)]
+    if not stages or not stages[-1]:
+        raise ValueError(
+            "fast_params='last_stage' needs a timm model that declares its stages (feature_info); "
+            "pass glob patterns or a predicate (name, param) -> bool instead"
+        )
+    prefix = stages[-1] + "."
+    start = next((i for i, name in enumerate(names) if name.startswith(prefix)), None)
+    if start is None:
+        raise ValueError(f"fast_params='last_stage': no trainable parameter under the last stage {stages[-1]!r}")
+    return names[start:]  # timm registers modules in forward order: the stage, final norms, head
 
 
 def upcast(tensor: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,10 @@ def test_unknown_override_and_wrong_argument_types():
         MetaNoiseWrapper(model, optimizer, fast_params=["nothing.*"])
     with pytest.raises(ValueError, match="fast_params='head' needs a timm model"):
         MetaNoiseWrapper(TinyMLP(), optimizer, fast_params="head")
+    with pytest.raises(ValueError, match="fast_params='last_stage' needs a timm model"):
+        MetaNoiseWrapper(TinyMLP(), optimizer, fast_params="last_stage")
+    with pytest.raises(ValueError, match="meta_every must be an integer >= 1"):
+        MetaNoiseWrapper(model, optimizer, meta_every=0)
 
 
 def test_op_without_double_backward_is_named_with_the_fix():

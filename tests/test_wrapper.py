@@ -261,3 +261,31 @@ def test_mlp_without_timm_api_uses_outputs_as_features(mlp64, batch64):
     stats = wrapper.step(*batch64)
     assert 0.0 < stats["labels_changed"] <= 0.5
     assert isinstance(mlp64, TinyMLP)
+
+
+@pytest.mark.parametrize(
+    "name, first, last",
+    [("resnet18", "layer4.0.conv1.weight", "fc.bias"), ("test_vit", "blocks.5.norm1.weight", "head.bias")],
+)
+def test_last_stage_selects_the_last_feature_stage_and_everything_after(name, first, last):
+    import timm
+
+    from noisy_meta import select_fast_params
+
+    model = timm.create_model(name, num_classes=4)
+    selected = select_fast_params(model, "last_stage")
+    names = [n for n, _ in model.named_parameters()]
+    assert selected[0] == first and selected[-1] == last
+    assert selected == names[names.index(first):]  # contiguous: the stage, final norms, the head
+    assert set(select_fast_params(model, "head")) < set(selected)
+
+
+def test_meta_every_runs_the_meta_step_on_every_nth_update_only():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    wrapper = make(model, meta_every=3)
+    x, y = resnet_batch()
+    weights = [wrapper.step(x, y)["meta_weight"] for _ in range(6)]
+    assert weights == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    config = MetaNoiseConfig(ramp_start=4, ramp_end=4, meta_every=2)
+    assert [config.meta_weight_at(step) for step in range(8)] == [0, 0, 0, 0, 1, 0, 1, 0]
