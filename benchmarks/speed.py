@@ -1,0 +1,260 @@
+"""Seconds per iteration and peak memory of MLNT against a plain step, the reference and a floor.
+
+Every configuration runs in its own process (so peak memory is its own): one warm-up
+iteration, then the median of ``--repeats`` timed iterations; peak memory is the growth of the
+process's peak resident set over the timed iterations (CPU, Linux; large blocks straight from
+mmap so freed tensors leave the resident set). Ratios are to the plain cross-entropy step
+measured in the same run.
+
+The floor is what one sequential MLNT iteration cannot go below, from the model's own passes
+timed in isolation: forward F, no-grad forward Fn (mentor), CE backward B, inner gradient with
+``create_graph`` Bc, and the backward through a fast forward and its inner gradient D:
+second order ``F + Fn + B + M (Bc + F + D)``, first order ``F + Fn + B + M (2B + F)``.
+
+    python benchmarks/speed.py --model resnet18 --img-size 32 --batch-size 32
+    python benchmarks/speed.py --model resnet50 --img-size 64
+    python benchmarks/speed.py --model vit_small_patch16_224 --img-size 64
+
+The table is printed and written into benchmarks/RESULTS.md (one section per model/size/batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+NUM_SYNTHETIC = (1, 5, 10)
+CONFIGS = (
+    ["plain"]
+    + [f"{order}_M{m}" for order in ("first_order", "second_order") for m in NUM_SYNTHETIC]
+    + ["second_order_M10_last_stage", "second_order_M10_head", "first_order_M10_head", "second_order_M10_every4"]
+    + [f"reference_M{m}" for m in NUM_SYNTHETIC]
+)
+
+
+def resident_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(args: argparse.Namespace):
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
+    model = timm.create_model(args.model, num_classes=10, **kwargs)
+    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    targets = torch.randint(0, 10, (args.batch_size,))
+    return model, inputs, targets
+
+
+def iteration_for(config: str, args: argparse.Namespace):
+    """A zero-argument callable running one iteration of ``config``."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from noisy_meta import MetaNoiseWrapper
+
+    model, inputs, targets = build(args)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if config == "plain":
+        def plain():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+        return plain
+    match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4))?", config)
+    if match is None:
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+    kind, m, mode = match.group(1), int(match.group(2)), match.group(3)
+    if kind == "reference":
+        from reference_mlnt import ReferenceMLNT
+
+        reference = ReferenceMLNT(model, optimizer, features=copy.deepcopy(model), num_synthetic=m)
+        return lambda: reference.step(inputs, targets)
+    settings = dict(num_synthetic=m, first_order=kind == "first_order", ramp_start=0, ramp_end=0, seed=0)
+    if mode in ("last_stage", "head"):
+        settings["fast_params"] = mode
+    if mode == "every4":
+        settings["meta_every"] = 4
+    wrapper = MetaNoiseWrapper(model, optimizer, **settings)
+    return lambda: wrapper.step(inputs, targets)
+
+
+def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
+    run = iteration_for(config, args)
+    run()  # warm-up
+    repeats = 4 * args.repeats if config.endswith("every4") else args.repeats  # whole meta_every cycles
+    before = resident_mib()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.fmean(times) if config.endswith("every4") else statistics.median(times)
+    return {"seconds": seconds, "peak_mib": peak_mib() - before}
+
+
+def time_floor_parts(args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of F, Fn, B, Bc and D (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    from noisy_meta import make_twice_differentiable
+
+    model, inputs, targets = build(args)
+    make_twice_differentiable(model)
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+
+    def timed(function, prepare=lambda: None) -> float:
+        samples = []
+        for index in range(args.repeats + 1):
+            state = prepare()
+            started = time.perf_counter()
+            function(state)
+            if index:  # the first is a warm-up
+                samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+    def forward(_=None):
+        return model(inputs)
+
+    def with_inner_graph():
+        outputs = model(inputs)
+        grads = torch.autograd.grad(F.cross_entropy(outputs, targets), params, create_graph=True)
+        fast = {name: p - 0.1 * g for name, p, g in zip(names, params, grads)}
+        return F.cross_entropy(functional_call(model, {**fast, **buffers}, (inputs,)), targets)
+
+    parts = {
+        "F": timed(forward),
+        "Fn": timed(lambda _: torch.no_grad()(forward)()),
+        "B": timed(lambda outputs: torch.autograd.grad(F.cross_entropy(outputs, targets), params), forward),
+        "Bc": timed(
+            lambda outputs: torch.autograd.grad(F.cross_entropy(outputs, targets), params, create_graph=True), forward
+        ),
+        "D": timed(lambda loss: torch.autograd.grad(loss, params), with_inner_graph),
+    }
+    return parts
+
+
+def floor_seconds(parts: dict[str, float], config: str) -> float | None:
+    match = re.fullmatch(r"(first_order|second_order)_M(\d+)", config)
+    if match is None:
+        return None
+    m = int(match.group(2))
+    base = parts["F"] + parts["Fn"] + parts["B"]
+    if match.group(1) == "second_order":
+        return base + m * (parts["Bc"] + parts["F"] + parts["D"])
+    return base + m * (2 * parts["B"] + parts["F"])
+
+
+def child(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    result = time_floor_parts(args) if args.child == "floor" else time_config(args.child, args)
+    print(json.dumps(result))
+
+
+def run_child(name: str, args: argparse.Namespace) -> dict[str, float]:
+    command = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
+               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--child", name]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration (median)")
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="a subset of the configurations")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import torch
+
+    title = f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads"
+    print(title, flush=True)
+    parts = run_child("floor", args)
+    print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
+    rows, unit = [], None
+    header = f"{'configuration':<30} {'s/iter':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    print(header, flush=True)
+    for config in args.configs:
+        result = run_child(config, args)
+        unit = result["seconds"] if config == "plain" else unit
+        floor = floor_seconds(parts, config)
+        row = (
+            f"{config:<30} {result['seconds']:8.3f} {result['seconds'] / unit if unit else float('nan'):8.2f} "
+            f"{result['peak_mib']:9.0f} {floor if floor else float('nan'):8.3f} "
+            f"{result['seconds'] / floor if floor else float('nan'):8.2f}"
+        )
+        rows.append(row)
+        print(row, flush=True)
+    if not args.no_write:
+        command = f"python benchmarks/speed.py --model {args.model} --img-size {args.img_size} --batch-size {args.batch_size} --repeats {args.repeats}"
+        write_section(title, command, parts, header, rows)
+
+
+def write_section(title: str, command: str, parts: dict[str, float], header: str, rows: list[str]) -> None:
+    """Replace (or add) this model's section of the performance part of RESULTS.md."""
+    import timm
+    import torch
+
+    key = title.split(",")[0] + "," + title.split(",")[1]
+    start, end = f"<!-- speed: {key} -->", f"<!-- /speed: {key} -->"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}"
+    body = "\n".join([
+        start,
+        f"### {title}",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "```text",
+        "floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()),
+        header,
+        *rows,
+        "```",
+        end,
+    ])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if "## Performance" not in text:
+        text = text.rstrip("\n") + "\n\n## Performance\n\nWritten by `benchmarks/speed.py`.\n"
+    if start in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
