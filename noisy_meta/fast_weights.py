@@ -109,6 +109,36 @@ def meta_losses(
         yield kl_to_mentor(forward_with_cloned_buffers(module, {**params, **fast}, inputs), mentor_log_probs)
 
 
+def head_meta_losses(
+    classifier: nn.Module,
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    synthetic_labels: torch.Tensor,
+    mentor_log_probs: torch.Tensor,
+    inner_lr: float,
+    first_order: bool,
+    grad_scale: float = 1.0,
+) -> Iterator[torch.Tensor]:
+    """`meta_losses` when only the classifier gets fast weights, sharing one body pass.
+
+    ``logits = classifier(features)``, with ``features`` the body's pre-logits output. Each
+    set's inner gradient and fast forward involve the classifier only; the body's forward
+    (and, once the losses are summed, its backward) happens once for all M sets.
+    """
+    names = [name for name, p in classifier.named_parameters() if p.requires_grad]
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    for labels in synthetic_labels:
+        inner_loss = F.cross_entropy(logits, labels)
+        if grad_scale != 1.0:
+            inner_loss = inner_loss * grad_scale
+        grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True)
+        fast = {
+            name: p - inner_lr * (g.detach() if first_order else g)
+            for name, p, g in zip(names, params, _unscaled(grads, grad_scale))
+        }
+        yield kl_to_mentor(functional_call(classifier, fast, (features,)), mentor_log_probs)
+
+
 def _unscaled(grads: tuple[torch.Tensor | None, ...], grad_scale: float) -> list[torch.Tensor | None]:
     if grad_scale == 1.0:
         return list(grads)

@@ -22,11 +22,12 @@ from .compat import (
 from .config import MetaNoiseConfig
 from .fast_weights import (
     forward_with_cloned_buffers,
+    head_meta_losses,
     meta_losses,
     select_fast_params,
     upcast,
 )
-from .features import eval_mode, features_of, logits_and_features
+from .features import eval_mode, features_of, is_timm_classifier, logits_and_features
 from .runtime import TrainingRuntime
 from .synthetic import nearest_neighbors, neighbor_label_transfer
 
@@ -117,6 +118,7 @@ class MetaNoiseWrapper:
         if not self._params:
             raise ValueError("the model has no trainable parameters")
         self._fast_names = select_fast_params(self.module, self.config.fast_params)
+        self._shared_body: bool | None = None if self._may_share_body() else False  # None: verify on first use
         self._num_classes = getattr(self.module, "num_classes", None)
 
         self._ema, self._mentor = self._build_mentor(mentor)
@@ -249,18 +251,65 @@ class MetaNoiseWrapper:
 
     def _joint_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight
+        if weight > 0.0 and self._shared_body is not False and self._body_is_shared(inputs):
+            return self._joint_step_shared_body(inputs, targets, step_index, weight)
         with self.forward_context():
             logits = self.module(inputs)
             self._check_outputs(logits, targets)
             ce_loss = F.cross_entropy(upcast(logits), targets)
             meta_loss, changed = self._accumulate_meta_gradient(inputs, targets, logits, weight)
             self._add_grad(ce_loss)
+        return self._finish_joint_step(step_index, ce_loss, meta_loss, changed, weight)
+
+    def _finish_joint_step(
+        self, step_index: int, ce_loss: torch.Tensor, meta_loss: torch.Tensor, changed: torch.Tensor, weight: float
+    ) -> dict[str, float]:
+        """Update (unless only accumulating), then the statistics of the iteration."""
         if not self.runtime.sync_gradients:
             self._accumulating = True
             return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=False)
         applied = self._apply_update(ce_loss, meta_loss)
         self._finish_iteration(applied, applied)
         return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not applied)
+
+    def _joint_step_shared_body(
+        self, inputs: torch.Tensor, targets: torch.Tensor, step_index: int, weight: float
+    ) -> dict[str, float]:
+        """``fast_params="head"``: the body runs forward and backward once for CE and all M sets."""
+        module = self.module
+        with self.forward_context():
+            features = module.forward_head(module.forward_features(inputs), pre_logits=True)
+            logits = module.get_classifier()(features)
+            self._check_outputs(logits, targets)
+            ce_loss = F.cross_entropy(upcast(logits), targets)
+            synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
+            losses = head_meta_losses(
+                module.get_classifier(), features, upcast(logits), synthetic.labels, mentor_log_probs,
+                self.config.inner_lr, self.config.first_order, self.runtime.loss_scale(),
+            )
+            meta = torch.stack(list(losses)).mean()
+            with explain_double_backward_errors():
+                self._add_grad(ce_loss + weight * meta)
+        meta_loss, changed = meta.detach(), synthetic.changed_fraction
+        return self._finish_joint_step(step_index, ce_loss, meta_loss, changed, weight)
+
+    def _may_share_body(self) -> bool:
+        """Whether ``fast_params="head"`` can use the shared-body path (timm split, joint rule)."""
+        module = self.module
+        if self.config.fast_params != "head" or self.config.update_rule != "joint" or not is_timm_classifier(module):
+            return False
+        return isinstance(module.get_classifier(), nn.Module)
+
+    @torch.no_grad()
+    def _body_is_shared(self, inputs: torch.Tensor) -> bool:
+        """Verify once that ``classifier(forward_head(forward_features(x), pre_logits=True))`` is the model."""
+        if self._shared_body is None:
+            module = self.module
+            with eval_mode(module), self.forward_context():
+                split = module.get_classifier()(module.forward_head(module.forward_features(inputs), pre_logits=True))
+                whole = module(inputs)
+            self._shared_body = split.shape == whole.shape and torch.allclose(split, whole, rtol=1e-4, atol=1e-5)
+        return self._shared_body
 
     def _sequential_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight

@@ -289,3 +289,33 @@ def test_meta_every_runs_the_meta_step_on_every_nth_update_only():
     assert weights == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     config = MetaNoiseConfig(ramp_start=4, ramp_end=4, meta_every=2)
     assert [config.meta_weight_at(step) for step in range(8)] == [0, 0, 0, 0, 1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_head_mode_shares_the_body_and_equals_the_general_path(first_order):
+    """`fast_params="head"` (body once) == the same parameters selected by pattern (body per set)."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    general_model = copy.deepcopy(model)
+    shared = make(model, fast_params="head", first_order=first_order)
+    general = make(general_model, fast_params=["fc.*"], first_order=first_order)
+    calls = []
+    handle = model.layer1.register_forward_hook(lambda *args: calls.append(1))
+    for seed in range(3):
+        x, y = resnet_batch(seed=seed)
+        a, b = shared.step(x.double(), y), general.step(x.double(), y)
+        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
+    handle.remove()
+    assert shared._shared_body is True
+    assert len(calls) == 2 + 3  # the one-time split check (split + whole), then one body pass per step
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
+
+
+def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    model.forward = lambda x: type(model).forward(model, x) * 2.0  # no longer classifier(pre_logits)
+    wrapper = make(model, fast_params="head")
+    stats = wrapper.step(*resnet_batch())
+    assert wrapper._shared_body is False and stats["skipped"] == 0.0
