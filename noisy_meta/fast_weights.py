@@ -96,16 +96,7 @@ def meta_losses(
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
     for labels in synthetic_labels:
-        inner_loss = F.cross_entropy(logits, labels)
-        if grad_scale != 1.0:
-            inner_loss = inner_loss * grad_scale
-        grads = torch.autograd.grad(
-            inner_loss, fast_tensors, create_graph=not first_order, retain_graph=True, allow_unused=True
-        )
-        fast = {
-            name: p if g is None else p - inner_lr * (g.detach() if first_order else g)
-            for name, p, g in zip(fast_names, fast_tensors, _unscaled(grads, grad_scale))
-        }
+        fast = _fast_weights(logits, labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
         yield kl_to_mentor(forward_with_cloned_buffers(module, {**params, **fast}, inputs), mentor_log_probs)
 
 
@@ -128,21 +119,37 @@ def head_meta_losses(
     names = [name for name, p in classifier.named_parameters() if p.requires_grad]
     params = [p for p in classifier.parameters() if p.requires_grad]
     for labels in synthetic_labels:
-        inner_loss = F.cross_entropy(logits, labels)
-        if grad_scale != 1.0:
-            inner_loss = inner_loss * grad_scale
-        grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True)
-        fast = {
-            name: p - inner_lr * (g.detach() if first_order else g)
-            for name, p, g in zip(names, params, _unscaled(grads, grad_scale))
-        }
+        fast = _fast_weights(logits, labels, names, params, inner_lr, first_order, grad_scale)
         yield kl_to_mentor(functional_call(classifier, fast, (features,)), mentor_log_probs)
 
 
-def _unscaled(grads: tuple[torch.Tensor | None, ...], grad_scale: float) -> list[torch.Tensor | None]:
-    if grad_scale == 1.0:
-        return list(grads)
-    return [None if g is None else g / grad_scale for g in grads]
+def _fast_weights(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    names: list[str],
+    params: list[torch.Tensor],
+    inner_lr: float,
+    first_order: bool,
+    grad_scale: float,
+) -> dict[str, torch.Tensor]:
+    """``{name: p - inner_lr * grad_p CE(logits, labels)}``; a parameter outside the graph keeps ``p``.
+
+    The inner loss is multiplied by ``grad_scale`` before its gradient and the gradient divided
+    by it after (exact for fp16's power-of-two scales).
+    """
+    inner_loss = F.cross_entropy(logits, labels)
+    if grad_scale != 1.0:
+        inner_loss = inner_loss * grad_scale
+    grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True)
+    fast = {}
+    for name, p, g in zip(names, params, grads):
+        if g is None:
+            fast[name] = p
+            continue
+        if grad_scale != 1.0:
+            g = g / grad_scale
+        fast[name] = p - inner_lr * (g.detach() if first_order else g)
+    return fast
 
 
 def forward_with_cloned_buffers(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
