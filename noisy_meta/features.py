@@ -28,6 +28,11 @@ def is_timm_classifier(module: nn.Module) -> bool:
     )
 
 
+def pre_logits(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A timm model's pooled pre-logits features: ``forward_head(forward_features(x), pre_logits=True)``."""
+    return module.forward_head(module.forward_features(inputs), pre_logits=True)
+
+
 @torch.no_grad()
 def logits_and_features(module: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode logits and pooled pre-logits features, sharing one pass through the body.
@@ -48,5 +53,5 @@ def features_of(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Eval-mode pooled pre-logits features (timm) or outputs (other models)."""
     with eval_mode(module):
         if is_timm_classifier(module):
-            return module.forward_head(module.forward_features(inputs), pre_logits=True)
+            return pre_logits(module, inputs)
         return module(inputs)

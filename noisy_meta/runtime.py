@@ -78,7 +78,6 @@ class TrainingRuntime:
         ddp = find_ddp(model)
         group = ddp.process_group if ddp is not None else None
         self.process_group = group if ddp is not None and dist.get_world_size(group) > 1 else None
-        self.rank = dist.get_rank(group) if self.process_group is not None else 0
         self.world_size = dist.get_world_size(group) if self.process_group is not None else 1
 
     # ------------------------------------------------------------------ per micro-batch
@@ -142,16 +141,15 @@ class TrainingRuntime:
             self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def optimizer_step(self, grads_finite: bool) -> bool:
+    def optimizer_step(self) -> bool:
         """Step the optimizer; return whether it updated the parameters.
 
         With a GradScaler, the scaler decides (it skips, and lowers its scale, on inf/NaN
-        gradients); without one, ``grads_finite`` does.
+        gradients); without one the step is always made (the caller checked the gradients).
         """
         if self.scaler is None:
-            if grads_finite:
-                self.optimizer.step()
-            return grads_finite
+            self.optimizer.step()
+            return True
         before = self.scaler.get_scale()
         if self.accelerator is not None:
             self.optimizer.step()  # AcceleratedOptimizer: scaler.step + scaler.update
@@ -176,7 +174,7 @@ class TrainingRuntime:
         if mode == "reduce":
             values = self._all_reduce_mean(buffers)
         else:
-            values = self._flat_collective(buffers, self._broadcast_from_first_rank)
+            values = self._flat_collective(buffers, self.broadcast_from_first_rank)
         for buffer, value in zip(buffers, values):
             buffer.copy_(value)
 
@@ -187,9 +185,10 @@ class TrainingRuntime:
 
         return self._flat_collective(tensors, mean)
 
-    def _broadcast_from_first_rank(self, flat: torch.Tensor) -> None:
+    def broadcast_from_first_rank(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` in place with the first rank's copy."""
         source = dist.get_process_group_ranks(self.process_group)[0]
-        dist.broadcast(flat, src=source, group=self.process_group)
+        dist.broadcast(tensor, src=source, group=self.process_group)
 
     @staticmethod
     def _flat_collective(tensors: list[torch.Tensor], collective) -> list[torch.Tensor]:

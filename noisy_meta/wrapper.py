@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -27,7 +26,13 @@ from .fast_weights import (
     select_fast_params,
     upcast,
 )
-from .features import eval_mode, features_of, is_timm_classifier, logits_and_features
+from .features import (
+    eval_mode,
+    features_of,
+    is_timm_classifier,
+    logits_and_features,
+    pre_logits,
+)
 from .runtime import TrainingRuntime
 from .synthetic import nearest_neighbors, neighbor_label_transfer
 
@@ -278,7 +283,7 @@ class MetaNoiseWrapper:
         """``fast_params="head"``: the body runs forward and backward once for CE and all M sets."""
         module = self.module
         with self.forward_context():
-            features = module.forward_head(module.forward_features(inputs), pre_logits=True)
+            features = pre_logits(module, inputs)
             logits = module.get_classifier()(features)
             self._check_outputs(logits, targets)
             ce_loss = F.cross_entropy(upcast(logits), targets)
@@ -306,7 +311,7 @@ class MetaNoiseWrapper:
         if self._shared_body is None:
             module = self.module
             with eval_mode(module), self.forward_context():
-                split = module.get_classifier()(module.forward_head(module.forward_features(inputs), pre_logits=True))
+                split = module.get_classifier()(pre_logits(module, inputs))
                 whole = module(inputs)
             self._shared_body = split.shape == whole.shape and torch.allclose(split, whole, rtol=1e-4, atol=1e-5)
         return self._shared_body
@@ -415,7 +420,7 @@ class MetaNoiseWrapper:
         if ok and runtime.scaler is None:  # a GradScaler checks the gradients itself
             checks = [p.grad.isfinite().all() for p in self._params if p.grad is not None]
             ok = not checks or bool(torch.stack(checks).all())
-        applied = ok and runtime.optimizer_step(ok)
+        applied = ok and runtime.optimizer_step()
         self._zero_grad()
         self._accumulating = False
         return applied
@@ -473,10 +478,9 @@ class MetaNoiseWrapper:
         """``seed``, or one drawn from the global RNG; rank 0's on every rank."""
         if seed is None:
             seed = int(torch.randint(2**62, (1,)).item())
-        group = self.runtime.process_group
-        if group is not None:
+        if self.runtime.process_group is not None:
             value = torch.tensor([seed], dtype=torch.int64, device=self._params[0].device)
-            dist.broadcast(value, src=dist.get_process_group_ranks(group)[0], group=group)
+            self.runtime.broadcast_from_first_rank(value)
             seed = int(value.item())
         return seed
 
