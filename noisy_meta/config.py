@@ -22,7 +22,8 @@ FastParamsSpec = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 #: or a callable ``inputs -> features [B, D]``.
 FeatureSourceSpec = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
-_FAST_PARAM_NAMES = ("all", "last_stage", "head")
+#: The named `fast_params` modes (anything else that is a string sequence is glob patterns).
+FAST_PARAM_NAMES = ("all", "last_stage", "head")
 _FEATURE_SOURCE_NAMES = ("mentor", "student")
 
 
@@ -146,7 +147,7 @@ class MetaNoiseConfig:
             yield f"dist_bn must be 'reduce' or 'broadcast', got {self.dist_bn!r}"
         if self.seed is not None and not _is_int(self.seed):
             yield f"seed must be an integer or None, got {self.seed!r}"
-        yield from _spec_errors("fast_params", self.fast_params, _FAST_PARAM_NAMES, allow_patterns=True)
+        yield from _spec_errors("fast_params", self.fast_params, FAST_PARAM_NAMES, allow_patterns=True)
         yield from _spec_errors("feature_source", self.feature_source, _FEATURE_SOURCE_NAMES)
 
     def with_overrides(self, **overrides: Any) -> MetaNoiseConfig:

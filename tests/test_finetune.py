@@ -82,6 +82,12 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         assert getattr(config, name) == expected, name
 
 
+@pytest.mark.parametrize("name", ["all", "last_stage", "head"])
+def test_named_fast_params_modes_are_not_taken_for_patterns(name):
+    config, _ = resolve_meta_config(build_parser().parse_args(["--fast-params", name]), total_updates=100)
+    assert config.fast_params == name
+
+
 def test_run_length_defaults_and_no_meta():
     args = build_parser().parse_args(["--no-meta", "--seed", "5"])
     config, automatic = resolve_meta_config(args, total_updates=1000)

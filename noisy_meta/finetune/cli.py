@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from ..config import MetaNoiseConfig
+from ..config import FAST_PARAM_NAMES, MetaNoiseConfig
 from ..noise import NOISE_KINDS
 from .data import EMBEDDED
 
@@ -119,7 +119,7 @@ def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[M
     values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
     values = {name: value for name, value in values.items() if value is not None}
     fast_params = values.get("fast_params")
-    if isinstance(fast_params, str) and fast_params not in ("all", "head"):
+    if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
         values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
     values.setdefault("seed", args.seed)
     automatic = {
