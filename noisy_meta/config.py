@@ -22,7 +22,7 @@ FastParamsSpec = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 #: or a callable ``inputs -> features [B, D]``.
 FeatureSourceSpec = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
-#: The named `fast_params` modes (anything else that is a string sequence is glob patterns).
+#: The named `fast_params` modes; a sequence of strings is glob patterns instead.
 FAST_PARAM_NAMES = ("all", "last_stage", "head")
 _FEATURE_SOURCE_NAMES = ("mentor", "student")
 
