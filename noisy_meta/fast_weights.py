@@ -85,6 +85,9 @@ def meta_losses(
 ) -> Iterator[torch.Tensor]:
     """Yield the meta loss ``J_m`` of each synthetic label set in turn.
 
+    With no synthetic set (``[0, B]`` labels) it yields one loss, ``KL(mentor || student)``
+    on ``logits`` itself: the consistency-only ablation.
+
     ``logits`` is the student's output for ``inputs`` (its graph is reused for every inner
     gradient and must stay alive while the generator runs). Consume one loss before asking
     for the next to keep one set's graph in memory at a time.
@@ -93,6 +96,9 @@ def meta_losses(
     gradient and divides the gradient after, so half-precision backward passes do not
     underflow; an overflow shows up as a non-finite meta loss.
     """
+    if synthetic_labels.shape[0] == 0:  # no synthetic set: consistency at the student's own weights
+        yield kl_to_mentor(logits, mentor_log_probs)
+        return
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
     for labels in synthetic_labels:
@@ -116,6 +122,9 @@ def head_meta_losses(
     set's inner gradient and fast forward involve the classifier only; the body's forward
     (and, once the losses are summed, its backward) happens once for all M sets.
     """
+    if synthetic_labels.shape[0] == 0:
+        yield kl_to_mentor(logits, mentor_log_probs)
+        return
     names = [name for name, p in classifier.named_parameters() if p.requires_grad]
     params = [p for p in classifier.parameters() if p.requires_grad]
     for labels in synthetic_labels:

@@ -1,4 +1,5 @@
-"""Synthetic label noise for experiments: symmetric, pair-flip and asymmetric class maps.
+"""Synthetic label noise for experiments: symmetric, pair-flip, asymmetric class maps and
+instance-dependent noise (Xia et al. 2020).
 
 Every function is seeded and returns the noisy labels together with the realised noise rate
 and the empirical transition matrix ``T[i, j]`` = fraction of class-``i`` samples labelled ``j``.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NOISE_KINDS = ("none", "symmetric", "pairflip", "asymmetric")
+NOISE_KINDS = ("none", "symmetric", "pairflip", "asymmetric", "instance")
 
 #: The standard asymmetric CIFAR-10 map (Patrini et al. 2017): truck -> automobile,
 #: bird -> airplane, deer -> horse, cat <-> dog.
@@ -41,6 +42,7 @@ def inject_noise(
     *,
     include_true_class: bool = False,
     class_map: Mapping[int, int] | None = None,
+    features=None,
 ) -> NoisyLabels:
     """Corrupt ``labels`` (integers in ``[0, num_classes)``) with label noise.
 
@@ -49,10 +51,14 @@ def inject_noise(
             gets a uniformly random label); ``"pairflip"`` (chosen samples of class ``c`` get
             ``(c + 1) mod K``); ``"asymmetric"`` (chosen samples of a class in ``class_map`` get
             its image; default `CIFAR10_ASYMMETRIC_MAP`, which needs 10 classes).
-        rate: the probability that a sample is chosen.
+            ``"instance"``: instance-dependent noise after Xia et al. (NeurIPS 2020), see
+            `instance_dependent_labels`; needs ``features``.
+        rate: the probability that a sample is chosen (for ``"instance"``: the mean flip rate).
         include_true_class: symmetric noise only. ``False`` (the "K-1" convention): the random
             label is never the true one, so the realised rate is ``rate``. ``True`` (the "K"
             convention): it may be, so the realised rate is ``rate * (K-1)/K``.
+        features: ``[N, d]`` array describing each sample, for ``"instance"`` only (e.g. the
+            flattened pixels, standardised).
     """
     clean = np.asarray(labels, dtype=np.int64)
     if kind not in NOISE_KINDS:
@@ -63,7 +69,12 @@ def inject_noise(
         raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
     if clean.ndim != 1 or (clean.size and (clean.min() < 0 or clean.max() >= num_classes)):
         raise ValueError(f"labels must be a 1-D sequence of integers in [0, {num_classes})")
+    if (features is not None) != (kind == "instance"):
+        raise ValueError("features are needed for (and only for) kind='instance'")
     rng = np.random.default_rng(seed)
+    if kind == "instance":
+        noisy = instance_dependent_labels(clean, np.asarray(features), num_classes, rate, rng)
+        return NoisyLabels(noisy, clean, _rate(clean, noisy), transition_matrix(clean, noisy, num_classes))
     chosen = rng.random(clean.shape[0]) < rate
     noisy = clean.copy()
     if kind == "symmetric":
@@ -84,7 +95,56 @@ def inject_noise(
         for source, target in mapping.items():
             lookup[source] = target
         noisy[chosen] = lookup[clean[chosen]]
-    return NoisyLabels(noisy, clean, float(np.mean(noisy != clean)) if clean.size else 0.0, transition_matrix(clean, noisy, num_classes))
+    return NoisyLabels(noisy, clean, _rate(clean, noisy), transition_matrix(clean, noisy, num_classes))
+
+
+def instance_dependent_labels(
+    clean: np.ndarray, features: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator, spread: float = 0.1
+) -> np.ndarray:
+    """Instance-dependent noisy labels in the manner of Xia et al. (NeurIPS 2020).
+
+    Each sample gets its own flip rate ``q_i`` from a normal distribution with mean ``rate``
+    and standard deviation ``spread`` truncated to [0, 1]. Each class ``c`` has a random
+    projection ``W_c`` (``[d, K]``, standard normal entries); the sample's scores over the
+    other classes are ``x_i W_{y_i}`` (its own class excluded), and its label distribution is
+    ``1 - q_i`` on ``y_i`` and ``q_i * softmax(scores)`` on the others. So which wrong label a
+    sample gets, and how likely, depends on the sample itself.
+    """
+    num_samples = clean.shape[0]
+    if features.ndim < 2 or features.shape[0] != num_samples:
+        raise ValueError(f"features must be an [N, ...] array with N = {num_samples} rows, got shape {features.shape}")
+    flat = features.reshape(num_samples, -1).astype(np.float64)
+    if not np.isfinite(flat).all():
+        raise ValueError("features must be finite")
+    flip_rate = _truncated_normal(rng, rate, spread, num_samples)
+    projections = rng.standard_normal((num_classes, flat.shape[1], num_classes))
+    scores = np.empty((num_samples, num_classes))
+    for c in range(num_classes):
+        members = clean == c
+        scores[members] = flat[members] @ projections[c]
+    rows = np.arange(num_samples)
+    scores[rows, clean] = -np.inf
+    scores -= scores.max(axis=1, keepdims=True)
+    probs = np.exp(scores)
+    probs *= (flip_rate / probs.sum(axis=1))[:, None]
+    probs[rows, clean] = 1.0 - flip_rate
+    cumulative = probs.cumsum(axis=1)
+    draws = rng.random(num_samples)[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative <= draws).sum(axis=1), num_classes - 1).astype(np.int64)
+
+
+def _truncated_normal(rng: np.random.Generator, mean: float, std: float, size: int) -> np.ndarray:
+    """``size`` draws of N(mean, std^2) restricted to [0, 1] (by redrawing the rest)."""
+    values = rng.normal(mean, std, size)
+    outside = (values < 0) | (values > 1)
+    while outside.any():
+        values[outside] = rng.normal(mean, std, int(outside.sum()))
+        outside = (values < 0) | (values > 1)
+    return values
+
+
+def _rate(clean: np.ndarray, noisy: np.ndarray) -> float:
+    return float(np.mean(noisy != clean)) if clean.size else 0.0
 
 
 def transition_matrix(clean, noisy, num_classes: int) -> np.ndarray:

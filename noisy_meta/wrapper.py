@@ -34,7 +34,7 @@ from .features import (
     pre_logits,
 )
 from .runtime import TrainingRuntime
-from .synthetic import nearest_neighbors, neighbor_label_transfer
+from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer
 
 
 class MetaNoiseWrapper:
@@ -343,11 +343,12 @@ class MetaNoiseWrapper:
         if weight == 0.0:
             return zero, zero
         synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
-        num_sets = synthetic.labels.shape[0]
+        num_sets = max(synthetic.labels.shape[0], 1)  # M = 0: one consistency loss on `logits`
+        retain = not self.config.first_order or synthetic.labels.shape[0] == 0
         total = zero
         with explain_double_backward_errors():
             for loss in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
-                self._add_grad(loss * (weight / num_sets), retain_graph=not self.config.first_order)
+                self._add_grad(loss * (weight / num_sets), retain_graph=retain)
                 total = total + loss.detach()
         return total / num_sets, synthetic.changed_fraction
 
@@ -370,11 +371,12 @@ class MetaNoiseWrapper:
         """Synthetic label sets and the mentor's log-probabilities for a batch."""
         config = self.config
         source = config.feature_source
+        if config.num_synthetic == 0:  # the consistency-only ablation: no neighbours needed
+            return _no_synthetic_sets(targets), F.log_softmax(upcast(self._mentor_logits(inputs)), dim=1)
         if source == "mentor":
             mentor_logits, features = logits_and_features(self._mentor, inputs)
         else:
-            with torch.no_grad(), eval_mode(self._mentor):
-                mentor_logits = self._mentor(inputs)
+            mentor_logits = self._mentor_logits(inputs)
             if source == "student":
                 features = features_of(self.module, inputs)
             elif isinstance(source, nn.Module):
@@ -389,6 +391,11 @@ class MetaNoiseWrapper:
         )
         mentor_log_probs = F.log_softmax(upcast(mentor_logits.detach()), dim=1)
         return synthetic, mentor_log_probs
+
+    @torch.no_grad()
+    def _mentor_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self._mentor):
+            return self._mentor(inputs)
 
     def _add_grad(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Add the gradient of ``loss`` (scaled as ``accelerator.backward`` would) to ``.grad``.
@@ -532,7 +539,7 @@ class MetaNoiseWrapper:
                 f"targets {list(targets.shape)}"
             )
         batch_size, k = targets.shape[0], self.config.num_neighbors
-        if batch_size <= k:
+        if batch_size <= k and self.config.num_synthetic > 0:
             raise ValueError(
                 f"a batch of {batch_size} samples is too small for num_neighbors={k}: each sample "
                 f"needs {k} other samples. Use batches of at least {k + 1} (e.g. drop_last=True in "
@@ -566,6 +573,12 @@ class MetaNoiseWrapper:
         if not isinstance(features, torch.Tensor) or features.ndim < 2 or features.shape[0] != batch_size:
             shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"neighbour features must have shape [B, ...] with B={batch_size}, got {shape}")
+
+
+def _no_synthetic_sets(targets: torch.Tensor) -> SyntheticLabels:
+    """Zero synthetic label sets for a batch (``num_synthetic=0``)."""
+    empty = targets.new_empty((0, targets.shape[0]))
+    return SyntheticLabels(empty, empty.bool(), targets.new_empty((targets.shape[0], 0)), torch.zeros((), device=targets.device))
 
 
 def _check_same_state_layout(student: nn.Module, mentor: nn.Module) -> None:

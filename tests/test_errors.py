@@ -133,7 +133,7 @@ def test_non_finite_meta_gradient_skips_the_update():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(num_synthetic=0), "num_synthetic must be an integer >= 1"),
+        (dict(num_synthetic=-1), "num_synthetic must be an integer >= 0"),
         (dict(num_synthetic=2.0), "num_synthetic must be an integer"),
         (dict(num_neighbors=True), "num_neighbors must be an integer"),
         (dict(perturb_ratio=0.0), r"perturb_ratio must be in \(0, 1\]"),

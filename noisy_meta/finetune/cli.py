@@ -112,9 +112,8 @@ def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
     """The `MetaNoiseConfig` of a run and the run-length dependent values chosen for it.
 
-    Flags not given keep the library defaults, except the schedules, which the library sets
-    for long Clothing1M runs: here the meta step ramps up over 10%-40% of the updates, and the
-    mentor averages over about 5% of them (decay clamped to the reference's 0.999 / 0.99).
+    Flags not given keep the library defaults, except the schedules, which follow
+    `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs).
     """
     values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
     values = {name: value for name, value in values.items() if value is not None}
@@ -122,14 +121,7 @@ def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[M
     if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
         values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
     values.setdefault("seed", args.seed)
-    automatic = {
-        "ramp_start": round(0.1 * total_updates),
-        "ramp_end": round(0.4 * total_updates),
-        "mentor_decay": min(0.999, max(0.9, 1.0 - 20.0 / max(total_updates, 1))),
-        "mentor_decay_ramp": min(0.99, max(0.8, 1.0 - 50.0 / max(total_updates, 1))),
-    }
-    chosen = {name: value for name, value in automatic.items() if name not in values}
-    values.update(chosen)
     if args.no_meta:
         values["meta_weight"] = 0.0
-    return MetaNoiseConfig(**values), chosen
+    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **values)
+    return config, {name: getattr(config, name) for name in AUTO_FIELDS if name not in values}
