@@ -101,7 +101,7 @@ def test_run_length_defaults_and_no_meta():
 
 def test_bad_flag_values_are_refused():
     with pytest.raises(ValueError, match="num_synthetic"):
-        resolve_meta_config(build_parser().parse_args(["--num-synthetic", "0"]), total_updates=100)
+        resolve_meta_config(build_parser().parse_args(["--num-synthetic", "-1"]), total_updates=100)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--update-rule", "both"])
 

