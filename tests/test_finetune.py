@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from test_distributed import launch
 
 from noisy_meta import MetaNoiseConfig
-from noisy_meta.finetune import build_parser, resolve_meta_config
+from noisy_meta.cleaning import CleaningConfig, find_label_issues
+from noisy_meta.finetune import build_parser, main, resolve_meta_config
 from noisy_meta.finetune.data import embedded_mnist, load_image_dataset, prepare_splits
 
 ROOT = Path(__file__).parents[1]
@@ -269,8 +270,71 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_two_process_run(tiny_mnist, tmp_path):
     output = tmp_path / "ddp"
-    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1")
-    assert result.stdout.count("clean-test accuracy") == 1  # the main process prints, the other is quiet
-    records = metrics(output)
+    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1", *ITERATIVE, "--clean-action", "relabel")
+    assert result.stdout.count("clean-test accuracy") == 2  # the main process prints (once per iteration)
+    records = metrics(output / "iteration_1")
     assert len(records) == 1 and records[0]["updates"] == 256 // (2 * 32)  # 256 training digits over 2 ranks
-    assert (output / "best" / "mentor.safetensors").exists()
+    check_iterative_run(tiny_mnist, output, CleaningConfig(action="relabel"))
+
+
+# ------------------------------------------------------------------------------- iterative training
+
+ITERATIVE = ["--noise", "symmetric", "--noise-rate", "0.4", "--iterations", "2", "--export-pred-probs"]
+
+
+def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) -> None:
+    """The layout, the cleaning and the mentor hand-over of a 2-iteration run made with FAST + ITERATIVE."""
+    for iteration in (1, 2):
+        assert {"last", "best", "metrics.jsonl"} <= {p.name for p in (output / f"iteration_{iteration}").iterdir()}
+    judged = np.load(output / "iteration_2" / "pred_probs.npz")
+    report = json.loads((output / "iteration_2" / "cleaning.json").read_text())
+    assert report["config"] == dataclasses.asdict(config)
+
+    # The judge is iteration 1's best mentor, applied to every training sample (eval transform).
+    splits = prepare_splits(load_from_disk(str(data_dir)), **split_args(noise="symmetric", noise_rate=0.4, val_fraction=0.2))
+    mentor = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(output / "iteration_1" / "best" / "mentor.safetensors")).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=mentor))
+    train = splits.train
+    assert np.array_equal(judged["labels"], np.asarray(train["label"])) and np.array_equal(judged["index"], np.asarray(train["index"]))
+    with torch.no_grad():
+        rows = [0, len(train) // 2, len(train) - 1]
+        images = torch.stack([transform(train[i]["image"].convert("RGB")) for i in rows])
+        np.testing.assert_allclose(judged["pred_probs"][rows], torch.softmax(mentor(images), dim=1).numpy(), atol=1e-5)
+
+    flagged = find_label_issues(judged["labels"], judged["pred_probs"], config)
+    noisy = np.asarray(train["is_noisy"])
+    assert report["detection"]["num_flagged"] == int(flagged.sum()) and report["detection"]["num_noisy"] == int(noisy.sum())
+    assert report["detection"]["recall"] == pytest.approx((flagged & noisy).sum() / noisy.sum())
+    kept = len(train) - int(flagged.sum()) if config.action == "remove" else len(train)
+    assert sum(report["remaining_per_class"]) == kept and metrics(output / "iteration_2")[-1]["train_samples"] == kept
+    # --iteration-mentor frozen: iteration 2's mentor is iteration 1's best mentor, unchanged.
+    previous = load_file(str(output / "iteration_1" / "best" / "mentor.safetensors"))
+    final = load_file(str(output / "iteration_2" / "last" / "mentor.safetensors"))
+    assert previous.keys() == final.keys() and all(torch.equal(previous[k], final[k]) for k in previous)
+    exported = np.load(output / "pred_probs.npz")  # --export-pred-probs: the last iteration's best mentor
+    assert exported["pred_probs"].shape == (len(train), 10) and np.allclose(exported["pred_probs"].sum(axis=1), 1)
+
+
+def test_iterative_training_single_process_and_resume_keeps_finished_iterations(tiny_mnist, tmp_path):
+    output = tmp_path / "iterative"
+    # Only confident disagreements are removed: a one-epoch mentor must not empty the data set.
+    flags = ["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1", *ITERATIVE, "--clean-threshold", "0.5"]
+    result = run_example(*flags)
+    assert "iterative training" in result.stdout and "precision" in result.stdout
+    check_iterative_run(tiny_mnist, output, CleaningConfig(threshold=0.5))
+    before = {p: p.stat().st_mtime_ns for p in output.rglob("*.safetensors")}
+    resumed = run_example(*flags, "--resume")
+    assert resumed.stdout.count("finished before: kept") == 2
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*.safetensors")} == before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--clean-criterion", "given_label_prob", "--clean-threshold", "0"], r"threshold must be a number in \(0, 1\]"),
+    ],
+)
+def test_iterative_flag_errors(flags, message):
+    with pytest.raises(ValueError, match=message):
+        main([*FAST, *flags, "--output-dir", "/nonexistent/never-written"])

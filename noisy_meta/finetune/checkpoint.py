@@ -5,6 +5,11 @@ Layout of ``<output-dir>``::
     last/   every epoch      student.safetensors, mentor.safetensors + Accelerate's state
     best/   best epoch       the same
     metrics.jsonl            one JSON object per epoch
+    pred_probs.npz           with --export-pred-probs: the best mentor's training-set
+                             probabilities (labels, pred_probs, index) for cleanlab
+
+With ``--iterations K`` each run has this layout in ``iteration_<k>/``, and from the second
+on also ``cleaning.json`` (the cleaning report) and ``pred_probs.npz`` (what it judged).
 
 ``student.safetensors`` and ``mentor.safetensors`` are plain state dicts that
 ``timm.create_model(name, num_classes=..., checkpoint_path=...)`` loads. Beside them,
@@ -28,6 +33,8 @@ from torch import nn
 STUDENT_FILE = "student.safetensors"
 MENTOR_FILE = "mentor.safetensors"
 METRICS_FILE = "metrics.jsonl"
+CLEANING_FILE = "cleaning.json"
+PRED_PROBS_FILE = "pred_probs.npz"
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike) -> None:

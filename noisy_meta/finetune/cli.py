@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 from typing import Any
 
+from ..cleaning import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
 from ..config import FAST_PARAM_NAMES, MetaNoiseConfig
 from ..noise import NOISE_KINDS
+from .checkpoint import PRED_PROBS_FILE
 from .data import EMBEDDED
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(MetaNoiseConfig):
         _add_field_flag(meta, field)
 
+    iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.cleaning)")
+    iterative.add_argument("--iterations", type=int, default=1, help="training runs; from the second on, the previous best mentor cleans the training data and is the mentor")
+    iterative.add_argument("--clean-criterion", choices=CLEANING_CRITERIA, default="confident_disagreement", help="confident_disagreement: mentor top-1 != label with probability > threshold; given_label_prob: mentor probability of the label < threshold")
+    iterative.add_argument("--clean-threshold", type=float, default=None, help="default 0 for confident_disagreement, 0.5 for given_label_prob")
+    iterative.add_argument("--clean-action", choices=CLEANING_ACTIONS, default="remove", help="remove flagged samples or relabel them with the mentor's class")
+    iterative.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="from the second iteration: keep the previous best mentor as it is, or let it average the new student (--mentor-update wins)")
+    iterative.add_argument("--export-pred-probs", action="store_true", help=f"write the final best mentor's training-set probabilities ({PRED_PROBS_FILE}, cleanlab's labels/pred_probs)")
+
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default="output/finetune")
     output.add_argument("--resume", nargs="?", const="", default=None, help="continue from a checkpoint directory (no value: <output-dir>/last)")
@@ -107,6 +117,16 @@ def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
     for name, value in filled.items():
         setattr(args, name, value)
     return filled
+
+
+def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
+    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` too."""
+    if args.iterations < 1:
+        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    threshold = args.clean_threshold
+    if threshold is None:
+        threshold = 0.5 if args.clean_criterion == "given_label_prob" else 0.0
+    return CleaningConfig(args.clean_criterion, threshold, args.clean_action)
 
 
 def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:

@@ -90,3 +90,31 @@ def summary_table(records: Sequence[dict[str, Any]], best_epoch: int) -> Table:
         table.add_row(*row)
     table.caption = "* best epoch (validation), saved in best/"
     return table
+
+
+def iterations_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """One line per iteration of iterative training: its data, its cleaning and its accuracy."""
+    last = rows[-1]["record"]
+    split = "test" if "test_student" in last else "val"
+    table = Table(title=f"iterative training ({split} accuracy %, last epoch)")
+    for header in ("iteration", "train samples", "flagged", "precision", "recall", "F1", "student", "mentor"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        report, record = row["report"], row["record"]
+        detection = report.detection if report is not None else None
+
+        def percent(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.1f}"
+
+        table.add_row(
+            str(row["iteration"]),
+            str(row["train_size"]),
+            "-" if detection is None else str(detection.num_flagged),
+            percent(detection.precision if detection else None),
+            percent(detection.recall if detection else None),
+            percent(detection.f1 if detection else None),
+            percent(record.get(f"{split}_student")),
+            percent(record.get(f"{split}_mentor")),
+        )
+    table.caption = "flagged / precision / recall: the cleaning that made that iteration's training set"
+    return table

@@ -13,34 +13,53 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from datasets import Dataset
 from rich.console import Console
+from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
+from ..cleaning import (
+    CleaningConfig,
+    CleaningReport,
+    clean_dataset,
+    save_cleanlab_inputs,
+)
+from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import (
+    CLEANING_FILE,
+    MENTOR_FILE,
     METRICS_FILE,
+    PRED_PROBS_FILE,
     MetricsLog,
     RunState,
     find_checkpoint,
     save_checkpoint,
 )
-from .cli import apply_data_set_defaults, build_parser, resolve_meta_config
+from .cli import (
+    apply_data_set_defaults,
+    build_parser,
+    cleaning_config,
+    resolve_meta_config,
+)
 from .data import (
     CLEAN_COLUMN,
     EMBEDDED,
+    Splits,
     attach_transform,
     collate,
     load_image_dataset,
     prepare_splits,
 )
-from .progress import EpochProgress, summary_table
+from .progress import EpochProgress, iterations_table, summary_table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -49,14 +68,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One training run, or ``--iterations K`` runs with data cleaning in between."""
     embedded = args.dataset == EMBEDDED
     filled = apply_data_set_defaults(args)
-    accelerator = Accelerator(
-        cpu=_cpu_only_processes(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    cleaning = cleaning_config(args)
+    accelerator = _accelerator(args)
     console = Console(quiet=not accelerator.is_main_process)
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         console.print(f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32")
@@ -65,8 +81,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    splits = _load_splits(args, console)
+    if args.iterations == 1:
+        record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
+    else:
+        record = _train_iterations(args, accelerator, console, splits, cleaning, output_dir)
+    if args.export_pred_probs:
+        final_dir = output_dir if args.iterations == 1 else output_dir / f"iteration_{args.iterations}"
+        mentor = _load_mentor(args, splits.num_classes, find_checkpoint(final_dir / "best") / MENTOR_FILE)
+        probs = _predict_train_set(accelerator, args, mentor, splits.train)
+        if accelerator.is_main_process:
+            save_cleanlab_inputs(output_dir / PRED_PROBS_FILE, splits.train[LABEL], probs, splits.train[INDEX])
+            console.print(f"best mentor's training-set probabilities for cleanlab: {output_dir / PRED_PROBS_FILE}")
+    accelerator.end_training()
+    return record
 
-    # ---------------------------------------------------------------- data
+
+def _accelerator(args: argparse.Namespace) -> Accelerator:
+    return Accelerator(
+        cpu=_cpu_only_processes(),
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
     noise, noise_rate = args.noise, args.noise_rate
     data = load_image_dataset(args.dataset)
     test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
@@ -91,17 +131,94 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{'clean' if splits.validation_is_clean else 'the given'} labels), "
         f"test {len(splits.test) if splits.test is not None else 0}; {splits.num_classes} classes"
     )
+    return splits
 
-    # ---------------------------------------------------------------- model, optimizer, schedule
+
+def _train_iterations(
+    args: argparse.Namespace, accelerator: Accelerator, console: Console, splits: Splits, cleaning: CleaningConfig, output_dir: Path
+) -> dict[str, Any]:
+    """MLNT's iterative training: from the second run on, the previous best mentor cleans the data and mentors.
+
+    Each iteration is a whole run in ``<output-dir>/iteration_<k>/``; the cleaning that made
+    its training set is in ``cleaning.json`` and ``pred_probs.npz`` there. The mentor judges
+    the *original* training split each time. With ``--resume``, finished iterations are kept
+    and the first unfinished one continues from its last checkpoint.
+    """
+    rows: list[dict[str, Any]] = []
+    record: dict[str, Any] = {}
+    for iteration in range(1, args.iterations + 1):
+        run_dir = output_dir / f"iteration_{iteration}"
+        console.rule(f"iteration {iteration} of {args.iterations}")
+        train_set, mentor, report = splits.train, None, None
+        if iteration > 1:
+            previous = find_checkpoint(output_dir / f"iteration_{iteration - 1}" / "best") / MENTOR_FILE
+            mentor = _load_mentor(args, splits.num_classes, previous)
+            probs = _predict_train_set(accelerator, args, mentor, splits.train)
+            train_set, report = clean_dataset(splits.train, probs, cleaning, splits.num_classes)
+            if accelerator.is_main_process:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                report.save(run_dir / CLEANING_FILE)
+                save_cleanlab_inputs(run_dir / PRED_PROBS_FILE, splits.train[LABEL], probs, splits.train[INDEX])
+            console.print(_cleaning_line(report, len(splits.train)))
+            if len(train_set) < args.batch_size * accelerator.num_processes:
+                raise ValueError(
+                    f"cleaning before iteration {iteration} left {len(train_set)} training samples, fewer than one "
+                    "batch; loosen --clean-criterion / --clean-threshold"
+                )
+        done = _finished_records(run_dir, args.epochs) if args.resume is not None else None
+        if done is not None:
+            console.print(f"iteration {iteration} finished before: kept")
+            record = done
+        else:
+            resume = args.resume is not None and (run_dir / "last").exists()
+            record = _train_run(args, accelerator, console, splits, train_set, run_dir, mentor, resume)
+            accelerator = _accelerator(args)  # the next run prepares its own model and state
+        rows.append({"iteration": iteration, "train_size": len(train_set), "report": report, "record": record})
+    console.print(iterations_table(rows))
+    return record
+
+
+def _finished_records(run_dir: Path, epochs: int) -> dict[str, Any] | None:
+    """The last record of an iteration whose metrics log is complete, else None."""
+    log = run_dir / METRICS_FILE
+    records = MetricsLog(log).read() if log.exists() else []
+    return records[-1] if len(records) >= epochs and (run_dir / "best").exists() else None
+
+
+def _cleaning_line(report: CleaningReport, total: int) -> str:
+    detection = report.detection
+    line = f"cleaning ({report.config.criterion} {report.config.threshold}, {report.config.action}): flagged {detection.num_flagged} of {total}"
+    if detection.precision is not None or detection.recall is not None:
+        line += f"; against the clean labels precision {_percent(detection.precision)}, recall {_percent(detection.recall)}, F1 {_percent(detection.f1)}"
+    return line + f"; per class after: {report.remaining_per_class}"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _train_run(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    console: Console,
+    splits: Splits,
+    train_set: Dataset,
+    output_dir: Path,
+    mentor: torch.nn.Module | None = None,
+    resume: bool | None = None,
+) -> dict[str, Any]:
+    """One whole training run into ``output_dir``; returns the last epoch's metrics record.
+
+    ``mentor`` (iterative training) is used as the mentor from the start, with
+    ``--iteration-mentor`` deciding whether it keeps averaging the student.
+    """
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    # ---------------------------------------------------------------- model, data, optimizer, schedule
     model = _create_model(args, splits.num_classes)
-    size = args.img_size
-    data_config = resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model)
-    train_transform = create_transform(
-        **data_config, is_training=True, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale)
-    )
-    eval_transform = create_transform(**data_config, is_training=False)
+    train_transform, eval_transform = _transforms(args, model)
     train_loader = DataLoader(
-        attach_transform(splits.train, train_transform), batch_size=args.batch_size, shuffle=True,
+        attach_transform(train_set, train_transform), batch_size=args.batch_size, shuffle=True,
         drop_last=True, collate_fn=collate, num_workers=args.workers,
     )
     eval_loaders = {
@@ -109,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, split in (("val", splits.validation), ("test", splits.test)) if split is not None
     }
     if len(train_loader) == 0:
-        raise ValueError(f"the training split ({len(splits.train)} samples) is smaller than one batch ({args.batch_size})")
+        raise ValueError(f"the training split ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum)
     model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, loaders))
@@ -123,17 +240,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- MLNT
     config, automatic = resolve_meta_config(args, updates_per_epoch * args.epochs)
-    wrapper = MetaNoiseWrapper(model, optimizer, config, accelerator=accelerator)
+    if mentor is not None and args.meta_mentor_update is None:
+        config = config.with_overrides(mentor_update=args.iteration_mentor)
+    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
     console.print(f"MLNT: {config}" + (f"\n  run-length defaults: {automatic}" if automatic else ""))
     if args.no_meta:
-        console.print("--no-meta: cross-entropy baseline (meta weight 0)")
+        console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
 
     # ---------------------------------------------------------------- checkpoint state and resume
     state = RunState()
     accelerator.register_for_checkpointing(wrapper, state, *([scheduler] if scheduler is not None else []))
     log = MetricsLog(output_dir / METRICS_FILE)
-    if args.resume is not None:
-        resume_dir = find_checkpoint(Path(args.resume) if args.resume else output_dir / "last")
+    if resume is None:
+        resume = args.resume is not None
+    if resume:
+        resume_dir = find_checkpoint(Path(args.resume) if args.resume and args.iterations == 1 else output_dir / "last")
         accelerator.load_state(str(resume_dir))
         console.print(f"resumed from {resume_dir} after epoch {state.epoch}")
     if accelerator.is_main_process:
@@ -164,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accuracy = {name: _evaluate(accelerator, wrapper, loader) for name, loader in eval_loaders.items()}
         record = {
             "epoch": epoch,
+            "train_samples": len(train_set),
             **{f"train_{key}": value / len(train_loader) for key, value in totals.items()},
             "meta_weight": stats["meta_weight"],
             "updates": wrapper.num_updates,
@@ -184,10 +306,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_checkpoint(accelerator, output_dir / "last", wrapper.module, wrapper.mentor)
 
     if accelerator.is_main_process:
-        console.print(summary_table(log.read(), state.best_epoch))
+        records = log.read()
+        console.print(summary_table(records, state.best_epoch))
         console.print(f"checkpoints and metrics in {output_dir}/ (last/, best/, {METRICS_FILE})")
-    accelerator.end_training()
+        record = records[-1] if records else record
     return record
+
+
+def _transforms(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Any, Any]:
+    size = args.img_size
+    data_config = resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model)
+    train_transform = create_transform(
+        **data_config, is_training=True, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale)
+    )
+    return train_transform, create_transform(**data_config, is_training=False)
+
+
+def _load_mentor(args: argparse.Namespace, num_classes: int, path: Path) -> torch.nn.Module:
+    """A mentor saved by an earlier run (``mentor.safetensors``), on CPU."""
+    mentor = timm.create_model(args.model, num_classes=num_classes)
+    mentor.load_state_dict(load_file(str(path)))
+    return mentor
+
+
+def _predict_train_set(accelerator: Accelerator, args: argparse.Namespace, mentor: torch.nn.Module, train_set: Dataset) -> np.ndarray:
+    """The mentor's probabilities ``[N, K]`` for every training sample, in row order, on every rank."""
+    _, eval_transform = _transforms(args, mentor)
+    loader = accelerator.prepare_data_loader(
+        DataLoader(attach_transform(train_set, eval_transform), batch_size=2 * args.batch_size, collate_fn=collate, num_workers=args.workers)
+    )
+    mentor = mentor.to(accelerator.device).eval()
+    probs, indices = [], []
+    with torch.no_grad():
+        for batch in loader:
+            with accelerator.autocast():
+                logits = mentor(batch["pixel_values"])
+            gathered = accelerator.gather_for_metrics((torch.softmax(logits.float(), dim=1), batch["index"]))
+            probs.append(gathered[0].double().cpu())
+            indices.append(gathered[1].cpu())
+    gathered_probs, gathered_index = torch.cat(probs).numpy(), torch.cat(indices).numpy()
+    positions = np.asarray(train_set[INDEX])
+    row_of = {int(index): row for row, index in enumerate(positions)}
+    result = np.empty((len(positions), gathered_probs.shape[1]))
+    result[[row_of[int(index)] for index in gathered_index]] = gathered_probs
+    return result
 
 
 def _cpu_only_processes() -> bool:
