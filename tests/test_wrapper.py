@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TinyMLP, tiny_resnet
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
+from noisy_meta.fast_weights import forward_with_cloned_buffers
 
 
 def resnet_batch(batch_size: int = 12, seed: int = 0):
@@ -319,3 +320,69 @@ def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
     wrapper = make(model, fast_params="head")
     stats = wrapper.step(*resnet_batch())
     assert wrapper._shared_body is False and stats["skipped"] == 0.0
+
+
+# ------------------------------------------------------------------ num_synthetic=0: the consistency-only ablation
+
+
+@pytest.mark.parametrize("fast_params, update_rule", [("all", "joint"), ("head", "joint"), ("all", "sequential")])
+def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights(fast_params, update_rule):
+    """num_synthetic=0: CE + w * KL(mentor || student) on the real forward, no neighbours, no fast weights."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    reference = copy.deepcopy(model)
+    wrapper = make(
+        model, num_synthetic=0, meta_weight=0.7, fast_params=fast_params, update_rule=update_rule,
+        mentor_decay_ramp=0.5, mentor_decay=0.5,
+    )
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    mentor = copy.deepcopy(reference).eval()
+    for seed in range(3):
+        x, y = resnet_batch(seed=seed)
+        x = x.double()
+        stats = wrapper.step(x, y)
+        with torch.no_grad():
+            mentor_log_probs = F.log_softmax(mentor(x), dim=1)
+        consistency = lambda logits: F.kl_div(F.log_softmax(logits, 1), mentor_log_probs, log_target=True, reduction="batchmean")  # noqa: E731
+        if update_rule == "joint":
+            logits = reference(x)
+            meta = consistency(logits)
+            (F.cross_entropy(logits, y) + 0.7 * meta).backward()
+            optimizer.step()
+        else:  # the meta update on cloned BN buffers, then the CE update
+            meta = consistency(forward_with_cloned_buffers(reference, dict(reference.named_parameters()), x))
+            (0.7 * meta).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            F.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():  # the mentor's EMA (decay 0.5), parameters and buffers
+            for (_, m), (_, s) in zip(mentor.state_dict().items(), reference.state_dict().items()):
+                m.copy_(s if not m.is_floating_point() else 0.5 * m + 0.5 * s)
+        assert stats["labels_changed"] == 0.0 and stats["meta_weight"] == 0.7
+        assert stats["meta_loss"] == pytest.approx(float(meta.detach()), rel=1e-9) and stats["meta_loss"] > 0
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-9, atol=1e-11)
+
+
+def test_no_synthetic_sets_needs_no_neighbours():
+    torch.manual_seed(0)
+    wrapper = make(tiny_resnet(), num_synthetic=0, num_neighbors=10)
+    x, y = resnet_batch()
+    stats = wrapper.step(x[:4], y[:4])  # fewer samples than num_neighbors: fine without neighbour search
+    assert stats["skipped"] == 0.0
+
+
+def test_for_run_length_scales_the_schedules_and_keeps_overrides():
+    config = MetaNoiseConfig.for_run_length(1000, meta_weight=2.0)
+    assert (config.ramp_start, config.ramp_end) == (100, 400) and config.meta_weight == 2.0
+    assert config.mentor_decay == pytest.approx(0.98) and config.mentor_decay_ramp == pytest.approx(0.95)
+    short = MetaNoiseConfig.for_run_length(10)
+    assert (short.mentor_decay, short.mentor_decay_ramp) == (0.9, 0.8)  # clamped
+    long = MetaNoiseConfig.for_run_length(10**7, ramp_start=0)
+    assert (long.mentor_decay, long.mentor_decay_ramp, long.ramp_start) == (0.999, 0.99, 0)
+    with pytest.raises(ValueError, match="total_updates must be an integer >= 1"):
+        MetaNoiseConfig.for_run_length(0)
+    with pytest.raises(TypeError, match="unknown MetaNoiseConfig field"):
+        MetaNoiseConfig.for_run_length(100, meta_wieght=1.0)
