@@ -9,12 +9,25 @@ Wrap a model and its optimizer::
 or keep your own loop with `MetaNoiseWrapper.meta_backward` and `MetaNoiseWrapper.update_mentor`.
 With Accelerate pass ``accelerator=`` (mixed precision, DDP, accumulation); `noisy_meta.finetune`
 is the complete command-line fine-tuning run (``accelerate launch examples/finetune.py``).
+Noisy data sets: `add_label_noise` / `with_label_columns` (Hugging Face datasets); iterative
+training with data cleaning: `noisy_meta.cleaning`.
 """
 
+from .cleaning import (
+    CleaningConfig,
+    CleaningReport,
+    DetectionReport,
+    clean_dataset,
+    find_label_issues,
+    iterate_with_cleaning,
+    predict_probabilities,
+    save_cleanlab_inputs,
+)
 from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
 from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
 from .noise import CIFAR10_ASYMMETRIC_MAP, NoisyLabels, inject_noise
+from .noisy_datasets import add_label_noise, with_label_columns
 from .synthetic import (
     SyntheticLabels,
     nearest_neighbors,
@@ -27,6 +40,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
+    "CleaningConfig",
+    "CleaningReport",
+    "DetectionReport",
     "FastParamsSpec",
     "FeatureSourceSpec",
     "MetaNoiseConfig",
@@ -34,12 +50,19 @@ __all__ = [
     "NoisyLabels",
     "SecondOrderUnsupportedError",
     "SyntheticLabels",
+    "add_label_noise",
+    "clean_dataset",
+    "find_label_issues",
     "inject_noise",
+    "iterate_with_cleaning",
     "kl_to_mentor",
     "make_twice_differentiable",
     "meta_losses",
     "nearest_neighbors",
     "neighbor_label_transfer",
     "num_perturbed",
+    "predict_probabilities",
+    "save_cleanlab_inputs",
     "select_fast_params",
+    "with_label_columns",
 ]
