@@ -1,0 +1,37 @@
+"""`benchmarks/accuracy.py --quick` runs end to end (the full table is too long for the suite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_accuracy_benchmark_quick_mode(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert {(r["setting"], r["method"]) for r in runs} == {(s, m) for s in ("sym50", "clean") for m in ("ce", "mlnt_clean")}
+    for run in runs:
+        assert len(run["student"]) == len(run["mentor"]) == 2 and all(0.0 <= a <= 1.0 for a in run["student"])
+    cleaning = next(r["cleaning"] for r in runs if r["setting"] == "sym50" and r["method"] == "mlnt_clean")
+    assert cleaning["detection"]["num_noisy"] > 1500 and cleaning["detection"]["recall"] > 0.5
+    assert "| sym50 | ce |" in result.stdout and "precision" in result.stdout
+    assert (tmp_path / "sym50.png").stat().st_size > 10_000
+
+
+def test_accuracy_benchmark_refuses_unknown_overrides():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--set", "inner_lrr=1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "unknown MetaNoiseConfig field(s): inner_lrr" in result.stderr
