@@ -102,6 +102,7 @@ class Job:
     lr: float = 0.05
     batch_size: int = 128
     iteration_mentor: str = "frozen"
+    clean_action: str = "remove"
     mentor_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
@@ -183,11 +184,11 @@ def run(job: Job) -> dict[str, Any]:
         mentor = SmallCNN()
         mentor.load_state_dict(first.pop("mentor_state"))
         probs = predict_probabilities(mentor, train_x.split(512))
-        cleaned, report = clean_dataset(data.train_set, probs, CLEANING)
+        cleaned, report = clean_dataset(data.train_set, probs, replace(CLEANING, action=job.clean_action))
         keep = torch.tensor(cleaned[INDEX], dtype=torch.long)
         if len(keep) < job.batch_size:
             raise RuntimeError(f"{job}: cleaning kept {len(keep)} samples, fewer than one batch")
-        train_x, train_y = train_x[keep], train_y[keep]
+        train_x, train_y = train_x[keep], torch.tensor(cleaned[LABEL])
         result["first_iteration"] = {k: first[k] for k in ("student", "mentor")}
         result["cleaning"] = report.to_dict()
     curves = train(job, train_x, train_y, data.eval_x, data.eval_y, mentor)
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for every MLNT method")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="mentor_update of the second iteration")
+    parser.add_argument("--clean-action", choices=("remove", "relabel"), default="remove", help="what the cleaning does with flagged samples")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--output", default=str(HERE / "accuracy"), help="directory for the per-run JSON and the plot")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = tuple((key, parse_value(value)) for key, value in (item.split("=", 1) for item in args.set))
     MetaNoiseConfig().with_overrides(**dict(overrides))  # unknown or invalid fields fail here, not in a worker
     jobs = [
-        Job(setting, method, seed, args.epochs, args.tune, overrides if method != "ce" else (), args.lr, iteration_mentor=args.iteration_mentor)
+        Job(setting, method, seed, args.epochs, args.tune, overrides if method != "ce" else (), args.lr, iteration_mentor=args.iteration_mentor, clean_action=args.clean_action)
         for setting in args.settings for method in args.methods for seed in args.seeds
     ]
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -333,6 +333,7 @@ def test_iterative_training_single_process_and_resume_keeps_finished_iterations(
     [
         (["--iterations", "0"], "--iterations must be >= 1"),
         (["--clean-criterion", "given_label_prob", "--clean-threshold", "0"], r"threshold must be a number in \(0, 1\]"),
+        (["--iterations", "2", "--resume", "somewhere/last"], "give it no directory"),
     ],
 )
 def test_iterative_flag_errors(flags, message):

@@ -120,9 +120,11 @@ def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
-    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` too."""
+    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
     if args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    if args.iterations > 1 and args.resume:
+        raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
     threshold = args.clean_threshold
     if threshold is None:
         threshold = 0.5 if args.clean_criterion == "given_label_prob" else 0.0
