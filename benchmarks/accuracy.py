@@ -86,8 +86,12 @@ LABELS = {
     "mlnt_so": "MLNT second order",
     "mlnt_clean": "MLNT first order + cleaning (2 iterations)",
 }
-#: Hyper-parameters shared by every method (chosen with --tune on sym50 / pair40, see RESULTS.md).
-COMMON: dict[str, Any] = {"num_synthetic": 5, "num_neighbors": 10, "inner_lr": 0.2, "meta_weight": 1.0}
+#: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
+#: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.
+COMMON: dict[str, Any] = {
+    "num_synthetic": 5, "num_neighbors": 10, "inner_lr": 1.0, "meta_weight": 1.0,
+    "mentor_decay_ramp": 0.99, "mentor_decay": 0.99,
+}
 CLEANING = CleaningConfig(criterion="confident_disagreement", threshold=0.0, action="remove")
 
 
