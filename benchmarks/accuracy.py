@@ -44,12 +44,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import datasets
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.cleaning import CleaningConfig, clean_dataset, predict_probabilities
@@ -78,13 +77,21 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_fo": {"first_order": True},
     "mlnt_so": {"first_order": False},
     "mlnt_clean": {"first_order": True},
+    # The cheaper modes of MetaNoiseConfig (not in the default table; see --methods):
+    "mlnt_head": {"first_order": False, "fast_params": "head"},
+    "mlnt_hidden": {"first_order": False, "fast_params": ["hidden.*", "fc.*"]},
+    "mlnt_every4": {"first_order": False, "meta_every": 4},
 }
+TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
     "ce": "cross-entropy",
     "ema": "EMA-mentor consistency, no meta step",
     "mlnt_fo": "MLNT first order",
     "mlnt_so": "MLNT second order",
     "mlnt_clean": "MLNT first order + cleaning (2 iterations)",
+    "mlnt_head": "MLNT second order, fast weights for the classifier only",
+    "mlnt_hidden": "MLNT second order, fast weights for the hidden layer and classifier (the last stage)",
+    "mlnt_every4": "MLNT second order on every 4th update",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.
@@ -234,7 +241,7 @@ def train(job: Job, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor, eval
 
 
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    cost = {"mlnt_clean": 4, "mlnt_so": 3, "mlnt_fo": 2, "ema": 1, "ce": 1}
+    cost = {"mlnt_clean": 4, "mlnt_so": 3, "mlnt_fo": 2, "mlnt_hidden": 2, "mlnt_every4": 1, "mlnt_head": 1, "ema": 1, "ce": 1}
     pending = sorted(jobs, key=lambda j: -cost[j.method])
     results = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -326,8 +333,10 @@ def plot(results: list[dict[str, Any]], setting: str, path: Path) -> bool:
     return True
 
 
-def write_section(lines: list[str]) -> None:
-    start, end = "<!-- accuracy -->", "<!-- /accuracy -->"
+def write_section(lines: list[str], name: str | None = None) -> None:
+    """Replace (or append) the accuracy section of RESULTS.md, or the named extra one."""
+    tag = "accuracy" if name is None else f"accuracy: {name}"
+    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
     body = "\n".join([start, *lines, end])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if start in text:
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE_METHODS, help=f"default: {' '.join(TABLE_METHODS)}")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for every MLNT method")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="mentor_update of the second iteration")
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--output", default=str(HERE / "accuracy"), help="directory for the per-run JSON and the plot")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--section", default=None, help="write a separate RESULTS.md section with this title (e.g. for --methods mlnt_head ...)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 2, [0]
@@ -383,12 +393,12 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", *detection_table(results, args.settings)]
     print("\n".join(lines))
     print(f"{minutes:.1f} min")
-    plotted = not args.tune and "sym50" in args.settings and plot(results, "sym50", output / "sym50.png")
+    plotted = args.section is None and not args.tune and "sym50" in args.settings and plot(results, "sym50", output / "sym50.png")
     if args.no_write or args.quick or args.tune:
         return
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker processes; Python {platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
     write_section([
-        "## Accuracy",
+        "## Accuracy" if args.section is None else f"### {args.section}",
         "",
         "```bash",
         command.strip(),
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *lines,
         *(["", f"![test accuracy per epoch, sym50]({output.relative_to(HERE)}/sym50.png)"] if plotted else []),
-    ])
+    ], args.section)
 
 
 if __name__ == "__main__":
