@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -268,8 +269,8 @@ def mean_std(values: list[float]) -> str:
 def table(results: list[dict[str, Any]], settings: list[str], methods: list[str], tune: bool) -> list[str]:
     what = "noisy validation" if tune else "clean test"
     lines = [
-        "| setting | method | student final | mentor final | student best | mentor best |",
-        "|---|---|---|---|---|---|",
+        "| setting | method | student final | mentor final | student best | mentor best | s per run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for setting in settings:
         for method in methods:
@@ -278,8 +279,9 @@ def table(results: list[dict[str, Any]], settings: list[str], methods: list[str]
                 continue
             cells = [mean_std([r[who][-1] for r in runs]) for who in ("student", "mentor")]
             cells += [mean_std([max(r[who]) for r in runs]) for who in ("student", "mentor")]
-            lines.append(f"| {setting} | {method} | " + " | ".join(cells) + " |")
-    return [f"Accuracy (%) on the {what} set, mean ± std over seeds:", "", *lines]
+            seconds = statistics.fmean(r["seconds"] for r in runs)
+            lines.append(f"| {setting} | {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    return [f"Accuracy (%) on the {what} set, mean ± std over seeds; seconds per run (wall, one worker):", "", *lines]
 
 
 def detection_table(results: list[dict[str, Any]], settings: list[str]) -> list[str]:
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         Job(setting, method, seed, args.epochs, args.tune, overrides if method != "ce" else (), args.lr, iteration_mentor=args.iteration_mentor, clean_action=args.clean_action)
         for setting in args.settings for method in args.methods for seed in args.seeds
     ]
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"{len(jobs)} runs on {args.workers} worker processes: {command}", flush=True)
     started = time.perf_counter()
     results = run_all(jobs, args.workers)
