@@ -22,7 +22,7 @@ from test_distributed import launch
 from noisy_meta import MetaNoiseConfig
 from noisy_meta.cleaning import CleaningConfig, find_label_issues
 from noisy_meta.finetune import build_parser, main, resolve_meta_config
-from noisy_meta.finetune.data import embedded_mnist, load_image_dataset, prepare_splits
+from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "finetune.py"
@@ -339,3 +339,48 @@ def test_iterative_training_single_process_and_resume_keeps_finished_iterations(
 def test_iterative_flag_errors(flags, message):
     with pytest.raises(ValueError, match=message):
         main([*FAST, *flags, "--output-dir", "/nonexistent/never-written"])
+
+
+# ------------------------------------------------------------------------------- non-finite updates
+
+
+def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(tiny_mnist, tmp_path, monkeypatch, make_accelerator):
+    """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
+    from noisy_meta.finetune import trainer
+
+    train_batches = []
+
+    def poisoned(samples):
+        batch = collate(samples)
+        if len(samples) == 32:  # training batches (evaluation uses 64)
+            train_batches.append(1)
+            if len(train_batches) > 2:
+                batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+        return batch
+
+    monkeypatch.setattr(trainer, "collate", poisoned)
+    output = tmp_path / "poisoned"
+    good_states = []
+    step = trainer.MetaNoiseWrapper.step
+
+    def recording_step(self, inputs, targets):
+        stats = step(self, inputs, targets)
+        if not stats["skipped"]:
+            good_states.append({k: v.clone() for k, v in self.module.state_dict().items()})
+        return stats
+
+    monkeypatch.setattr(trainer.MetaNoiseWrapper, "step", recording_step)
+    with pytest.raises(trainer.NonFiniteTrainingError, match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped"):
+        main(["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--max-consecutive-skips", "3"])
+    assert len(good_states) == 2
+    stopped = load_file(str(output / "stopped" / "student.safetensors"))
+    for name, value in good_states[-1].items():  # bitwise the state after the last good update
+        assert torch.equal(stopped[name], value), name
+    mentor = load_file(str(output / "stopped" / "mentor.safetensors"))
+    assert all(torch.isfinite(t).all() for t in mentor.values() if t.is_floating_point())
+    assert not (output / "last").exists()  # no epoch finished: nothing to resume from but stopped/
+
+
+def test_max_consecutive_skips_must_not_be_negative():
+    with pytest.raises(ValueError, match="--max-consecutive-skips must be >= 0"):
+        main([*FAST, "--max-consecutive-skips", "-1", "--output-dir", "/nonexistent/never-written"])

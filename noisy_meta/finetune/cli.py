@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default="output/finetune")
+    output.add_argument("--max-consecutive-skips", type=int, default=25, help="stop (saving the last good state in <output-dir>/stopped/) after this many consecutive non-finite updates; 0: never")
     output.add_argument("--resume", nargs="?", const="", default=None, help="continue from a checkpoint directory (no value: <output-dir>/last)")
     output.add_argument("--seed", type=int, default=0)
     return parser
@@ -123,6 +124,8 @@ def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
     """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
     if args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
+    if args.max_consecutive_skips < 0:
+        raise ValueError(f"--max-consecutive-skips must be >= 0, got {args.max_consecutive_skips}")
     if args.iterations > 1 and args.resume:
         raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
     threshold = args.clean_threshold

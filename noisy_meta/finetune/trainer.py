@@ -264,6 +264,7 @@ def _train_run(
     # ---------------------------------------------------------------- train
     progress = EpochProgress(console, enabled=accelerator.is_main_process)
     record: dict[str, Any] = {}
+    consecutive_skips = 0
     for epoch in range(state.epoch, args.epochs):
         train_loader.set_epoch(epoch)
         wrapper.module.train()
@@ -275,6 +276,11 @@ def _train_run(
                 stats = wrapper.step(batch["pixel_values"], batch["label"])
             if scheduler is not None and accelerator.sync_gradients:
                 scheduler.step_update(num_updates=wrapper.num_updates)
+            if accelerator.sync_gradients:  # every rank sees the same skip decision
+                consecutive_skips = consecutive_skips + 1 if stats["skipped"] else 0
+                if args.max_consecutive_skips and consecutive_skips >= args.max_consecutive_skips:
+                    progress.stop()
+                    _stop_after_skips(accelerator, wrapper, output_dir, consecutive_skips, epoch)
             for key in totals:
                 totals[key] += stats[key]
             progress.update(stats, batch["label"].shape[0] * accelerator.num_processes)
@@ -311,6 +317,28 @@ def _train_run(
         console.print(f"checkpoints and metrics in {output_dir}/ (last/, best/, {METRICS_FILE})")
         record = records[-1] if records else record
     return record
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive updates were skipped because the loss or a gradient was not finite."""
+
+
+def _stop_after_skips(accelerator: Accelerator, wrapper: MetaNoiseWrapper, output_dir: Path, skips: int, epoch: int) -> None:
+    """Save the last good state in ``<output-dir>/stopped/`` and stop the run.
+
+    Skipped updates leave parameters, optimizer state and mentor untouched, so the state now
+    is the one after the last good update. ``last/`` keeps the previous epoch's checkpoint,
+    from which ``--resume`` continues exactly.
+    """
+    stopped = output_dir / "stopped"
+    save_checkpoint(accelerator, stopped, wrapper.module, wrapper.mentor)
+    raise NonFiniteTrainingError(
+        f"{skips} consecutive updates were skipped because the loss or a gradient was not finite "
+        f"(epoch {epoch + 1}, after {wrapper.num_updates} good updates; {wrapper.num_skipped} skipped in all). "
+        f"The last good weights are in {stopped}/ and {output_dir / 'last'}/ holds the end of the previous epoch. "
+        "Lower --lr or --inner-lr, add --clip-grad, look for non-finite inputs, or use bf16 rather than fp16; "
+        "--max-consecutive-skips sets the limit (0: never stop)."
+    )
 
 
 def _transforms(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Any, Any]:
