@@ -162,7 +162,7 @@ class MetaNoiseWrapper:
         Inside ``accelerator.accumulate(model)`` a batch that only accumulates gradients
         returns its losses with no update made (``step`` unchanged).
         """
-        self._check_batch(inputs, targets)
+        targets = self._check_batch(inputs, targets)
         if not self._accumulating:
             self._zero_grad()
         with self._restore_on_failure(), self.runtime.autocast():
@@ -185,7 +185,7 @@ class MetaNoiseWrapper:
         divisor and fp16 loss scale), without firing DDP's hooks: your own backward through
         the DDP model then all-reduces meta and CE gradient together, once.
         """
-        self._check_batch(inputs, targets)
+        targets = self._check_batch(inputs, targets)
         self._check_outputs(outputs, targets)
         weight = self.meta_weight
         with self.runtime.autocast():
@@ -200,7 +200,7 @@ class MetaNoiseWrapper:
         which also works through DDP). Unlike `meta_backward` it keeps all M graphs alive
         until that backward, so memory grows with M.
         """
-        self._check_batch(inputs, targets)
+        targets = self._check_batch(inputs, targets)
         self._check_outputs(outputs, targets)
         weight = self.meta_weight
         if weight == 0.0:
@@ -521,7 +521,8 @@ class MetaNoiseWrapper:
         for buffer, value in zip(buffers, saved):
             buffer.copy_(value)
 
-    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Refuse a bad batch before anything changes; return ``targets`` as int64 class indices."""
         if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
             raise TypeError(
                 f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}"
@@ -547,6 +548,7 @@ class MetaNoiseWrapper:
             )
         if isinstance(self._num_classes, int):
             self._check_label_range(targets, self._num_classes)
+        return targets.long()  # int32 / int16 / uint8 labels work as well
 
     def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != targets.shape[0]:
