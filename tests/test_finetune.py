@@ -16,12 +16,14 @@ import pytest
 import timm
 import torch
 from datasets import load_from_disk
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_distributed import launch
 
 from noisy_meta import MetaNoiseConfig
 from noisy_meta.cleaning import CleaningConfig, find_label_issues
 from noisy_meta.finetune import build_parser, main, resolve_meta_config
+from noisy_meta.finetune.trainer import _create_model
+from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
 
 ROOT = Path(__file__).parents[1]
@@ -384,3 +386,72 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(ti
 def test_max_consecutive_skips_must_not_be_negative():
     with pytest.raises(ValueError, match="--max-consecutive-skips must be >= 0"):
         main([*FAST, "--max-consecutive-skips", "-1", "--output-dir", "/nonexistent/never-written"])
+
+
+# ------------------------------------------------------------------------------- corrupted or foreign checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("finished") / "run"
+    run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1")
+    return output
+
+
+def damaged_copy(finished_run: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    output = tmp_path / "damaged"
+    shutil.copytree(finished_run, output)
+    damage(output / "last")
+    return output
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, flags, message",
+    [
+        (lambda d: truncate(d / "student.safetensors"), [], r"student.safetensors is not a readable safetensors file \(truncated"),
+        (lambda d: truncate(d / "model.safetensors"), [], r"model.safetensors is not a readable safetensors file"),
+        (lambda d: (d / "mentor.safetensors").unlink(), [], r"lacks mentor.safetensors; it is not a complete checkpoint"),
+        (lambda d: None, ["--num-classes", "12"], r"holds other shapes than the model: .* another number of classes"),
+        (lambda d: None, ["--model", "resnet10t"], r"was not saved from this architecture \(ResNet\)"),
+    ],
+    ids=["truncated-student", "truncated-accelerate-model", "missing-mentor", "other-classes", "other-architecture"],
+)
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(tiny_mnist, finished_run, tmp_path, damage, flags, message, make_accelerator):
+    output = damaged_copy(finished_run, tmp_path, damage)
+    before = {p.name: p.read_bytes() for p in (output / "last").iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=message) as error:
+        main(["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "2", *flags, "--resume"])
+    assert str(output / "last") in str(error.value)
+    assert {p.name: p.read_bytes() for p in (output / "last").iterdir() if p.is_file()} == before  # nothing written
+    assert len(metrics(output)) == 1  # the log is untouched
+
+
+@pytest.mark.parametrize(
+    "make_file, message",
+    [
+        (lambda run, path: path.write_bytes((run / "last" / "student.safetensors").read_bytes()[:1000]), "is not a readable safetensors file"),
+        (lambda run, path: path.write_bytes(b"not a checkpoint at all"), "is not a readable safetensors file"),
+        (lambda run, path: save_file({"weight": torch.zeros(3)}, str(path)), r"does not fit --model test_resnet: \d+ of its \d+ tensors outside the classifier are missing"),
+    ],
+    ids=["truncated", "garbage", "other-architecture"],
+)
+def test_checkpoint_flag_refuses_damaged_or_foreign_weights(finished_run, tmp_path, make_file, message):
+    path = tmp_path / "weights.safetensors"
+    make_file(finished_run, path)
+    with pytest.raises(CheckpointError, match=message) as error:
+        _create_model(build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)]), num_classes=10)
+    assert str(path) in str(error.value)
+
+
+def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
+    from noisy_meta.finetune.trainer import _load_mentor
+
+    with pytest.raises(CheckpointError, match="the previous iteration's best mentor: .* holds other shapes"):
+        _load_mentor(build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 STUDENT_FILE = "student.safetensors"
@@ -80,6 +80,103 @@ def find_checkpoint(directory: Path) -> Path:
     if previous.is_dir():
         return previous
     raise FileNotFoundError(f"--resume: no checkpoint directory at {directory}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or made for another model."""
+
+
+#: Files every checkpoint directory must hold (beside Accelerate's RNG and custom states).
+REQUIRED_FILES = ("model.safetensors", "optimizer.bin", STUDENT_FILE, MENTOR_FILE)
+
+
+def read_weights(path: Path, model: nn.Module, role: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file made for ``model``, or a `CheckpointError` saying what is wrong.
+
+    ``role`` names the file's use in the message (e.g. "--resume", "the previous mentor").
+    Unreadable (truncated, corrupted, not safetensors), other parameter names (another
+    architecture) and other shapes (e.g. another number of classes) are each reported with
+    the file's path.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{role}: {path} does not exist")
+    try:
+        tensors = load_file(os.fspath(path))
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{role}: {path} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{role}: {path} was not saved from this architecture ({type(model).__name__}): "
+            f"{len(missing)} parameters missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}); check --model"
+        )
+    shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items() if tensors[k].shape != v.shape]
+    if shapes:
+        name, found, wanted = shapes[0]
+        raise CheckpointError(
+            f"{role}: {path} holds other shapes than the model: {name} is {found} in the file, {wanted} "
+            f"in the model ({len(shapes)} such tensors; another number of classes? check --num-classes)"
+        )
+    return tensors
+
+
+def check_body_weights(path: str, model: nn.Module, what: str) -> None:
+    """Refuse ``--checkpoint`` weights that cannot initialise ``model`` apart from its classifier.
+
+    timm loads such files leniently (a classifier of another size is replaced, and unknown or
+    missing keys are only logged), so a file from another architecture would silently leave
+    the model at random initialisation: here every non-classifier tensor must be present with
+    the model's shape. Accepts safetensors and torch files (a state dict, possibly under
+    ``state_dict`` / ``model`` and with a ``module.`` prefix).
+    """
+    role = "--checkpoint"
+    try:
+        if path.endswith(".safetensors"):
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        kind = "safetensors" if path.endswith(".safetensors") else "torch"
+        raise CheckpointError(f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}") from error
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(tensors, dict) and isinstance(tensors.get(key), dict):
+            tensors = tensors[key]
+            break
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{role}: {path} holds a {type(tensors).__name__}, not a state dict")
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    body = {k: v for k, v in model.state_dict().items() if not (classifier and k.startswith(classifier + "."))}
+    missing = [k for k in body if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{role}: {path} does not fit {what}: {len(missing)} of its {len(body)} tensors outside the "
+            f"classifier are missing (e.g. {missing[:3]}); was it saved from another architecture?"
+        )
+    shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in body.items() if tuple(tensors[k].shape) != tuple(v.shape)]
+    if shapes:
+        name, found, wanted = shapes[0]
+        raise CheckpointError(f"{role}: {path} does not fit {what}: {name} is {found} in the file, {wanted} in the model")
+
+
+def check_checkpoint(directory: Path, model: nn.Module, role: str = "--resume") -> None:
+    """Refuse a checkpoint directory that lacks a file or whose weights do not fit ``model``."""
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{role}: {directory} lacks {', '.join(missing)}; it is not a complete checkpoint")
+    for name in (STUDENT_FILE, MENTOR_FILE):
+        read_weights(directory / name, model, role)
+    try:  # Accelerate's own copy may leave out tied weights: only its readability is checked
+        load_file(os.fspath(directory / "model.safetensors"))
+    except Exception as error:
+        raise CheckpointError(
+            f"{role}: {directory / 'model.safetensors'} is not a readable safetensors file (truncated or corrupted?): {error}"
+        ) from error
 
 
 class MetricsLog:

@@ -20,7 +20,6 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from datasets import Dataset
 from rich.console import Console
-from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -39,9 +38,13 @@ from .checkpoint import (
     MENTOR_FILE,
     METRICS_FILE,
     PRED_PROBS_FILE,
+    CheckpointError,
     MetricsLog,
     RunState,
+    check_body_weights,
+    check_checkpoint,
     find_checkpoint,
+    read_weights,
     save_checkpoint,
 )
 from .cli import (
@@ -255,7 +258,11 @@ def _train_run(
         resume = args.resume is not None
     if resume:
         resume_dir = find_checkpoint(Path(args.resume) if args.resume and args.iterations == 1 else output_dir / "last")
-        accelerator.load_state(str(resume_dir))
+        check_checkpoint(resume_dir, accelerator.unwrap_model(model))
+        try:
+            accelerator.load_state(str(resume_dir))
+        except Exception as error:
+            raise CheckpointError(f"--resume: could not restore {resume_dir}: {error}") from error
         console.print(f"resumed from {resume_dir} after epoch {state.epoch}")
     if accelerator.is_main_process:
         log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
@@ -353,7 +360,7 @@ def _transforms(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Any, 
 def _load_mentor(args: argparse.Namespace, num_classes: int, path: Path) -> torch.nn.Module:
     """A mentor saved by an earlier run (``mentor.safetensors``), on CPU."""
     mentor = timm.create_model(args.model, num_classes=num_classes)
-    mentor.load_state_dict(load_file(str(path)))
+    mentor.load_state_dict(read_weights(path, mentor, "the previous iteration's best mentor"))
     return mentor
 
 
@@ -391,11 +398,10 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module
     if args.checkpoint is not None:
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint: no file at {args.checkpoint}")
+        path = os.path.abspath(args.checkpoint)
+        check_body_weights(path, timm.create_model(args.model, num_classes=num_classes), f"--model {args.model}")
         # As pretrained weights from a local file: timm replaces a classifier of another size.
-        return timm.create_model(
-            args.model, pretrained=True, num_classes=num_classes,
-            pretrained_cfg_overlay={"file": os.path.abspath(args.checkpoint)},
-        )
+        return timm.create_model(args.model, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": path})
     return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes)
 
 
