@@ -455,3 +455,61 @@ def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
 
     with pytest.raises(CheckpointError, match="the previous iteration's best mentor: .* holds other shapes"):
         _load_mentor(build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors")
+
+
+# ------------------------------------------------------------------------------- a crash during a save
+
+
+@pytest.mark.parametrize("crash_point", ["while writing", "between the renames"])
+def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path, monkeypatch, crash_point, make_accelerator):
+    from noisy_meta.finetune import checkpoint
+
+    flags = ["--dataset", str(tiny_mnist), *FAST, "--epochs", "3", "--seed", "4"]
+    reference = tmp_path / "reference"
+    main([*flags, "--output-dir", str(reference)])
+
+    saves = []
+    real_save_weights, real_swap = checkpoint.save_weights, checkpoint._swap_in
+
+    def crashing_save_weights(module, path):
+        if len(saves) == 4:  # epoch 2's first save (student and mentor of "best" and "last" in epoch 1)
+            raise KeyboardInterrupt("simulated kill while writing")
+        saves.append(path)
+        real_save_weights(module, path)
+
+    def crashing_swap(staging, directory):
+        saves.append(directory)
+        if len(saves) == 4:  # a later epoch's swap: the old copy is set aside, then the process dies
+            directory.rename(directory.with_name(directory.name + ".old"))
+            raise KeyboardInterrupt("simulated kill between the renames")
+        real_swap(staging, directory)
+
+    if crash_point == "while writing":
+        monkeypatch.setattr(checkpoint, "save_weights", crashing_save_weights)
+    else:
+        monkeypatch.setattr(checkpoint, "_swap_in", crashing_swap)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt, match="simulated kill"):
+        main([*flags, "--output-dir", str(interrupted)])
+    monkeypatch.undo()
+    leftover = "*.tmp" if crash_point == "while writing" else "*.old"  # of "best" or "last"
+    assert list(interrupted.glob(leftover)), "the simulated kill hit no save"
+
+    main([*flags, "--output-dir", str(interrupted), "--resume"])
+    assert without_timings(metrics(interrupted)) == without_timings(metrics(reference))
+    for name in ("student.safetensors", "mentor.safetensors", "model.safetensors"):
+        resumed, uninterrupted = load_file(str(interrupted / "last" / name)), load_file(str(reference / "last" / name))
+        assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], v) for k, v in uninterrupted.items()), name
+    optimizer = [torch.load(run / "last" / "optimizer.bin", weights_only=False) for run in (interrupted, reference)]
+    assert all(torch.equal(a, b) for a, b in zip(flat_tensors(optimizer[0]), flat_tensors(optimizer[1]), strict=True))
+    assert not (interrupted / "last.tmp").exists() and not (interrupted / "last.old").exists()
+
+
+def flat_tensors(state) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in flat_tensors(state[key])]
+    if isinstance(state, (list, tuple)):
+        return [t for item in state for t in flat_tensors(item)]
+    return []

@@ -14,8 +14,8 @@ on also ``cleaning.json`` (the cleaning report) and ``pred_probs.npz`` (what it 
 ``student.safetensors`` and ``mentor.safetensors`` are plain state dicts that
 ``timm.create_model(name, num_classes=..., checkpoint_path=...)`` loads. Beside them,
 ``accelerator.save_state`` keeps optimizer, scheduler, GradScaler, RNG and the wrapper's
-state, so ``--resume`` continues exactly. A directory is written under a temporary name and
-then renamed, so an interrupted save leaves the previous checkpoint intact.
+state, so ``--resume`` continues exactly. A directory is written under a temporary name,
+fsynced, and then renamed, so an interrupted save leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -61,15 +61,45 @@ def save_checkpoint(accelerator: Any, directory: Path, student: nn.Module, mento
     if accelerator.is_main_process:
         save_weights(student, staging / STUDENT_FILE)
         save_weights(mentor, staging / MENTOR_FILE)
-        previous = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            if previous.exists():  # left over from an interrupted save; `directory` is newer
-                shutil.rmtree(previous)
-            directory.rename(previous)
-        staging.rename(directory)
-        if previous.exists():
-            shutil.rmtree(previous)
+        _fsync_tree(staging)  # on disk before it replaces anything
+        _swap_in(staging, directory)
     accelerator.wait_for_everyone()
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace ``directory`` by ``staging``: at every moment one complete checkpoint exists.
+
+    ``directory`` first becomes ``<name>.old`` (which `find_checkpoint` falls back to), then
+    ``staging`` takes its name, then the old copy is removed.
+    """
+    previous = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        if previous.exists():  # left over from an interrupted save; `directory` is newer
+            shutil.rmtree(previous)
+        directory.rename(previous)
+    staging.rename(directory)
+    _fsync_directory(directory.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def find_checkpoint(directory: Path) -> Path:
