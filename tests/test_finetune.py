@@ -513,3 +513,27 @@ def flat_tensors(state) -> list[torch.Tensor]:
     if isinstance(state, (list, tuple)):
         return [t for item in state for t in flat_tensors(item)]
     return []
+
+
+# ------------------------------------------------------------------------------- bad data
+
+
+def test_grey_rgba_and_rgb_images_are_all_fed_as_rgb():
+    from datasets import Dataset, Image
+    from PIL import Image as PILImage
+
+    from noisy_meta.finetune.data import attach_transform
+
+    images = [PILImage.new(mode, (20, 12), color) for mode, color in (("L", 128), ("RGBA", (1, 2, 3, 4)), ("RGB", (9, 9, 9)), ("P", 3))]
+    data = Dataset.from_dict({"image": images, "label": [0, 1, 2, 3], "clean_label": [-1] * 4, "index": list(range(4))})
+    data = data.cast_column("image", Image())
+    model = timm.create_model("test_resnet", num_classes=4)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 16, 16)}, model=model))
+    batch = collate([attach_transform(data, transform)[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_a_data_set_smaller_than_one_batch_is_refused_before_training(tiny_mnist, tmp_path, make_accelerator):
+    with pytest.raises(ValueError, match=r"the training split \(256 samples\) is smaller than one batch \(300\)"):
+        main(["--dataset", str(tiny_mnist), "--output-dir", str(tmp_path / "small"), *FAST, "--batch-size", "300"])
+    assert not (tmp_path / "small" / "last").exists()
