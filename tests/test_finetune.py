@@ -537,3 +537,37 @@ def test_a_data_set_smaller_than_one_batch_is_refused_before_training(tiny_mnist
     with pytest.raises(ValueError, match=r"the training split \(256 samples\) is smaller than one batch \(300\)"):
         main(["--dataset", str(tiny_mnist), "--output-dir", str(tmp_path / "small"), *FAST, "--batch-size", "300"])
     assert not (tmp_path / "small" / "last").exists()
+
+
+@pytest.fixture
+def folder_with_bad_images(tiny_mnist, tmp_path) -> Path:
+    """An imagefolder of 80 training digits, one truncated PNG and one text file named .png."""
+    saved = load_image_dataset(str(tiny_mnist))
+    folder = tmp_path / "folder"
+    for split, count in (("train", 80), ("test", 20)):
+        for i, row in enumerate(saved[split].select(range(count))):
+            target = folder / split / str(row["label"])
+            target.mkdir(parents=True, exist_ok=True)
+            row["image"].save(target / f"{i}.png")
+    good = folder / "train" / "3"
+    data = next(good.glob("*.png")).read_bytes()
+    (good / "truncated.png").write_bytes(data[: len(data) // 3])
+    (good / "garbage.png").write_bytes(b"this is not an image")
+    return folder
+
+
+def test_undecodable_images_are_refused_before_training_by_default(folder_with_bad_images, tmp_path, make_accelerator):
+    with pytest.raises(ValueError, match=r"2 image\(s\) do not decode: train sample \d+ \(.*(truncated|garbage)\.png\).*--bad-images skip"):
+        main(["--dataset", str(folder_with_bad_images), "--output-dir", str(tmp_path / "refused"), *FAST, "--epochs", "1"])
+    assert not (tmp_path / "refused" / "last").exists()
+
+
+def test_undecodable_images_can_be_skipped_counted_and_listed(folder_with_bad_images, tmp_path, make_accelerator):
+    output = tmp_path / "skipping"
+    main(["--dataset", str(folder_with_bad_images), "--output-dir", str(output), *FAST, "--epochs", "1", "--batch-size", "16", "--bad-images", "skip"])
+    listed = json.loads((output / "bad_images.json").read_text())
+    assert sorted(Path(b["path"]).name for b in listed) == ["garbage.png", "truncated.png"]
+    assert all(b["split"] in ("train", "validation") and b["error"] for b in listed)
+    splits = prepare_splits(load_image_dataset(str(folder_with_bad_images)), **split_args(noise="none", val_fraction=0.2))
+    dropped_from_train = sum(b["split"] == "train" for b in listed)
+    assert metrics(output)[-1]["train_samples"] == len(splits.train) - dropped_from_train  # counted, nothing else lost

@@ -34,6 +34,7 @@ STUDENT_FILE = "student.safetensors"
 MENTOR_FILE = "mentor.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CLEANING_FILE = "cleaning.json"
+BAD_IMAGES_FILE = "bad_images.json"
 PRED_PROBS_FILE = "pred_probs.npz"
 
 

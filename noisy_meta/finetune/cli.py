@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--no-aug", action=argparse.BooleanOptionalAction, default=None, help=f"no training augmentation (default on for {EMBEDDED})")
     data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop scale range")
+    data.add_argument("--bad-images", choices=("refuse", "skip", "unchecked"), default="refuse", help="images that do not decode, found by a scan before training (each image decoded once): refuse to start (naming them), drop them (counted and listed in <output-dir>/bad_images.json), or no scan (a bad file then stops training when it is loaded)")
     data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
     optim = parser.add_argument_group("optimisation")

@@ -174,6 +174,51 @@ def prepare_splits(
     return Splits(train, validation, test, num_classes, class_names, validation_is_clean, noisy_labels)
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """An image that cannot be decoded: where it is and why."""
+
+    split: str
+    index: int  # the sample's ``index`` column (its position in the split)
+    path: str | None
+    error: str
+
+
+def find_bad_images(dataset: Dataset, split: str) -> list[BadImage]:
+    """Every sample of ``dataset`` whose ``image`` does not decode (truncated, corrupted, not an image).
+
+    Each image is opened and fully loaded once, without the data set's own decoding, so a
+    bad file is reported with its index and path instead of stopping training mid-epoch.
+    """
+    import io
+
+    from PIL import Image as PILImage
+
+    raw = dataset.cast_column("image", Image(decode=False)) if isinstance(dataset.features["image"], Image) else None
+    bad = []
+    for row, index in enumerate(dataset["index"]):
+        path = None
+        try:
+            if raw is None:
+                dataset[row]["image"].load()
+                continue
+            item = raw[row]["image"]
+            path = item.get("path")
+            source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else path
+            with PILImage.open(source) as image:
+                image.load()
+        except Exception as error:  # noqa: BLE001 -- PIL raises many types for damaged files; each is reported
+            bad.append(BadImage(split, int(index), path, f"{type(error).__name__}: {error}"))
+    return bad
+
+
+def drop_bad_images(dataset: Dataset, bad: list[BadImage]) -> Dataset:
+    """``dataset`` without the samples in ``bad`` (matched on the ``index`` column)."""
+    dropped = {b.index for b in bad}
+    keep = [row for row, index in enumerate(dataset["index"]) if index not in dropped]
+    return dataset.select(keep)
+
+
 def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> Dataset:
     """``dataset`` yielding ``pixel_values`` (RGB, transformed), ``label``, ``clean_label``, ``index``."""
 

@@ -7,6 +7,8 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import time
@@ -34,6 +36,7 @@ from ..cleaning import (
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import (
+    BAD_IMAGES_FILE,
     CLEANING_FILE,
     MENTOR_FILE,
     METRICS_FILE,
@@ -59,6 +62,8 @@ from .data import (
     Splits,
     attach_transform,
     collate,
+    drop_bad_images,
+    find_bad_images,
     load_image_dataset,
     prepare_splits,
 )
@@ -127,6 +132,7 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
+    splits = _handle_bad_images(args, console, splits)
     if splits.noise is not None:
         console.print(f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised")
     console.print(
@@ -135,6 +141,29 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
         f"test {len(splits.test) if splits.test is not None else 0}; {splits.num_classes} classes"
     )
     return splits
+
+
+def _handle_bad_images(args: argparse.Namespace, console: Console, splits: Splits) -> Splits:
+    """Scan every split for images that do not decode; refuse them or drop them, counted and listed."""
+    if args.bad_images == "unchecked":
+        return splits
+    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    bad = [b for name, split in named.items() if split is not None for b in find_bad_images(split, name)]
+    if not bad:
+        return splits
+    listing = "; ".join(f"{b.split} sample {b.index} ({b.path or 'in memory'}): {b.error}" for b in bad[:5])
+    if args.bad_images == "refuse":
+        raise ValueError(
+            f"{len(bad)} image(s) do not decode: {listing}{' ...' if len(bad) > 5 else ''}. Fix or remove the "
+            "files, or pass --bad-images skip to train without them (they are counted and listed)"
+        )
+    output_dir = Path(args.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
+    console.print(f"[yellow]skipped {len(bad)} image(s) that do not decode[/] (listed in {output_dir / BAD_IMAGES_FILE}): {listing}")
+    kept = {name: drop_bad_images(split, [b for b in bad if b.split == name]) if split is not None else None for name, split in named.items()}
+    return dataclasses.replace(splits, train=kept["train"], validation=kept["validation"], test=kept["test"])
 
 
 def _train_iterations(
