@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,30 @@ def test_accumulation_over_ranks_by_step_matches_ddp_own_loop(ddp_results):
     assert ddp_results["accumulation_updates"] == [2, 2]
     assert ddp_results["accumulation_identical"] is True
     assert ddp_results["accumulation_paths_max_difference"] < 1e-5
+
+
+# ------------------------------------------------------------------------------- faults
+
+
+def launch_expecting_failure(script: Path, *args: str, timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), *args,
+    ]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result, time.monotonic() - started
+
+
+def test_a_rank_that_fails_alone_takes_the_others_down_instead_of_hanging():
+    result, seconds = launch_expecting_failure(TESTS / "ddp_fault_worker.py", "raise")
+    assert result.returncode != 0
+    assert "injected failure on rank 1" in result.stdout + result.stderr
+    assert seconds < 180  # (the subprocess timeout of 240 s would have raised on a hang)
+
+
+def test_ranks_holding_different_weights_are_detected():
+    result, _ = launch_expecting_failure(TESTS / "ddp_fault_worker.py", "diverge")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "ranks hold different weights" in output
+    assert output.count("ranks hold different weights") >= 2  # raised on both ranks

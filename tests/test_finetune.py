@@ -571,3 +571,12 @@ def test_undecodable_images_can_be_skipped_counted_and_listed(folder_with_bad_im
     splits = prepare_splits(load_image_dataset(str(folder_with_bad_images)), **split_args(noise="none", val_fraction=0.2))
     dropped_from_train = sum(b["split"] == "train" for b in listed)
     assert metrics(output)[-1]["train_samples"] == len(splits.train) - dropped_from_train  # counted, nothing else lost
+
+
+def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_path):
+    """After `--resume` every rank's weights are compared (`check_ranks_agree`); the run goes on."""
+    output = tmp_path / "ddp-resume"
+    flags = ["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST]
+    launch(EXAMPLE, *flags, "--epochs", "1")
+    result = launch(EXAMPLE, *flags, "--epochs", "2", "--resume")
+    assert "resumed from" in result.stdout and [r["epoch"] for r in metrics(output)] == [0, 1]

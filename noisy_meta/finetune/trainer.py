@@ -292,6 +292,7 @@ def _train_run(
             accelerator.load_state(str(resume_dir))
         except Exception as error:
             raise CheckpointError(f"--resume: could not restore {resume_dir}: {error}") from error
+        check_ranks_agree(accelerator, wrapper.module, wrapper.mentor)
         console.print(f"resumed from {resume_dir} after epoch {state.epoch}")
     if accelerator.is_main_process:
         log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
@@ -353,6 +354,30 @@ def _train_run(
         console.print(f"checkpoints and metrics in {output_dir}/ (last/, best/, {METRICS_FILE})")
         record = records[-1] if records else record
     return record
+
+
+def check_ranks_agree(accelerator: Accelerator, *modules: torch.nn.Module) -> None:
+    """Raise on every rank unless all ranks hold bitwise the same parameters and buffers.
+
+    Each rank sends one checksum per tensor (float64 sum and sum of squares); any difference
+    names the first tensor that differs. One small all-gather: cheap enough after a resume.
+    """
+    if accelerator.num_processes == 1:
+        return
+    names, sums = [], []
+    for number, module in enumerate(modules):
+        for name, tensor in module.state_dict().items():
+            values = tensor.detach().double().reshape(-1)
+            names.append(f"module {number}: {name}")
+            sums.append(torch.stack([values.sum(), (values * values).sum()]) if values.numel() else values.new_zeros(2))
+    local = torch.stack(sums).to(accelerator.device)
+    gathered = accelerator.gather(local.unsqueeze(0))
+    differs = (gathered != gathered[0:1]).any(dim=0).any(dim=1).nonzero().flatten().tolist()
+    if differs:
+        raise RuntimeError(
+            f"the {accelerator.num_processes} ranks hold different weights after loading ({len(differs)} tensors "
+            f"differ, first {names[differs[0]]}); the checkpoint was not loaded the same on every rank"
+        )
 
 
 class NonFiniteTrainingError(RuntimeError):
