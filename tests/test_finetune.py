@@ -260,6 +260,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_mnist, tmp_path):
         resumed, uninterrupted = load_file(str(interrupted / "last" / name)), load_file(str(reference / "last" / name))
         for key, value in uninterrupted.items():
             assert torch.equal(resumed[key], value), (name, key)
+    optimizer = [torch.load(run / "last" / "optimizer.bin", weights_only=False) for run in (interrupted, reference)]
+    assert all(torch.equal(a, b) for a, b in zip(flat_tensors(optimizer[0]), flat_tensors(optimizer[1]), strict=True))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -580,3 +582,8 @@ def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_pa
     launch(EXAMPLE, *flags, "--epochs", "1")
     result = launch(EXAMPLE, *flags, "--epochs", "2", "--resume")
     assert "resumed from" in result.stdout and [r["epoch"] for r in metrics(output)] == [0, 1]
+
+
+def test_an_empty_class_is_reported_before_training(tiny_mnist, tmp_path):
+    result = run_example("--dataset", str(tiny_mnist), "--output-dir", str(tmp_path / "empty"), *FAST, "--epochs", "1", "--num-classes", "12")
+    assert "2 of 12 classes have no training sample (classes [10, 11])" in " ".join(result.stdout.split())

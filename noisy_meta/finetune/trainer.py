@@ -133,6 +133,14 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
         seed=args.seed,
     )
     splits = _handle_bad_images(args, console, splits)
+    counts = np.bincount(np.asarray(splits.train[LABEL], dtype=np.int64), minlength=splits.num_classes)
+    empty = np.flatnonzero(counts == 0).tolist()
+    if empty:
+        console.print(
+            f"[yellow]warning:[/] {len(empty)} of {splits.num_classes} classes have no training sample "
+            f"(classes {empty[:20]}{' ...' if len(empty) > 20 else ''}): the model can never learn them; "
+            "check --num-classes and the label column"
+        )
     if splits.noise is not None:
         console.print(f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised")
     console.print(
