@@ -11,14 +11,18 @@ labels with `noisy_meta.noisy_datasets.add_label_noise`, seeded per run.
 Every method trains the same small CNN (two conv-BN-ReLU-pool blocks, a 128-unit hidden
 layer) with the same optimizer (SGD, momentum 0.9, weight decay 5e-4, cosine learning rate
 from 0.05), batch 128 and number of epochs, through `MetaNoiseWrapper` with
-`MetaNoiseConfig.for_run_length` schedules:
+`MetaNoiseConfig.for_run_length` schedules and the shared settings in `COMMON` (M = 5,
+inner_lr 1.0, mentor decay 0.99; chosen with ``--tune``):
 
 - ``ce``: cross-entropy (meta weight 0; the EMA mentor is still tracked and reported);
 - ``ema``: EMA-mentor consistency without the meta step (``num_synthetic=0``);
-- ``mlnt_fo`` / ``mlnt_so``: MLNT, first / second order, M = 5;
+- ``mlnt_fo`` / ``mlnt_so``: MLNT, first / second order;
 - ``mlnt_clean``: MLNT first order, then the paper's second iteration: the first run's final
   mentor flags training samples with `noisy_meta.cleaning` (mentor top-1 class differs from
-  the given label), they are removed, and a fresh student trains on the rest with that mentor.
+  the given label), they are removed, and a fresh student trains on the rest with that mentor
+  (frozen; ``--clean-action relabel`` / ``--iteration-mentor ema`` for the variants);
+- not in the default table, the cheaper modes: ``mlnt_head``, ``mlnt_hidden`` (the last
+  stage) and ``mlnt_every4`` (``--methods ...`` with ``--section NAME``).
 
 Reported: clean test accuracy of the student and of the mentor at the final epoch and at
 the best epoch (the maximum over epochs: an oracle early stop, for reference), mean and
@@ -40,7 +44,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -115,7 +119,6 @@ class Job:
     batch_size: int = 128
     iteration_mentor: str = "frozen"
     clean_action: str = "remove"
-    mentor_state: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
 class SmallCNN(nn.Module):
