@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from datasets import load_from_disk
+from datasets import Image, load_from_disk
 from safetensors.torch import load_file, save_file
 from test_distributed import launch
 
@@ -572,10 +572,16 @@ def test_undecodable_images_can_be_skipped_counted_and_listed(folder_with_bad_im
     main(["--dataset", str(folder_with_bad_images), "--output-dir", str(output), *FAST, "--epochs", "1", "--batch-size", "16", "--bad-images", "skip"])
     listed = json.loads((output / "bad_images.json").read_text())
     assert sorted(Path(b["path"]).name for b in listed) == ["garbage.png", "truncated.png"]
-    assert all(b["split"] in ("train", "validation") and b["error"] for b in listed)
-    splits = prepare_splits(load_image_dataset(str(folder_with_bad_images)), **split_args(noise="none", val_fraction=0.2))
-    dropped_from_train = sum(b["split"] == "train" for b in listed)
-    assert metrics(output)[-1]["train_samples"] == len(splits.train) - dropped_from_train  # counted, nothing else lost
+    assert all(b["split"] == "train" and b["error"] for b in listed)
+    loaded = load_image_dataset(str(folder_with_bad_images))
+    assert sorted(Path(loaded["train"].cast_column("image", Image(decode=False))[b["index"]]["image"]["path"]).name for b in listed) == ["garbage.png", "truncated.png"]
+    # 80 decodable training images, of which --val-fraction 0.2 (16) become the validation split
+    assert metrics(output)[-1]["train_samples"] == 64  # counted, nothing else lost
+
+
+def test_undecodable_images_are_found_before_instance_noise_decodes_them(folder_with_bad_images, tmp_path, make_accelerator):
+    with pytest.raises(ValueError, match=r"2 image\(s\) do not decode"):
+        main(["--dataset", str(folder_with_bad_images), "--output-dir", str(tmp_path / "instance"), *FAST, "--noise", "instance", "--noise-rate", "0.4"])
 
 
 def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_path):

@@ -179,44 +179,47 @@ class BadImage:
     """An image that cannot be decoded: where it is and why."""
 
     split: str
-    index: int  # the sample's ``index`` column (its position in the split)
+    index: int  # the sample's position in its split as loaded
     path: str | None
     error: str
 
 
-def find_bad_images(dataset: Dataset, split: str) -> list[BadImage]:
-    """Every sample of ``dataset`` whose ``image`` does not decode (truncated, corrupted, not an image).
+def find_bad_images(dataset: Dataset, split: str, image_column: str = "image") -> list[BadImage]:
+    """Every sample of ``dataset`` whose image does not decode (truncated, corrupted, not an image).
 
     Each image is opened and fully loaded once, without the data set's own decoding, so a
-    bad file is reported with its index and path instead of stopping training mid-epoch.
+    bad file is reported with its position in the split and its path instead of stopping
+    training mid-epoch. Run it on the splits as loaded, before anything else decodes them.
     """
     import io
 
     from PIL import Image as PILImage
 
-    raw = dataset.cast_column("image", Image(decode=False)) if isinstance(dataset.features["image"], Image) else None
+    if image_column not in dataset.column_names:
+        return []  # `prepare_splits` names the missing column
+    feature = dataset.features[image_column]
+    raw = dataset.cast_column(image_column, Image(decode=False)) if isinstance(feature, Image) else None
     bad = []
-    for row, index in enumerate(dataset["index"]):
+    for row in range(len(dataset)):
         path = None
         try:
             if raw is None:
-                dataset[row]["image"].load()
+                dataset[row][image_column].load()
                 continue
-            item = raw[row]["image"]
+            item = raw[row][image_column]
             path = item.get("path")
             source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else path
             with PILImage.open(source) as image:
                 image.load()
         except Exception as error:  # noqa: BLE001 -- PIL raises many types for damaged files; each is reported
-            bad.append(BadImage(split, int(index), path, f"{type(error).__name__}: {error}"))
+            bad.append(BadImage(split, row, path, f"{type(error).__name__}: {error}"))
     return bad
 
 
 def drop_bad_images(dataset: Dataset, bad: list[BadImage]) -> Dataset:
-    """``dataset`` without the samples in ``bad`` (matched on the ``index`` column)."""
+    """``dataset`` without the samples in ``bad`` (their positions in it)."""
     dropped = {b.index for b in bad}
-    keep = [row for row, index in enumerate(dataset["index"]) if index not in dropped]
-    return dataset.select(keep)
+    return dataset.select([row for row in range(len(dataset)) if row not in dropped])
 
 
 def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> Dataset:

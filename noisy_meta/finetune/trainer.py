@@ -20,7 +20,7 @@ import timm
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from rich.console import Console
 from timm.data import create_transform, resolve_data_config
 from timm.optim import create_optimizer_v2
@@ -118,6 +118,7 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
     noise, noise_rate = args.noise, args.noise_rate
     data = load_image_dataset(args.dataset)
     test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
+    data = _handle_bad_images(args, console, data, [s for s in (args.train_split, args.val_split, test_split) if s in data])
     splits = prepare_splits(
         data,
         train_split=args.train_split,
@@ -132,7 +133,6 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
-    splits = _handle_bad_images(args, console, splits)
     counts = np.bincount(np.asarray(splits.train[LABEL], dtype=np.int64), minlength=splits.num_classes)
     empty = np.flatnonzero(counts == 0).tolist()
     if empty:
@@ -151,14 +151,16 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
     return splits
 
 
-def _handle_bad_images(args: argparse.Namespace, console: Console, splits: Splits) -> Splits:
-    """Scan every split for images that do not decode; refuse them or drop them, counted and listed."""
+def _handle_bad_images(args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str]) -> DatasetDict:
+    """Scan the splits used for images that do not decode; refuse them, or drop them counted and listed.
+
+    Runs on the data as loaded, before noise injection (instance noise decodes every image).
+    """
     if args.bad_images == "unchecked":
-        return splits
-    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    bad = [b for name, split in named.items() if split is not None for b in find_bad_images(split, name)]
+        return data
+    bad = [b for name in names for b in find_bad_images(data[name], name, args.image_column)]
     if not bad:
-        return splits
+        return data
     listing = "; ".join(f"{b.split} sample {b.index} ({b.path or 'in memory'}): {b.error}" for b in bad[:5])
     if args.bad_images == "refuse":
         raise ValueError(
@@ -170,8 +172,10 @@ def _handle_bad_images(args: argparse.Namespace, console: Console, splits: Split
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
     console.print(f"[yellow]skipped {len(bad)} image(s) that do not decode[/] (listed in {output_dir / BAD_IMAGES_FILE}): {listing}")
-    kept = {name: drop_bad_images(split, [b for b in bad if b.split == name]) if split is not None else None for name, split in named.items()}
-    return dataclasses.replace(splits, train=kept["train"], validation=kept["validation"], test=kept["test"])
+    cleaned = DatasetDict(data)
+    for name in names:
+        cleaned[name] = drop_bad_images(data[name], [b for b in bad if b.split == name])
+    return cleaned
 
 
 def _train_iterations(
