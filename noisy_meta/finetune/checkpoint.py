@@ -131,12 +131,7 @@ def read_weights(path: Path, model: nn.Module, role: str) -> dict[str, torch.Ten
     """
     if not path.is_file():
         raise CheckpointError(f"{role}: {path} does not exist")
-    try:
-        tensors = load_file(os.fspath(path))
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(
-            f"{role}: {path} is not a readable safetensors file (truncated or corrupted?): {error}"
-        ) from error
+    tensors = _load_readable(path, role)
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -166,14 +161,7 @@ def check_body_weights(path: str, model: nn.Module, what: str) -> None:
     ``state_dict`` / ``model`` and with a ``module.`` prefix).
     """
     role = "--checkpoint"
-    try:
-        if path.endswith(".safetensors"):
-            tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        kind = "safetensors" if path.endswith(".safetensors") else "torch"
-        raise CheckpointError(f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}") from error
+    tensors = _load_readable(Path(path), role)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(tensors, dict) and isinstance(tensors.get(key), dict):
             tensors = tensors[key]
@@ -181,8 +169,9 @@ def check_body_weights(path: str, model: nn.Module, what: str) -> None:
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{role}: {path} holds a {type(tensors).__name__}, not a state dict")
     tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
-    body = {k: v for k, v in model.state_dict().items() if not (classifier and k.startswith(classifier + "."))}
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    prefixes = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    body = {k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))}
     missing = [k for k in body if k not in tensors]
     if missing:
         raise CheckpointError(
@@ -202,12 +191,18 @@ def check_checkpoint(directory: Path, model: nn.Module, role: str = "--resume") 
         raise CheckpointError(f"{role}: {directory} lacks {', '.join(missing)}; it is not a complete checkpoint")
     for name in (STUDENT_FILE, MENTOR_FILE):
         read_weights(directory / name, model, role)
-    try:  # Accelerate's own copy may leave out tied weights: only its readability is checked
-        load_file(os.fspath(directory / "model.safetensors"))
-    except Exception as error:
-        raise CheckpointError(
-            f"{role}: {directory / 'model.safetensors'} is not a readable safetensors file (truncated or corrupted?): {error}"
-        ) from error
+    _load_readable(directory / "model.safetensors", role)  # Accelerate's copy may leave out tied weights
+
+
+def _load_readable(path: Path, role: str) -> Any:
+    """The contents of a safetensors (or torch) file, or a `CheckpointError` if it cannot be read."""
+    kind = "safetensors" if path.suffix == ".safetensors" else "torch"
+    try:
+        if kind == "safetensors":
+            return load_file(os.fspath(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged files raise many error types
+        raise CheckpointError(f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}") from error
 
 
 class MetricsLog:
