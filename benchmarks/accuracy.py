@@ -207,7 +207,7 @@ def run(job: Job) -> dict[str, Any]:
         result["first_iteration"] = {k: first[k] for k in ("student", "mentor")}
         result["cleaning"] = report.to_dict()
     curves = train(job, train_x, train_y, data.eval_x, data.eval_y, mentor)
-    result.update({k: v for k, v in curves.items()})
+    result.update(curves)
     result["seconds"] = time.perf_counter() - started
     return result
 

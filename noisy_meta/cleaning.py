@@ -74,7 +74,11 @@ def find_label_issues(labels, pred_probs, config: CleaningConfig) -> np.ndarray:
     ``labels`` ``[N]`` are the given labels, ``pred_probs`` ``[N, K]`` the mentor's
     probabilities (rows summing to 1), as cleanlab takes them.
     """
-    labels, pred_probs = _checked(labels, pred_probs)
+    return _flags(*_checked(labels, pred_probs), config)
+
+
+def _flags(labels: np.ndarray, pred_probs: np.ndarray, config: CleaningConfig) -> np.ndarray:
+    """`find_label_issues` on arrays `_checked` already validated."""
     given = pred_probs[np.arange(labels.shape[0]), labels]
     if config.criterion == "given_label_prob":
         return given < config.threshold
@@ -147,7 +151,7 @@ def clean_dataset(
     if labels.shape[0] != len(dataset):
         raise ValueError(f"pred_probs has {labels.shape[0]} rows for a data set of {len(dataset)}")
     num_classes = num_classes or pred_probs.shape[1]
-    flagged = find_label_issues(labels, pred_probs, config)
+    flagged = _flags(labels, pred_probs, config)
     detection = DetectionReport.measure(flagged, dataset[IS_NOISY])
     clean = np.asarray(dataset[CLEAN_LABEL], dtype=np.int64)
     relabelled_correct = None

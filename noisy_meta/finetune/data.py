@@ -195,17 +195,13 @@ def find_bad_images(dataset: Dataset, split: str, image_column: str = "image") -
 
     from PIL import Image as PILImage
 
-    if image_column not in dataset.column_names:
-        return []  # `prepare_splits` names the missing column
-    feature = dataset.features[image_column]
-    raw = dataset.cast_column(image_column, Image(decode=False)) if isinstance(feature, Image) else None
+    if image_column not in dataset.column_names or not isinstance(dataset.features[image_column], Image):
+        return []  # `prepare_splits` / the transform name a missing or non-image column
+    raw = dataset.cast_column(image_column, Image(decode=False))
     bad = []
     for row in range(len(dataset)):
         path = None
         try:
-            if raw is None:
-                dataset[row][image_column].load()
-                continue
             item = raw[row][image_column]
             path = item.get("path")
             source = io.BytesIO(item["bytes"]) if item.get("bytes") is not None else path

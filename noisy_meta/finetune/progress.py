@@ -102,19 +102,19 @@ def iterations_table(rows: Sequence[dict[str, Any]]) -> Table:
     for row in rows:
         report, record = row["report"], row["record"]
         detection = report.detection if report is not None else None
-
-        def percent(value: float | None) -> str:
-            return "-" if value is None else f"{100 * value:.1f}"
-
         table.add_row(
             str(row["iteration"]),
             str(row["train_size"]),
             "-" if detection is None else str(detection.num_flagged),
-            percent(detection.precision if detection else None),
-            percent(detection.recall if detection else None),
-            percent(detection.f1 if detection else None),
-            percent(record.get(f"{split}_student")),
-            percent(record.get(f"{split}_mentor")),
+            _percent(detection.precision if detection else None),
+            _percent(detection.recall if detection else None),
+            _percent(detection.f1 if detection else None),
+            _percent(record.get(f"{split}_student")),
+            _percent(record.get(f"{split}_mentor")),
         )
     table.caption = "flagged / precision / recall: the cleaning that made that iteration's training set"
     return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

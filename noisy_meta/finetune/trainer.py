@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    splits = _load_splits(args, console)
+    splits = _load_splits(args, console, accelerator.is_main_process)
     if args.iterations == 1:
         record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
     else:
@@ -114,11 +114,12 @@ def _accelerator(args: argparse.Namespace) -> Accelerator:
     )
 
 
-def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
+def _load_splits(args: argparse.Namespace, console: Console, main_process: bool) -> Splits:
     noise, noise_rate = args.noise, args.noise_rate
     data = load_image_dataset(args.dataset)
     test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
-    data = _handle_bad_images(args, console, data, [s for s in (args.train_split, args.val_split, test_split) if s in data])
+    names = [s for s in (args.train_split, args.val_split, test_split) if s in data]
+    data = _handle_bad_images(args, console, data, names, main_process)
     splits = prepare_splits(
         data,
         train_split=args.train_split,
@@ -151,7 +152,9 @@ def _load_splits(args: argparse.Namespace, console: Console) -> Splits:
     return splits
 
 
-def _handle_bad_images(args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str]) -> DatasetDict:
+def _handle_bad_images(
+    args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str], main_process: bool
+) -> DatasetDict:
     """Scan the splits used for images that do not decode; refuse them, or drop them counted and listed.
 
     Runs on the data as loaded, before noise injection (instance noise decodes every image).
@@ -168,7 +171,7 @@ def _handle_bad_images(args: argparse.Namespace, console: Console, data: Dataset
             "files, or pass --bad-images skip to train without them (they are counted and listed)"
         )
     output_dir = Path(args.output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
     console.print(f"[yellow]skipped {len(bad)} image(s) that do not decode[/] (listed in {output_dir / BAD_IMAGES_FILE}): {listing}")
