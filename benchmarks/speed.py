@@ -14,6 +14,11 @@ second order ``F + Fn + B + M (Bc + F + D)``, first order ``F + Fn + B + M (2B +
     python benchmarks/speed.py --model resnet18 --img-size 32 --batch-size 32
     python benchmarks/speed.py --model resnet50 --img-size 64
     python benchmarks/speed.py --model vit_small_patch16_224 --img-size 64
+    python benchmarks/speed.py --model resnet50 --img-size 224 --device cuda --amp bf16   # a GPU
+
+``_batched`` configurations run all M sets in one pass (``sets_per_pass=M``: one batched
+vector-Jacobian product for the inner gradients, one ``vmap`` for the fast forwards); the
+others one set at a time. On a GPU, peak memory is ``torch.cuda.max_memory_allocated``.
 
 The table is printed and written into benchmarks/RESULTS.md (one section per model/size/batch).
 """
@@ -38,6 +43,7 @@ CONFIGS = (
     ["plain"]
     + [f"{order}_M{m}" for order in ("first_order", "second_order") for m in NUM_SYNTHETIC]
     + ["second_order_M10_last_stage", "second_order_M10_head", "first_order_M10_head", "second_order_M10_every4"]
+    + ["first_order_M10_batched", "second_order_M10_batched"]
     + [f"reference_M{m}" for m in NUM_SYNTHETIC]
 )
 
@@ -57,10 +63,28 @@ def build(args: argparse.Namespace):
 
     torch.manual_seed(0)
     kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
-    model = timm.create_model(args.model, num_classes=10, **kwargs)
-    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    targets = torch.randint(0, 10, (args.batch_size,))
+    model = timm.create_model(args.model, num_classes=10, **kwargs).to(args.device)
+    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=args.device)
     return model, inputs, targets
+
+
+def autocast(args: argparse.Namespace):
+    """bf16 autocast around a whole iteration with ``--amp bf16``, else nothing."""
+    import contextlib
+
+    import torch
+
+    if args.amp == "bf16":
+        return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(args: argparse.Namespace) -> None:
+    import torch
+
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def iteration_for(config: str, args: argparse.Namespace):
@@ -77,10 +101,12 @@ def iteration_for(config: str, args: argparse.Namespace):
     if config == "plain":
         def plain():
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs), targets).backward()
+            with autocast(args):
+                loss = F.cross_entropy(model(inputs), targets)
+            loss.backward()
             optimizer.step()
         return plain
-    match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4))?", config)
+    match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4|batched))?", config)
     if match is None:
         raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
     kind, m, mode = match.group(1), int(match.group(2)), match.group(3)
@@ -88,28 +114,47 @@ def iteration_for(config: str, args: argparse.Namespace):
         from reference_mlnt import ReferenceMLNT
 
         reference = ReferenceMLNT(model, optimizer, features=copy.deepcopy(model), num_synthetic=m)
-        return lambda: reference.step(inputs, targets)
+        def reference_step():
+            with autocast(args):
+                reference.step(inputs, targets)
+        return reference_step
     settings = dict(num_synthetic=m, first_order=kind == "first_order", ramp_start=0, ramp_end=0, seed=0)
     if mode in ("last_stage", "head"):
         settings["fast_params"] = mode
     if mode == "every4":
         settings["meta_every"] = 4
+    if mode == "batched":
+        settings["sets_per_pass"] = m
     wrapper = MetaNoiseWrapper(model, optimizer, **settings)
-    return lambda: wrapper.step(inputs, targets)
+
+    def mlnt_step():
+        with autocast(args):
+            wrapper.step(inputs, targets)
+    return mlnt_step
 
 
 def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
     run = iteration_for(config, args)
     run()  # warm-up
     repeats = 4 * args.repeats if config.endswith("every4") else args.repeats  # whole meta_every cycles
-    before = resident_mib()
+    gpu = torch.device(args.device).type == "cuda"
+    synchronize(args)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = resident_mib()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         run()
+        synchronize(args)
         times.append(time.perf_counter() - started)
     seconds = statistics.fmean(times) if config.endswith("every4") else statistics.median(times)
-    return {"seconds": seconds, "peak_mib": peak_mib() - before}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_mib()
+    return {"seconds": seconds, "peak_mib": peak - before}
 
 
 def time_floor_parts(args: argparse.Namespace) -> dict[str, float]:
@@ -129,9 +174,12 @@ def time_floor_parts(args: argparse.Namespace) -> dict[str, float]:
     def timed(function, prepare=lambda: None) -> float:
         samples = []
         for index in range(args.repeats + 1):
-            state = prepare()
-            started = time.perf_counter()
-            function(state)
+            with autocast(args):
+                state = prepare()
+                synchronize(args)
+                started = time.perf_counter()
+                function(state)
+                synchronize(args)
             if index:  # the first is a warm-up
                 samples.append(time.perf_counter() - started)
         return statistics.median(samples)
@@ -175,11 +223,16 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(name: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
-               "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--child", name]
+    command = [sys.executable, __file__, *command_options(args), "--child", name]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def command_options(args: argparse.Namespace) -> list[str]:
+    """The options that define a measurement (passed on to every child process)."""
+    return ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+            "--repeats", str(args.repeats), "--device", args.device, "--amp", args.amp]
 
 
 def main() -> None:
@@ -188,6 +241,8 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per configuration (median)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast around each iteration")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -198,26 +253,32 @@ def main() -> None:
 
     import torch
 
-    title = f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, CPU, {torch.get_num_threads()} threads"
+    if torch.device(args.device).type == "cuda":
+        where = f"{torch.cuda.get_device_name()}"
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads"
+    precision = ", bf16 autocast" if args.amp == "bf16" else ""
+    title = f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, {where}{precision}"
     print(title, flush=True)
     parts = run_child("floor", args)
     print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
     rows, unit = [], None
-    header = f"{'configuration':<30} {'s/iter':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    header = f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
     print(header, flush=True)
     for config in args.configs:
         result = run_child(config, args)
         unit = result["seconds"] if config == "plain" else unit
         floor = floor_seconds(parts, config)
         row = (
-            f"{config:<30} {result['seconds']:8.3f} {result['seconds'] / unit if unit else float('nan'):8.2f} "
+            f"{config:<30} {result['seconds']:8.3f} {args.batch_size / result['seconds']:8.1f} "
+            f"{result['seconds'] / unit if unit else float('nan'):8.2f} "
             f"{result['peak_mib']:9.0f} {floor if floor else float('nan'):8.3f} "
             f"{result['seconds'] / floor if floor else float('nan'):8.2f}"
         )
         rows.append(row)
         print(row, flush=True)
     if not args.no_write:
-        command = f"python benchmarks/speed.py --model {args.model} --img-size {args.img_size} --batch-size {args.batch_size} --repeats {args.repeats}"
+        command = "python benchmarks/speed.py " + " ".join(command_options(args))
         write_section(title, command, parts, header, rows)
 
 
@@ -226,7 +287,7 @@ def write_section(title: str, command: str, parts: dict[str, float], header: str
     import timm
     import torch
 
-    key = title.split(",")[0] + "," + title.split(",")[1]
+    key = title
     start, end = f"<!-- speed: {key} -->", f"<!-- /speed: {key} -->"
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}"
     body = "\n".join([

@@ -63,6 +63,16 @@ class MetaNoiseConfig:
         meta_every: run the meta step on every N-th update only (the others are plain
             cross-entropy updates); 1 runs it on every update. The meta gradient is not
             rescaled, so the meta loss's average weight is ``meta_weight / meta_every``.
+        sets_per_pass: how many synthetic sets are processed together. 1 (the default) runs
+            them one after the other with one set's graph in memory, so memory does not grow
+            with M. A larger value computes that many sets' inner gradients in one batched
+            vector-Jacobian product (``autograd.grad(..., is_grads_batched=True)``) and their
+            fast forwards in one ``torch.func.vmap`` (each set with its own BatchNorm batch
+            statistics, the student's running statistics untouched): fewer, larger kernels,
+            at the price of holding that many graphs at once. Same result up to rounding. It
+            is meant for GPUs, where one set's passes leave the device idle; on a 2-core CPU
+            it measured slower (see benchmarks/RESULTS.md). The model must work under
+            ``vmap`` (timm models do).
 
     Schedules (in optimizer updates, counted by the wrapper)
         meta_weight: the meta loss weight once the ramp-up is over.
@@ -101,6 +111,7 @@ class MetaNoiseConfig:
     first_order: bool = False
     fast_params: FastParamsSpec = "all"
     meta_every: int = 1
+    sets_per_pass: int = 1
     meta_weight: float = 1.0
     ramp_start: int = 500
     ramp_end: int = 2000
@@ -120,7 +131,7 @@ class MetaNoiseConfig:
     def _errors(self):
         if not _is_int(self.num_synthetic) or self.num_synthetic < 0:
             yield f"num_synthetic must be an integer >= 0 (0: consistency only), got {self.num_synthetic!r}"
-        for name in ("num_neighbors", "meta_every"):
+        for name in ("num_neighbors", "meta_every", "sets_per_pass"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 yield f"{name} must be an integer >= 1, got {value!r}"

@@ -5,6 +5,9 @@ For set m the fast weights are ``theta'_m = theta - alpha * grad_theta CE(f(x; t
 predictions to the student's predictions at ``theta'_m``. The fast forward goes through
 `torch.func.functional_call` on the real module with *cloned* buffers, so BatchNorm running
 statistics and ``num_batches_tracked`` of the student are never touched by it.
+
+Sets run one at a time (one set's graph in memory) or several per pass: their inner gradients
+in one batched vector-Jacobian product, their fast forwards in one `torch.func.vmap`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from .config import FastParamsSpec
 
@@ -67,9 +70,14 @@ def upcast(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def kl_to_mentor(student_logits: torch.Tensor, mentor_log_probs: torch.Tensor) -> torch.Tensor:
-    """``KL(mentor || student)`` per sample, averaged over the batch."""
-    log_probs = F.log_softmax(upcast(student_logits), dim=1)
-    return F.kl_div(log_probs, mentor_log_probs, log_target=True, reduction="batchmean")
+    """``KL(mentor || student)`` per sample, averaged over the batch.
+
+    ``student_logits`` is ``[B, C]`` (a scalar comes back) or ``[S, B, C]`` for S fast-weight
+    students at once (``[S]`` comes back); ``mentor_log_probs`` is ``[B, C]``.
+    """
+    log_probs = F.log_softmax(upcast(student_logits), dim=-1)
+    per_class = mentor_log_probs.exp() * (mentor_log_probs - log_probs)
+    return per_class.sum(dim=(-2, -1)) / log_probs.shape[-2]
 
 
 def meta_losses(
@@ -82,54 +90,37 @@ def meta_losses(
     inner_lr: float,
     first_order: bool,
     grad_scale: float = 1.0,
+    sets_per_pass: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Yield the meta loss ``J_m`` of each synthetic label set in turn.
+    """Yield the meta losses ``J_m`` of the synthetic label sets, ``sets_per_pass`` at a time.
 
+    Each yielded tensor holds the losses of one pass, shape ``[S]`` (``S <= sets_per_pass``).
     With no synthetic set (``[0, B]`` labels) it yields one loss, ``KL(mentor || student)``
     on ``logits`` itself: the consistency-only ablation.
 
-    ``logits`` is the student's output for ``inputs`` (its graph is reused for every inner
-    gradient and must stay alive while the generator runs). Consume one loss before asking
-    for the next to keep one set's graph in memory at a time.
+    ``logits = module(inputs)`` is the student's output (its graph is reused for every inner
+    gradient and must stay alive while the generator runs). Consume one pass's losses before
+    asking for the next to keep one pass's graphs in memory at a time. With
+    ``sets_per_pass > 1`` a pass computes its sets' inner gradients in one batched
+    vector-Jacobian product and their fast forwards in one ``torch.func.vmap``.
 
     ``grad_scale`` (fp16's loss scale, a power of two) multiplies each inner loss before its
     gradient and divides the gradient after, so half-precision backward passes do not
     underflow; an overflow shows up as a non-finite meta loss.
     """
     if synthetic_labels.shape[0] == 0:  # no synthetic set: consistency at the student's own weights
-        yield kl_to_mentor(logits, mentor_log_probs)
+        yield kl_to_mentor(logits, mentor_log_probs).reshape(1)
         return
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
-    for labels in synthetic_labels:
-        fast = _fast_weights(logits, labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
-        yield kl_to_mentor(forward_with_cloned_buffers(module, {**params, **fast}, inputs), mentor_log_probs)
-
-
-def head_meta_losses(
-    classifier: nn.Module,
-    features: torch.Tensor,
-    logits: torch.Tensor,
-    synthetic_labels: torch.Tensor,
-    mentor_log_probs: torch.Tensor,
-    inner_lr: float,
-    first_order: bool,
-    grad_scale: float = 1.0,
-) -> Iterator[torch.Tensor]:
-    """`meta_losses` when only the classifier gets fast weights, sharing one body pass.
-
-    ``logits = classifier(features)``, with ``features`` the body's pre-logits output. Each
-    set's inner gradient and fast forward involve the classifier only; the body's forward
-    (and, once the losses are summed, its backward) happens once for all M sets.
-    """
-    if synthetic_labels.shape[0] == 0:
-        yield kl_to_mentor(logits, mentor_log_probs)
-        return
-    names = [name for name, p in classifier.named_parameters() if p.requires_grad]
-    params = [p for p in classifier.parameters() if p.requires_grad]
-    for labels in synthetic_labels:
-        fast = _fast_weights(logits, labels, names, params, inner_lr, first_order, grad_scale)
-        yield kl_to_mentor(functional_call(classifier, fast, (features,)), mentor_log_probs)
+    for labels in synthetic_labels.split(sets_per_pass):
+        if labels.shape[0] == 1:
+            fast = _fast_weights(logits, labels[0], fast_names, fast_tensors, inner_lr, first_order, grad_scale)
+            student = forward_with_cloned_buffers(module, {**params, **fast}, inputs)
+        else:
+            fast = _batched_fast_weights(logits, labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
+            student = _batched_forward(module, params, fast, inputs, labels.shape[0])
+        yield kl_to_mentor(student, mentor_log_probs).reshape(-1)
 
 
 def _fast_weights(
@@ -141,7 +132,7 @@ def _fast_weights(
     first_order: bool,
     grad_scale: float,
 ) -> dict[str, torch.Tensor]:
-    """``{name: p - inner_lr * grad_p CE(logits, labels)}``; a parameter outside the graph keeps ``p``.
+    """``{name: p - inner_lr * grad_p CE(logits, labels)}`` for the parameters in the graph of ``logits``.
 
     The inner loss is multiplied by ``grad_scale`` before its gradient and the gradient divided
     by it after (exact for fp16's power-of-two scales).
@@ -150,15 +141,83 @@ def _fast_weights(
     if grad_scale != 1.0:
         inner_loss = inner_loss * grad_scale
     grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True)
+    return _take_step(names, params, grads, inner_lr, first_order, grad_scale)
+
+
+def _batched_fast_weights(
+    logits: torch.Tensor,
+    label_sets: torch.Tensor,
+    names: list[str],
+    params: list[torch.Tensor],
+    inner_lr: float,
+    first_order: bool,
+    grad_scale: float,
+) -> dict[str, torch.Tensor]:
+    """`_fast_weights` for S label sets ``[S, B]`` at once: ``{name: [S, *p.shape]}``.
+
+    The S inner losses share ``logits``, so their gradients differ only in the gradient at the
+    logits, ``(softmax(logits) - onehot(y_s)) / B`` (cross-entropy's, written out so that it
+    stays differentiable for second order); one batched vector-Jacobian product
+    (``is_grads_batched``) takes all S back to the parameters.
+    """
+    batch_size, num_classes = logits.shape
+    onehot = F.one_hot(label_sets, num_classes).to(logits.dtype)
+    logits_grads = (logits.softmax(dim=1) - onehot) * (grad_scale / batch_size)
+    grads = torch.autograd.grad(
+        logits, params, grad_outputs=logits_grads, is_grads_batched=True,
+        create_graph=not first_order, retain_graph=True, allow_unused=True,
+    )
+    return _take_step(names, [p.unsqueeze(0) for p in params], grads, inner_lr, first_order, grad_scale)
+
+
+def _take_step(
+    names: list[str],
+    params: list[torch.Tensor],
+    grads: tuple[torch.Tensor | None, ...],
+    inner_lr: float,
+    first_order: bool,
+    grad_scale: float,
+) -> dict[str, torch.Tensor]:
+    """``{name: p - inner_lr * g / grad_scale}``, leaving out parameters without a gradient."""
     fast = {}
     for name, p, g in zip(names, params, grads):
-        if g is None:
-            fast[name] = p
+        if g is None:  # not in the graph of the logits: keeps its value in the fast forward
             continue
         if grad_scale != 1.0:
             g = g / grad_scale
         fast[name] = p - inner_lr * (g.detach() if first_order else g)
     return fast
+
+
+def _batched_forward(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    fast: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    num_sets: int,
+) -> torch.Tensor:
+    """``[S, B, C]`` logits of S fast-weight students in one ``torch.func.vmap``.
+
+    ``fast`` holds the stepped parameters with a leading set dimension; the others are shared.
+    Every set gets its own copy of the buffers, so BatchNorm normalises with each set's batch
+    statistics (as the sequential pass does) and the student's running statistics stay as
+    they are. Random ops (dropout) draw independently per set.
+    """
+    shared = {name: p for name, p in params.items() if name not in fast}
+    buffers = {name: b.unsqueeze(0).repeat(num_sets, *([1] * b.dim())) for name, b in module.named_buffers()}
+
+    def student(set_params: dict[str, torch.Tensor], set_buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(module, {**shared, **set_params, **set_buffers}, (inputs,))
+
+    try:
+        return vmap(student, randomness="different")(fast, buffers)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise RuntimeError(
+            f"sets_per_pass > 1 runs the fast forwards under torch.func.vmap, which this model does not "
+            f"support ({error}); use sets_per_pass=1"
+        ) from error
 
 
 def forward_with_cloned_buffers(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:

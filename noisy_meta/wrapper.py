@@ -21,7 +21,6 @@ from .compat import (
 from .config import MetaNoiseConfig
 from .fast_weights import (
     forward_with_cloned_buffers,
-    head_meta_losses,
     meta_losses,
     select_fast_params,
     upcast,
@@ -208,8 +207,8 @@ class MetaNoiseWrapper:
         with self.runtime.autocast():
             synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
             with explain_double_backward_errors():
-                losses = list(self._meta_losses(inputs, outputs, synthetic.labels, mentor_log_probs))
-        return torch.stack(losses).mean() * weight
+                losses = torch.cat(list(self._meta_losses(inputs, outputs, synthetic.labels, mentor_log_probs)))
+        return losses.mean() * weight
 
     @torch.no_grad()
     def update_mentor(self) -> None:
@@ -288,11 +287,9 @@ class MetaNoiseWrapper:
             self._check_outputs(logits, targets)
             ce_loss = F.cross_entropy(upcast(logits), targets)
             synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
-            losses = head_meta_losses(
-                module.get_classifier(), features, upcast(logits), synthetic.labels, mentor_log_probs,
-                self.config.inner_lr, self.config.first_order, self.runtime.loss_scale(),
-            )
-            meta = torch.stack(list(losses)).mean()
+            classifier = module.get_classifier()
+            losses = self._meta_losses(features, logits, synthetic.labels, mentor_log_probs, classifier)
+            meta = torch.cat(list(losses)).mean()
             with explain_double_backward_errors():
                 self._add_grad(ce_loss + weight * meta)
         meta_loss, changed = meta.detach(), synthetic.changed_fraction
@@ -347,24 +344,37 @@ class MetaNoiseWrapper:
         retain = not self.config.first_order or synthetic.labels.shape[0] == 0
         total = zero
         with explain_double_backward_errors():
-            for loss in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
-                self._add_grad(loss * (weight / num_sets), retain_graph=retain)
-                total = total + loss.detach()
+            for losses in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
+                self._add_grad(losses.sum() * (weight / num_sets), retain_graph=retain)
+                total = total + losses.detach().sum()
         return total / num_sets, synthetic.changed_fraction
 
     def _meta_losses(
-        self, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mentor_log_probs: torch.Tensor
+        self,
+        inputs: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        mentor_log_probs: torch.Tensor,
+        classifier: nn.Module | None = None,
     ) -> Iterator[torch.Tensor]:
+        """`meta_losses` of the student, or of ``classifier`` alone on ``inputs`` = its features."""
+        if classifier is None:
+            module, fast_names = self.module, self._fast_names
+        else:
+            module = classifier
+            fast_names = [name for name, p in classifier.named_parameters() if p.requires_grad]
+        config = self.config
         return meta_losses(
-            self.module,
+            module,
             inputs,
             upcast(logits),
             labels,
             mentor_log_probs,
-            self._fast_names,
-            self.config.inner_lr,
-            self.config.first_order,
+            fast_names,
+            config.inner_lr,
+            config.first_order,
             self.runtime.loss_scale(),
+            config.sets_per_pass,
         )
 
     def _synthetic_targets(self, inputs: torch.Tensor, targets: torch.Tensor):

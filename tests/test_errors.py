@@ -180,6 +180,9 @@ def test_unknown_override_and_wrong_argument_types():
         MetaNoiseWrapper(TinyMLP(), optimizer, fast_params="last_stage")
     with pytest.raises(ValueError, match="meta_every must be an integer >= 1"):
         MetaNoiseWrapper(model, optimizer, meta_every=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="sets_per_pass must be an integer >= 1"):
+            MetaNoiseWrapper(model, optimizer, sets_per_pass=bad)
 
 
 def test_op_without_double_backward_is_named_with_the_fix():

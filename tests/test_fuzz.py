@@ -46,6 +46,7 @@ def cases(draw):
             "first_order": draw(st.booleans()),
             "update_rule": draw(st.sampled_from(["joint", "sequential"])),
             "fast_params": draw(st.sampled_from(["all", "head"])),
+            "sets_per_pass": draw(st.integers(1, 3)),
             "ramp_start": 0,
             "ramp_end": 0,
             "seed": 0,

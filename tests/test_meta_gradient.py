@@ -66,9 +66,10 @@ def perturb_mentor(wrapper):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_meta_backward_equals_reference_gradient(mlp64, batch64, first_order):
+@pytest.mark.parametrize("sets_per_pass", [1, 3, M])  # one at a time; a pass of 3 then 1; all at once
+def test_meta_backward_equals_reference_gradient(mlp64, batch64, first_order, sets_per_pass):
     x, y = batch64
-    wrapper = make_wrapper(mlp64, first_order=first_order)
+    wrapper = make_wrapper(mlp64, first_order=first_order, sets_per_pass=sets_per_pass)
     perturb_mentor(wrapper)
     labels, mentor_log_probs = expected_synthetic(wrapper, x, y, seed=11)
 
@@ -115,9 +116,10 @@ def test_second_order_meta_gradient_matches_finite_differences(mlp64, batch64):
         assert params[index].grad[position].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
 
-def test_fast_param_subset_matches_reference(mlp64, batch64):
+@pytest.mark.parametrize("sets_per_pass", [1, M])
+def test_fast_param_subset_matches_reference(mlp64, batch64, sets_per_pass):
     x, y = batch64
-    wrapper = make_wrapper(mlp64, fast_params=["fc2.*"])
+    wrapper = make_wrapper(mlp64, fast_params=["fc2.*"], sets_per_pass=sets_per_pass)
     perturb_mentor(wrapper)
     labels, mentor_log_probs = expected_synthetic(wrapper, x, y, seed=11)
     reference = reference_meta_objective(
@@ -130,12 +132,13 @@ def test_fast_param_subset_matches_reference(mlp64, batch64):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_per_set_accumulation_equals_summed_loss_gradient(mlp64, batch64, first_order):
+@pytest.mark.parametrize("sets_per_pass", [1, 3])
+def test_per_set_accumulation_equals_summed_loss_gradient(mlp64, batch64, first_order, sets_per_pass):
     x, y = batch64
     grads = []
     for accumulate in (True, False):
         model = copy.deepcopy(mlp64)
-        wrapper = make_wrapper(model, first_order=first_order)
+        wrapper = make_wrapper(model, first_order=first_order, sets_per_pass=sets_per_pass)
         torch.manual_seed(5)
         perturb_mentor(wrapper)
         outputs = model(x)

@@ -6,6 +6,7 @@ import copy
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import TinyMLP, tiny_resnet
@@ -386,3 +387,59 @@ def test_for_run_length_scales_the_schedules_and_keeps_overrides():
         MetaNoiseConfig.for_run_length(0)
     with pytest.raises(TypeError, match="unknown MetaNoiseConfig field"):
         MetaNoiseConfig.for_run_length(100, meta_wieght=1.0)
+
+
+# ------------------------------------------------------------------ sets_per_pass: several synthetic sets in one batched pass
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("fast_params", ["all", "last_stage", "head"])
+def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_order, fast_params):
+    """sets_per_pass=M: the same parameters, BatchNorm buffers and mentor as one set at a time."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    batched_model = copy.deepcopy(model)
+    one_at_a_time = make(model, first_order=first_order, fast_params=fast_params)
+    batched = make(batched_model, first_order=first_order, fast_params=fast_params, sets_per_pass=3)
+    calls = []
+    handle = batched_model.layer4.register_forward_hook(lambda *args: calls.append(1))
+    for seed in range(2):
+        x, y = resnet_batch(seed=seed)
+        a, b = one_at_a_time.step(x.double(), y), batched.step(x.double(), y)
+        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-9) and a["meta_loss"] > 0
+    handle.remove()
+    # per step: the student's forward, then all 3 fast forwards in one vmap (head mode: body once)
+    assert len(calls) == (2 + 2 if fast_params == "head" else 2 * 2)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, batched_model.state_dict()[name], rtol=1e-9, atol=1e-11)
+    for name, value in one_at_a_time.mentor.state_dict().items():
+        torch.testing.assert_close(value, batched.mentor.state_dict()[name], rtol=1e-9, atol=1e-11)
+
+
+def test_batched_sets_draw_dropout_per_set():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4, layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32), drop_rate=0.3)
+    wrapper = make(model, sets_per_pass=3)
+    stats = wrapper.step(*resnet_batch())  # vmap refuses random ops unless told how to draw them
+    assert stats["skipped"] == 0.0 and math.isfinite(stats["meta_loss"])
+
+
+def test_a_model_that_vmap_cannot_run_is_named_with_the_fix():
+    class ItemCallingMLP(TinyMLP):
+        def forward(self, x):
+            hidden = torch.tanh(self.fc1(x))
+            if hidden.isnan().any().item():  # .item() of a tensor that differs per set: no batched form
+                raise ValueError("NaN activations")
+            return self.fc2(hidden)
+
+    torch.manual_seed(0)
+    model = ItemCallingMLP()
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    before = copy.deepcopy(model.state_dict())
+    wrapper = make(model, num_neighbors=3, sets_per_pass=2)
+    with pytest.raises(RuntimeError, match="sets_per_pass > 1 runs the fast forwards under torch.func.vmap"):
+        wrapper.step(x, y)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
+    assert all(p.grad is None for p in model.parameters())
+    assert make(ItemCallingMLP(), num_neighbors=3).step(x, y)["skipped"] == 0.0  # one set per pass works
