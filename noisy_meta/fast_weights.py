@@ -48,8 +48,8 @@ def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
     return selected
 
 
-def _from_last_stage(module: nn.Module, names: list[str]) -> list[str]:
-    """Parameters from the start of the last feature stage (timm's ``feature_info``) to the head."""
+def last_stage_name(module: nn.Module) -> str:
+    """The name of a timm model's last feature stage (the last entry of its ``feature_info``)."""
     feature_info = getattr(module, "feature_info", None)
     stages = [info.get("module") for info in feature_info or [] if isinstance(info, dict)]
     if not stages or not stages[-1]:
@@ -57,10 +57,16 @@ def _from_last_stage(module: nn.Module, names: list[str]) -> list[str]:
             "fast_params='last_stage' needs a timm model that declares its stages (feature_info); "
             "pass glob patterns or a predicate (name, param) -> bool instead"
         )
-    prefix = stages[-1] + "."
+    return stages[-1]
+
+
+def _from_last_stage(module: nn.Module, names: list[str]) -> list[str]:
+    """Parameters from the start of the last feature stage (timm's ``feature_info``) to the head."""
+    stage = last_stage_name(module)
+    prefix = stage + "."
     start = next((i for i, name in enumerate(names) if name.startswith(prefix)), None)
     if start is None:
-        raise ValueError(f"fast_params='last_stage': no trainable parameter under the last stage {stages[-1]!r}")
+        raise ValueError(f"fast_params='last_stage': no trainable parameter under the last stage {stage!r}")
     return names[start:]  # timm registers modules in forward order: the stage, final norms, head
 
 

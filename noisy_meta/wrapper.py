@@ -21,6 +21,7 @@ from .compat import (
 from .config import MetaNoiseConfig
 from .fast_weights import (
     forward_with_cloned_buffers,
+    last_stage_name,
     meta_losses,
     select_fast_params,
     upcast,
@@ -30,8 +31,8 @@ from .features import (
     features_of,
     is_timm_classifier,
     logits_and_features,
-    pre_logits,
 )
+from .shared_trunk import TRUNK_SAMPLES, capture_input, resumed_at, suffix_matches_model
 from .runtime import TrainingRuntime
 from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer
 
@@ -122,7 +123,8 @@ class MetaNoiseWrapper:
         if not self._params:
             raise ValueError("the model has no trainable parameters")
         self._fast_names = select_fast_params(self.module, self.config.fast_params)
-        self._shared_body: bool | None = None if self._may_share_body() else False  # None: verify on first use
+        self._trunk_start = self._shared_trunk_start()
+        self._trunk_shared: bool | None = None if self._trunk_start is not None else False  # None: check on first use
         self._num_classes = getattr(self.module, "num_classes", None)
 
         self._ema, self._mentor = self._build_mentor(mentor)
@@ -255,8 +257,8 @@ class MetaNoiseWrapper:
 
     def _joint_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight
-        if weight > 0.0 and self._shared_body is not False and self._body_is_shared(inputs):
-            return self._joint_step_shared_body(inputs, targets, step_index, weight)
+        if weight > 0.0 and self._trunk_shared is not False and self._trunk_is_shared(inputs):
+            return self._joint_step_shared_trunk(inputs, targets, step_index, weight)
         with self.forward_context():
             logits = self.module(inputs)
             self._check_outputs(logits, targets)
@@ -276,42 +278,53 @@ class MetaNoiseWrapper:
         self._finish_iteration(applied, applied)
         return self._stats(step_index, ce_loss, meta_loss, changed, weight, skipped=not applied)
 
-    def _joint_step_shared_body(
+    def _joint_step_shared_trunk(
         self, inputs: torch.Tensor, targets: torch.Tensor, step_index: int, weight: float
     ) -> dict[str, float]:
-        """``fast_params="head"``: the body runs forward and backward once for CE and all M sets."""
-        module = self.module
+        """``fast_params="head"`` / ``"last_stage"``: the trunk runs forward and backward once.
+
+        The fast weights start at ``self._trunk_start``; everything before it (the trunk) is
+        the same for the student and every fast-weight student. Its output ``h`` is taken from
+        the student's forward and detached: the synthetic sets run the suffix on it, their
+        meta-gradient is collected at ``h``, and that gradient goes back through the trunk
+        once, with the cross-entropy's (see `noisy_meta.shared_trunk`).
+        """
+        module, start = self.module, self._trunk_start
         with self.forward_context():
-            features = pre_logits(module, inputs)
-            logits = module.get_classifier()(features)
+            with capture_input(start) as captured:
+                logits = module(inputs)
             self._check_outputs(logits, targets)
             ce_loss = F.cross_entropy(upcast(logits), targets)
             synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
-            classifier = module.get_classifier()
-            losses = self._meta_losses(features, logits, synthetic.labels, mentor_log_probs, classifier)
-            meta = torch.cat(list(losses)).mean()
-            with explain_double_backward_errors():
-                self._add_grad(ce_loss + weight * meta)
-        meta_loss, changed = meta.detach(), synthetic.changed_fraction
-        return self._finish_joint_step(step_index, ce_loss, meta_loss, changed, weight)
+            trunk_output = captured.value.detach().requires_grad_()
+            if self.config.fast_params == "head":
+                suffix, suffix_inputs, resume = start, trunk_output, contextlib.nullcontext()
+            else:
+                suffix, suffix_inputs = module, inputs[:TRUNK_SAMPLES]
+                resume = resumed_at(module, start, trunk_output)
+            with resume:
+                # The suffix once more, on the detached trunk output (buffers untouched), for the inner gradients.
+                suffix_logits = forward_with_cloned_buffers(suffix, dict(suffix.named_parameters()), suffix_inputs)
+                losses = self._meta_losses(suffix_inputs, suffix_logits, synthetic.labels, mentor_log_probs, suffix)
+                meta_loss, trunk_grad = self._backward_meta_losses(losses, synthetic.labels.shape[0], weight, trunk_output)
+            self._add_grad(ce_loss, through=(captured.value, trunk_grad))
+        return self._finish_joint_step(step_index, ce_loss, meta_loss, synthetic.changed_fraction, weight)
 
-    def _may_share_body(self) -> bool:
-        """Whether ``fast_params="head"`` can use the shared-body path (timm split, joint rule)."""
-        module = self.module
-        if self.config.fast_params != "head" or self.config.update_rule != "joint" or not is_timm_classifier(module):
-            return False
-        return isinstance(module.get_classifier(), nn.Module)
+    def _shared_trunk_start(self) -> nn.Module | None:
+        """Where the fast weights start, when the trunk before it can be shared (joint rule, timm model)."""
+        module, spec = self.module, self.config.fast_params
+        if self.config.update_rule != "joint" or not is_timm_classifier(module) or spec not in ("head", "last_stage"):
+            return None
+        start = module.get_classifier() if spec == "head" else module.get_submodule(last_stage_name(module))
+        return start if isinstance(start, nn.Module) else None
 
-    @torch.no_grad()
-    def _body_is_shared(self, inputs: torch.Tensor) -> bool:
-        """Verify once that ``classifier(forward_head(forward_features(x), pre_logits=True))`` is the model."""
-        if self._shared_body is None:
-            module = self.module
-            with eval_mode(module), self.forward_context():
-                split = module.get_classifier()(pre_logits(module, inputs))
-                whole = module(inputs)
-            self._shared_body = split.shape == whole.shape and torch.allclose(split, whole, rtol=1e-4, atol=1e-5)
-        return self._shared_body
+    def _trunk_is_shared(self, inputs: torch.Tensor) -> bool:
+        """Check once that the model run from the start of the fast weights is the model."""
+        if self._trunk_shared is None:
+            with self.forward_context():
+                start_is_last = self.config.fast_params == "head"
+                self._trunk_shared = suffix_matches_model(self.module, self._trunk_start, inputs, start_is_last)
+        return self._trunk_shared
 
     def _sequential_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         step_index, weight = self.num_updates, self.meta_weight
@@ -335,19 +348,29 @@ class MetaNoiseWrapper:
     def _accumulate_meta_gradient(
         self, inputs: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, weight: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``weight * grad mean_m J_m`` to ``.grad``, one set at a time; return (J, changed)."""
-        zero = torch.zeros((), device=logits.device)
+        """Add ``weight * grad mean_m J_m`` to ``.grad``, one pass at a time; return (J, changed)."""
         if weight == 0.0:
+            zero = torch.zeros((), device=logits.device)
             return zero, zero
         synthetic, mentor_log_probs = self._synthetic_targets(inputs, targets)
-        num_sets = max(synthetic.labels.shape[0], 1)  # M = 0: one consistency loss on `logits`
-        retain = not self.config.first_order or synthetic.labels.shape[0] == 0
-        total = zero
+        losses = self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs)
+        meta_loss, _ = self._backward_meta_losses(losses, synthetic.labels.shape[0], weight)
+        return meta_loss, synthetic.changed_fraction
+
+    def _backward_meta_losses(
+        self, losses: Iterator[torch.Tensor], num_sets: int, weight: float, wrt: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Add ``weight * grad mean_m J_m`` to ``.grad`` as the passes come; return (J, grad at ``wrt``)."""
+        retain = not self.config.first_order or num_sets == 0  # M = 0: the loss is on the student's graph
+        num_sets = max(num_sets, 1)  # M = 0: one consistency loss
+        total, wrt_grad = None, None
         with explain_double_backward_errors():
-            for losses in self._meta_losses(inputs, logits, synthetic.labels, mentor_log_probs):
-                self._add_grad(losses.sum() * (weight / num_sets), retain_graph=retain)
-                total = total + losses.detach().sum()
-        return total / num_sets, synthetic.changed_fraction
+            for pass_losses in losses:
+                grad = self._add_grad(pass_losses.sum() * (weight / num_sets), retain_graph=retain, wrt=wrt)
+                if wrt is not None:
+                    wrt_grad = grad if wrt_grad is None else wrt_grad + grad
+                total = pass_losses.detach().sum() if total is None else total + pass_losses.detach().sum()
+        return total / num_sets, wrt_grad
 
     def _meta_losses(
         self,
@@ -355,14 +378,14 @@ class MetaNoiseWrapper:
         logits: torch.Tensor,
         labels: torch.Tensor,
         mentor_log_probs: torch.Tensor,
-        classifier: nn.Module | None = None,
+        module: nn.Module | None = None,
     ) -> Iterator[torch.Tensor]:
-        """`meta_losses` of the student, or of ``classifier`` alone on ``inputs`` = its features."""
-        if classifier is None:
-            module, fast_names = self.module, self._fast_names
+        """`meta_losses` of the student, or of its classifier alone on ``inputs`` = its features."""
+        module = self.module if module is None else module
+        if module is self.module:
+            fast_names = self._fast_names
         else:
-            module = classifier
-            fast_names = [name for name, p in classifier.named_parameters() if p.requires_grad]
+            fast_names = [name for name, p in module.named_parameters() if p.requires_grad]
         config = self.config
         return meta_losses(
             module,
@@ -407,14 +430,26 @@ class MetaNoiseWrapper:
         with eval_mode(self._mentor):
             return self._mentor(inputs)
 
-    def _add_grad(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+    def _add_grad(
+        self,
+        loss: torch.Tensor,
+        retain_graph: bool = False,
+        wrt: torch.Tensor | None = None,
+        through: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor | None:
         """Add the gradient of ``loss`` (scaled as ``accelerator.backward`` would) to ``.grad``.
 
-        ``autograd.grad`` rather than ``backward``: it never fires DDP's reducer hooks.
+        ``wrt``: also return the gradient with respect to that tensor. ``through``: a
+        ``(tensor, gradient)`` pair backpropagated together with ``loss`` (a gradient already
+        scaled, e.g. one returned for ``wrt``). ``autograd.grad`` rather than ``backward``: it
+        never fires DDP's reducer hooks.
         """
-        grads = torch.autograd.grad(
-            self.runtime.scale_loss(loss), self._params, retain_graph=retain_graph, allow_unused=True
-        )
+        outputs, grad_outputs = [self.runtime.scale_loss(loss)], [None]
+        if through is not None and through[1] is not None:
+            outputs.append(through[0])
+            grad_outputs.append(through[1])
+        inputs = self._params if wrt is None else [*self._params, wrt]
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True)
         with torch.no_grad():
             for param, grad in zip(self._params, grads):
                 if grad is None:
@@ -423,6 +458,7 @@ class MetaNoiseWrapper:
                     param.grad = grad
                 else:
                     param.grad.add_(grad)
+        return grads[-1] if wrt is not None else None
 
     def _apply_update(self, *losses: torch.Tensor) -> bool:
         """All-reduce, clip and apply the gradient unless something is not finite; zero it after.

@@ -69,7 +69,7 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
     values = {
         "num_synthetic": ("3", 3), "perturb_ratio": ("0.25", 0.25), "num_neighbors": ("4", 4),
         "feature_source": ("student", "student"), "inner_lr": ("0.05", 0.05), "first_order": (None, True),
-        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")), "meta_every": ("2", 2), "meta_weight": ("2.0", 2.0),
+        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")), "meta_every": ("2", 2), "sets_per_pass": ("5", 5), "meta_weight": ("2.0", 2.0),
         "ramp_start": ("7", 7), "ramp_end": ("9", 9), "mentor_decay_ramp": ("0.5", 0.5),
         "mentor_decay": ("0.6", 0.6), "mentor_update": ("frozen", "frozen"),
         "update_rule": ("sequential", "sequential"), "clip_grad": ("1.5", 1.5), "dist_bn": ("broadcast", "broadcast"),

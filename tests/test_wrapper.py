@@ -294,22 +294,27 @@ def test_meta_every_runs_the_meta_step_on_every_nth_update_only():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_head_mode_shares_the_body_and_equals_the_general_path(first_order):
-    """`fast_params="head"` (body once) == the same parameters selected by pattern (body per set)."""
+@pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
+def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mode, same_params):
+    """`fast_params="head"` / `"last_stage"` (trunk once) == the same parameters selected by pattern (trunk per set)."""
     torch.manual_seed(0)
     model = tiny_resnet().double()
     general_model = copy.deepcopy(model)
-    shared = make(model, fast_params="head", first_order=first_order)
-    general = make(general_model, fast_params=["fc.*"], first_order=first_order)
+    shared = make(model, fast_params=mode, first_order=first_order)
+    general = make(general_model, fast_params=same_params, first_order=first_order)
+    assert shared._fast_names == general._fast_names
     calls = []
-    handle = model.layer1.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.layer1.register_forward_hook(lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled())))
     for seed in range(3):
         x, y = resnet_batch(seed=seed)
         a, b = shared.step(x.double(), y), general.step(x.double(), y)
         assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
     handle.remove()
-    assert shared._shared_body is True
-    assert len(calls) == 2 + 3  # the one-time split check (split + whole), then one body pass per step
+    assert shared._trunk_shared is True
+    full_batch = [grad for size, grad in calls if size == 12]
+    assert len(full_batch) == 1 + 3  # the one-time check, then the student's forward only, once per step
+    skipped = [(size, grad) for size, grad in calls if size != 12]  # last_stage: the trunk before the substitution
+    assert all(size == 2 and not grad for size, grad in skipped) and (len(skipped) > 0) == (mode == "last_stage")
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
 
@@ -320,7 +325,7 @@ def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
     model.forward = lambda x: type(model).forward(model, x) * 2.0  # no longer classifier(pre_logits)
     wrapper = make(model, fast_params="head")
     stats = wrapper.step(*resnet_batch())
-    assert wrapper._shared_body is False and stats["skipped"] == 0.0
+    assert wrapper._trunk_shared is False and stats["skipped"] == 0.0
 
 
 # ------------------------------------------------------------------ num_synthetic=0: the consistency-only ablation
@@ -408,8 +413,10 @@ def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_ord
         a, b = one_at_a_time.step(x.double(), y), batched.step(x.double(), y)
         assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-9) and a["meta_loss"] > 0
     handle.remove()
-    # per step: the student's forward, then all 3 fast forwards in one vmap (head mode: body once)
-    assert len(calls) == (2 + 2 if fast_params == "head" else 2 * 2)
+    # all: per step the student's forward and all 3 fast forwards in one vmap (one at a time: 1 + 3);
+    # head: the one-time trunk check, then the student's forward; last_stage: the check (model and
+    # resumed model), then per step the student, the suffix on the trunk output, one vmap
+    assert len(calls) == {"all": 2 * 2, "head": 1 + 2, "last_stage": 2 + 2 * 3}[fast_params]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, batched_model.state_dict()[name], rtol=1e-9, atol=1e-11)
     for name, value in one_at_a_time.mentor.state_dict().items():
