@@ -14,6 +14,11 @@ against, not something to train with:
   running statistics are updated by every fast pass;
 - ``KLDivLoss()`` (mean over batch and classes); one optimizer step; mentor EMA over
   parameters only.
+
+The one change: models whose fused ops have no double backward (timm attention's fused
+kernel, ``nn.Hardsigmoid``) are switched to twice-differentiable ones with
+`noisy_meta.make_twice_differentiable`, as `MetaNoiseWrapper` does; the reference code's
+ResNet-50 needs none.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from noisy_meta import make_twice_differentiable
 
 
 class ReferenceMLNT:
@@ -42,6 +49,7 @@ class ReferenceMLNT:
     ) -> None:
         self.model, self.optimizer, self.features = model, optimizer, features.eval()
         self.mentor = copy.deepcopy(model).requires_grad_(False)
+        make_twice_differentiable(model)
         self.num_synthetic, self.perturb_ratio, self.num_neighbors = num_synthetic, perturb_ratio, num_neighbors
         self.inner_lr, self.mentor_decay = inner_lr, mentor_decay
 

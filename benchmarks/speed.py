@@ -1,10 +1,12 @@
 """Seconds per iteration and peak memory of MLNT against a plain step, the reference and a floor.
 
-Every configuration runs in its own process (so peak memory is its own): one warm-up
-iteration, then the median of ``--repeats`` timed iterations; peak memory is the growth of the
-process's peak resident set over the timed iterations (CPU, Linux; large blocks straight from
-mmap so freed tensors leave the resident set). Ratios are to the plain cross-entropy step
-measured in the same run.
+Every configuration is timed in its own process: one warm-up iteration, then the median of
+``--repeats`` timed iterations. Its peak memory is measured in another process: the growth of
+the process's peak resident set over one iteration after the warm-up (CPU, Linux), with
+glibc told to serve blocks of 64 KiB and more straight from mmap so that freed tensors leave
+the resident set. That setting makes every large allocation a fresh mapping and slowed
+iterations down about 3x when it was on during timing, hence the two processes. Ratios are
+to the plain cross-entropy step measured in the same run.
 
 The floor is what one sequential MLNT iteration cannot go below, from the model's own passes
 timed in isolation: forward F, no-grad forward Fn (mentor), CE backward B, inner gradient with
@@ -134,11 +136,15 @@ def iteration_for(config: str, args: argparse.Namespace):
 
 
 def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
+    """``seconds`` (``--measure time``) or ``peak_mib`` (``--measure memory``) of ``config``."""
     import torch
 
     run = iteration_for(config, args)
     run()  # warm-up
-    repeats = 4 * args.repeats if config.endswith("every4") else args.repeats  # whole meta_every cycles
+    if args.measure == "memory":
+        repeats = 4 if config.endswith("every4") else 1  # one whole meta_every cycle
+    else:
+        repeats = 4 * args.repeats if config.endswith("every4") else args.repeats
     gpu = torch.device(args.device).type == "cuda"
     synchronize(args)
     if gpu:
@@ -152,9 +158,10 @@ def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
         run()
         synchronize(args)
         times.append(time.perf_counter() - started)
-    seconds = statistics.fmean(times) if config.endswith("every4") else statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_mib()
-    return {"seconds": seconds, "peak_mib": peak - before}
+    if args.measure == "memory":
+        peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_mib()
+        return {"peak_mib": peak - before}
+    return {"seconds": statistics.fmean(times) if config.endswith("every4") else statistics.median(times)}
 
 
 def time_floor_parts(args: argparse.Namespace) -> dict[str, float]:
@@ -222,9 +229,9 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def run_child(name: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, *command_options(args), "--child", name]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def run_child(name: str, args: argparse.Namespace, measure: str = "time") -> dict[str, float]:
+    command = [sys.executable, __file__, *command_options(args), "--child", name, "--measure", measure]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else dict(os.environ)
     output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -246,6 +253,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -266,7 +274,13 @@ def main() -> None:
     header = f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
     print(header, flush=True)
     for config in args.configs:
-        result = run_child(config, args)
+        try:
+            result = {**run_child(config, args), **run_child(config, args, "memory")}
+        except subprocess.CalledProcessError as error:  # report it and go on with the others
+            last_line = (error.stderr or "").strip().splitlines()[-1:] or ["no output"]
+            rows.append(f"{config:<30} failed: {last_line[0][:120]}")
+            print(rows[-1], flush=True)
+            continue
         unit = result["seconds"] if config == "plain" else unit
         floor = floor_seconds(parts, config)
         row = (
@@ -312,8 +326,13 @@ def write_section(title: str, command: str, parts: dict[str, float], header: str
         text = text.rstrip("\n") + "\n\n## Performance\n\nWritten by `benchmarks/speed.py`.\n"
     if start in text:
         text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    else:  # after the last speed section, or at the top of the performance part
+        anchor = text.rfind("<!-- /speed: ")
+        if anchor >= 0:
+            at = text.index("-->", anchor) + len("-->")
+        else:
+            at = text.index("\n", text.index("Written by `benchmarks/speed.py`."))
+        text = text[:at] + "\n\n" + body + text[at:]
     RESULTS.write_text(text)
 
 

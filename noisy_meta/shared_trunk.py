@@ -7,10 +7,11 @@ the student and for every fast-weight student. The meta step then needs the trun
 meta-gradient is taken with respect to the suffix's parameters and to ``h``, and the summed
 gradient at ``h`` goes back through the trunk once, together with the cross-entropy.
 
-For the head, timm's split does it (``classifier(forward_head(forward_features(x),
-pre_logits=True))``). For any other module, `resumed_at` runs the model with hooks: the
-trunk runs on two samples without autograd (its result is thrown away) and the module gets
-``h`` instead of its real input. Both are checked once against the plain forward
+``h`` is the input of the module where the fast weights start, captured by a forward
+pre-hook (`capture_input`). When that module is the classifier, the suffix is the classifier
+alone. For any other module, `resumed_at` runs the model with hooks: the trunk runs on two
+samples without autograd (its result is thrown away) and the module gets ``h`` instead of its
+real input. Either way the split is checked once against the plain forward
 (`suffix_matches_model`); a model where they differ is trained through the general path.
 """
 
@@ -103,8 +104,6 @@ def suffix_matches_model(model: nn.Module, start: nn.Module, inputs: torch.Tenso
     exactly once, when the outputs differ, or when the resumed forward fails (e.g. a model
     that reuses, after ``start``, the batch size it saw at its input).
     """
-    if inputs.shape[0] <= TRUNK_SAMPLES:
-        return False
     with eval_mode(model):
         with capture_input(start) as captured:
             whole = model(inputs)

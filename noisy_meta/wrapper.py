@@ -48,7 +48,7 @@ class MetaNoiseWrapper:
        neighbour-search features, M synthetic label sets by neighbour label transfer, and for
        each set one fast-weight SGD step and the KL divergence ``J_m`` from the mentor to the
        fast-weight student. The gradient of ``w * mean_m J_m`` is accumulated one set at a
-       time, so memory does not grow with M;
+       time (``sets_per_pass`` sets, batched, if asked), so memory does not grow with M;
     3. the update (by default one optimizer step on ``grad CE + w * grad J``), skipped when the
        loss or any gradient is not finite;
     4. the mentor's EMA update.
@@ -66,6 +66,11 @@ class MetaNoiseWrapper:
     * The second-order meta-gradient (the paper's maths) costs roughly one extra double
       backward per synthetic set; ``first_order=True`` is markedly cheaper and also works with
       ops that cannot be differentiated twice.
+    * Cheaper meta steps: ``fast_params="head"`` or ``"last_stage"`` run the trunk before the
+      fast weights once per iteration (each set runs only the rest); ``meta_every=N`` runs the
+      meta step on every N-th update. They keep less of MLNT's accuracy gain (see the README).
+    * ``sets_per_pass > 1`` batches that many sets into one vector-Jacobian product and one
+      ``vmap``'d forward: fewer, larger kernels (for GPUs) for that many graphs in memory.
     * For second order the student is switched, in place, to twice-differentiable ops where
       needed (timm attention off its fused kernel, ``nn.Hardsigmoid`` to a composite form);
       `compat_changes` lists what changed. The mentor keeps the original ops.
@@ -445,7 +450,7 @@ class MetaNoiseWrapper:
         never fires DDP's reducer hooks.
         """
         outputs, grad_outputs = [self.runtime.scale_loss(loss)], [None]
-        if through is not None and through[1] is not None:
+        if through is not None and through[1] is not None and through[0].requires_grad:  # else: a frozen trunk
             outputs.append(through[0])
             grad_outputs.append(through[1])
         inputs = self._params if wrt is None else [*self._params, wrt]

@@ -319,6 +319,23 @@ def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mod
         torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
+def test_cheap_modes_with_a_frozen_trunk(mode, same_params):
+    """Linear probing / last-stage tuning: a trunk without trainable parameters still trains the rest."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(prefix.rstrip("*")) for prefix in same_params))
+    general_model = copy.deepcopy(model)
+    shared, general = make(model, fast_params=mode), make(general_model, fast_params=same_params)
+    x, y = resnet_batch()
+    a, b = shared.step(x.double(), y), general.step(x.double(), y)
+    assert shared._trunk_shared is True and a["skipped"] == 0.0
+    assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
+
+
 def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
     torch.manual_seed(0)
     model = tiny_resnet()
@@ -326,6 +343,23 @@ def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
     wrapper = make(model, fast_params="head")
     stats = wrapper.step(*resnet_batch())
     assert wrapper._trunk_shared is False and stats["skipped"] == 0.0
+
+
+@pytest.mark.parametrize("bypass", ["batch mean", "per sample"])
+def test_last_stage_falls_back_when_the_input_reaches_the_output_around_the_stage(bypass):
+    """A path from the input to the output that skips the last stage: no shared trunk, same training."""
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    extra = {"batch mean": lambda x: x.mean(), "per sample": lambda x: x.flatten(1).mean(1, keepdim=True)}[bypass]
+    model.forward = lambda x: type(model).forward(model, x) + extra(x)
+    general_model = copy.deepcopy(model)
+    general_model.forward = lambda x: type(general_model).forward(general_model, x) + extra(x)
+    wrapper = make(model, fast_params="last_stage")
+    general = make(general_model, fast_params=["layer4.*", "fc.*"])
+    x, y = resnet_batch()
+    a, b = wrapper.step(x, y), general.step(x, y)
+    assert wrapper._trunk_shared is False and torch.is_grad_enabled()
+    assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-6)
 
 
 # ------------------------------------------------------------------ num_synthetic=0: the consistency-only ablation
