@@ -17,6 +17,9 @@ second order ``F + Fn + B + M (Bc + F + D)``, first order ``F + Fn + B + M (2B +
     python benchmarks/speed.py --model resnet50 --img-size 64
     python benchmarks/speed.py --model vit_small_patch16_224 --img-size 64
     python benchmarks/speed.py --model resnet50 --img-size 224 --device cuda --amp bf16   # a GPU
+    python benchmarks/speed.py --model smallcnn --img-size 14 --batch-size 128 \
+        --configs plain second_order_M5 second_order_M5_last_stage second_order_M5_head second_order_M5_every4
+        # the accuracy benchmark's model, batch and M: the cost side of its cheaper-modes table
 
 ``_batched`` configurations run all M sets in one pass (``sets_per_pass=M``: one batched
 vector-Jacobian product for the inner gradients, one ``vmap`` for the fast forwards); the
@@ -64,9 +67,14 @@ def build(args: argparse.Namespace):
     import torch
 
     torch.manual_seed(0)
-    kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
-    model = timm.create_model(args.model, num_classes=10, **kwargs).to(args.device)
-    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+    if args.model == "smallcnn":  # the accuracy benchmark's model (1 channel)
+        from accuracy import SmallCNN
+
+        model, channels = SmallCNN(img_size=args.img_size).to(args.device), 1
+    else:
+        kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
+        model, channels = timm.create_model(args.model, num_classes=10, **kwargs).to(args.device), 3
+    inputs = torch.randn(args.batch_size, channels, args.img_size, args.img_size, device=args.device)
     targets = torch.randint(0, 10, (args.batch_size,), device=args.device)
     return model, inputs, targets
 
@@ -110,7 +118,7 @@ def iteration_for(config: str, args: argparse.Namespace):
         return plain
     match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4|batched))?", config)
     if match is None:
-        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)} (any M)")
     kind, m, mode = match.group(1), int(match.group(2)), match.group(3)
     if kind == "reference":
         from reference_mlnt import ReferenceMLNT
