@@ -32,8 +32,8 @@ from .features import (
     is_timm_classifier,
     logits_and_features,
 )
-from .shared_trunk import TRUNK_SAMPLES, capture_input, resumed_at, suffix_matches_model
 from .runtime import TrainingRuntime
+from .shared_trunk import TRUNK_SAMPLES, capture_input, resumed_at, suffix_matches_model
 from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer
 
 
