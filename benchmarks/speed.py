@@ -301,6 +301,8 @@ def main() -> None:
         print(row, flush=True)
     if not args.no_write:
         command = "python benchmarks/speed.py " + " ".join(command_options(args))
+        if args.configs != list(CONFIGS):
+            command += " --configs " + " ".join(args.configs)
         write_section(title, command, parts, header, rows)
 
 
