@@ -120,11 +120,12 @@ def meta_losses(
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
     for labels in synthetic_labels.split(sets_per_pass):
-        if labels.shape[0] == 1:
-            fast = _fast_weights(logits, labels[0], fast_names, fast_tensors, inner_lr, first_order, grad_scale)
+        one_set = labels.shape[0] == 1
+        step_labels = labels[0] if one_set else labels
+        fast = _fast_weights(logits, step_labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
+        if one_set:
             student = forward_with_cloned_buffers(module, {**params, **fast}, inputs)
         else:
-            fast = _batched_fast_weights(logits, labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
             student = _batched_forward(module, params, fast, inputs, labels.shape[0])
         yield kl_to_mentor(student, mentor_log_probs).reshape(-1)
 
@@ -140,51 +141,29 @@ def _fast_weights(
 ) -> dict[str, torch.Tensor]:
     """``{name: p - inner_lr * grad_p CE(logits, labels)}`` for the parameters in the graph of ``logits``.
 
-    The inner loss is multiplied by ``grad_scale`` before its gradient and the gradient divided
-    by it after (exact for fp16's power-of-two scales).
-    """
-    inner_loss = F.cross_entropy(logits, labels)
-    if grad_scale != 1.0:
-        inner_loss = inner_loss * grad_scale
-    grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True)
-    return _take_step(names, params, grads, inner_lr, first_order, grad_scale)
-
-
-def _batched_fast_weights(
-    logits: torch.Tensor,
-    label_sets: torch.Tensor,
-    names: list[str],
-    params: list[torch.Tensor],
-    inner_lr: float,
-    first_order: bool,
-    grad_scale: float,
-) -> dict[str, torch.Tensor]:
-    """`_fast_weights` for S label sets ``[S, B]`` at once: ``{name: [S, *p.shape]}``.
-
+    ``labels`` is one set ``[B]``, or S sets ``[S, B]`` at once (``{name: [S, *p.shape]}``).
     The S inner losses share ``logits``, so their gradients differ only in the gradient at the
     logits, ``(softmax(logits) - onehot(y_s)) / B`` (cross-entropy's, written out so that it
     stays differentiable for second order); one batched vector-Jacobian product
     (``is_grads_batched``) takes all S back to the parameters.
+
+    The inner loss is multiplied by ``grad_scale`` before its gradient and the gradient divided
+    by it after (exact for fp16's power-of-two scales).
     """
-    batch_size, num_classes = logits.shape
-    onehot = F.one_hot(label_sets, num_classes).to(logits.dtype)
-    logits_grads = (logits.softmax(dim=1) - onehot) * (grad_scale / batch_size)
-    grads = torch.autograd.grad(
-        logits, params, grad_outputs=logits_grads, is_grads_batched=True,
-        create_graph=not first_order, retain_graph=True, allow_unused=True,
-    )
-    return _take_step(names, [p.unsqueeze(0) for p in params], grads, inner_lr, first_order, grad_scale)
-
-
-def _take_step(
-    names: list[str],
-    params: list[torch.Tensor],
-    grads: tuple[torch.Tensor | None, ...],
-    inner_lr: float,
-    first_order: bool,
-    grad_scale: float,
-) -> dict[str, torch.Tensor]:
-    """``{name: p - inner_lr * g / grad_scale}``, leaving out parameters without a gradient."""
+    if labels.dim() == 1:
+        inner_loss = F.cross_entropy(logits, labels)
+        if grad_scale != 1.0:
+            inner_loss = inner_loss * grad_scale
+        grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True)
+    else:
+        batch_size, num_classes = logits.shape
+        onehot = F.one_hot(labels, num_classes).to(logits.dtype)
+        logits_grads = (logits.softmax(dim=1) - onehot) * (grad_scale / batch_size)
+        grads = torch.autograd.grad(
+            logits, params, grad_outputs=logits_grads, is_grads_batched=True,
+            create_graph=not first_order, retain_graph=True, allow_unused=True,
+        )
+        params = [p.unsqueeze(0) for p in params]
     fast = {}
     for name, p, g in zip(names, params, grads):
         if g is None:  # not in the graph of the logits: keeps its value in the fast forward
