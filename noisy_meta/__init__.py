@@ -13,21 +13,13 @@ Noisy data sets: `add_label_noise` / `with_label_columns` (Hugging Face datasets
 training with data cleaning: `noisy_meta.cleaning`.
 """
 
-from .cleaning import (
-    CleaningConfig,
-    CleaningReport,
-    DetectionReport,
-    clean_dataset,
-    find_label_issues,
-    iterate_with_cleaning,
-    predict_probabilities,
-    save_cleanlab_inputs,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
 from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
 from .noise import CIFAR10_ASYMMETRIC_MAP, NoisyLabels, inject_noise
-from .noisy_datasets import add_label_noise, with_label_columns
 from .synthetic import (
     SyntheticLabels,
     nearest_neighbors,
@@ -36,7 +28,42 @@ from .synthetic import (
 )
 from .wrapper import MetaNoiseWrapper
 
+if TYPE_CHECKING:
+    from .cleaning import (
+        CleaningConfig,
+        CleaningReport,
+        DetectionReport,
+        clean_dataset,
+        find_label_issues,
+        iterate_with_cleaning,
+        predict_probabilities,
+        save_cleanlab_inputs,
+    )
+    from .noisy_datasets import add_label_noise, with_label_columns
+
 __version__ = "0.1.0"
+
+#: Names imported on first use: their modules need Hugging Face ``datasets``, which
+#: ``import noisy_meta`` does not load.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "CleaningConfig", "CleaningReport", "DetectionReport", "clean_dataset", "find_label_issues",
+            "iterate_with_cleaning", "predict_probabilities", "save_cleanlab_inputs",
+        ),
+        "cleaning",
+    ),
+    **dict.fromkeys(("add_label_noise", "with_label_columns"), "noisy_datasets"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'noisy_meta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
@@ -66,3 +93,7 @@ __all__ = [
     "select_fast_params",
     "with_label_columns",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -13,20 +13,23 @@ confident in the given labels than held-out predictions would be.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import nn
 
 from .features import eval_mode
 from .noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 CLEANING_CRITERIA = ("confident_disagreement", "given_label_prob")
 CLEANING_ACTIONS = ("remove", "relabel")
@@ -68,13 +71,15 @@ class CleaningConfig:
             raise ValueError("invalid CleaningConfig: " + "; ".join(errors))
 
 
-def find_label_issues(labels, pred_probs, config: CleaningConfig) -> np.ndarray:
-    """Boolean mask of the samples ``config``'s criterion flags as mislabelled.
+def find_label_issues(labels, pred_probs, *, config: CleaningConfig | None = None) -> np.ndarray:
+    """Boolean mask ``[N]`` of the samples the mentor judges mislabelled.
 
-    ``labels`` ``[N]`` are the given labels, ``pred_probs`` ``[N, K]`` the mentor's
-    probabilities (rows summing to 1), as cleanlab takes them.
+    Called as ``cleanlab.filter.find_label_issues`` is: ``labels`` ``[N]`` are the given
+    labels, ``pred_probs`` ``[N, K]`` the mentor's probabilities (rows summing to 1), options
+    keyword-only. ``config`` (a `CleaningConfig`) picks the criterion; the default flags every
+    sample whose mentor top-1 class is not its label.
     """
-    return _flags(*_checked(labels, pred_probs), config)
+    return _flags(*_checked(labels, pred_probs), CleaningConfig() if config is None else config)
 
 
 def _flags(labels: np.ndarray, pred_probs: np.ndarray, config: CleaningConfig) -> np.ndarray:
@@ -172,16 +177,29 @@ def clean_dataset(
     return result, CleaningReport(config, detection, counts, relabelled_correct)
 
 
-@torch.no_grad()
 def predict_probabilities(model: nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:
     """Softmax probabilities ``[N, K]`` (float64) of ``model`` in eval mode over input batches, in order."""
-    rows = []
-    with eval_mode(model):
-        for inputs in batches:
-            rows.append(torch.softmax(model(inputs).float(), dim=1).double().cpu())
+    rows = [probs.double().cpu() for probs in iter_probabilities(model, batches)]
     if not rows:
         raise ValueError("no batches to predict")
     return torch.cat(rows).numpy()
+
+
+def iter_probabilities(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Iterator[torch.Tensor]:
+    """Softmax probabilities (float32, on the model's device) of each input batch, ``model`` in eval mode.
+
+    ``autocast``: a context for the forward (e.g. ``accelerator.autocast``). The model's own
+    train/eval modes are restored when the iteration ends.
+    """
+    with torch.no_grad(), eval_mode(model):
+        for inputs in batches:
+            with autocast():
+                logits = model(inputs)
+            yield torch.softmax(logits.float(), dim=1)
 
 
 def save_cleanlab_inputs(path: str | os.PathLike, labels, pred_probs, indices=None) -> None:
@@ -250,6 +268,7 @@ __all__ = [
     "DetectionReport",
     "clean_dataset",
     "find_label_issues",
+    "iter_probabilities",
     "iterate_with_cleaning",
     "predict_probabilities",
     "save_cleanlab_inputs",

@@ -17,6 +17,7 @@ names the op and suggests ``first_order=True``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 
@@ -54,16 +55,17 @@ def _has_double_backward(fn) -> bool:
     return True
 
 
+@functools.cache
 def _replacements() -> dict[type[nn.Module], type[nn.Module]]:
-    """Activation modules without a double backward in this PyTorch, and their stand-ins."""
+    """Activation modules without a double backward in this PyTorch, and their stand-ins.
+
+    Probed on first use (not at import), once per process.
+    """
     candidates = {
         nn.Hardsigmoid: (F.hardsigmoid, TwiceDifferentiableHardsigmoid),
         nn.Hardswish: (F.hardswish, TwiceDifferentiableHardswish),
     }
     return {cls: new for cls, (fn, new) in candidates.items() if not _has_double_backward(fn)}
-
-
-_REPLACEMENTS = _replacements()
 
 
 def make_twice_differentiable(model: nn.Module) -> list[str]:
@@ -77,7 +79,7 @@ def make_twice_differentiable(model: nn.Module) -> list[str]:
         if getattr(module, "fused_attn", None) is True:
             module.fused_attn = False
             changes.append(f"{name or '<root>'}: fused_attn -> False")
-        replacement = _REPLACEMENTS.get(type(module))
+        replacement = _replacements().get(type(module))
         if replacement is not None and name:
             parent_name, _, child_name = name.rpartition(".")
             parent = model.get_submodule(parent_name)

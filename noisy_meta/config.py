@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
 
+#: The named `fast_params` modes (a sequence of strings is glob patterns instead).
+FastParamsName = Literal["all", "last_stage", "head"]
 #: What selects the parameters that get fast weights: ``"all"``, ``"last_stage"`` (timm models:
 #: the last feature stage of ``feature_info`` and everything after it, final norms and head),
 #: ``"head"`` (the timm classifier, ``model.get_classifier()``), a sequence of glob patterns matched against
 #: parameter names (``["layer4.*", "fc.*"]``), or a predicate ``(name, param) -> bool``.
-FastParamsSpec = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+FastParamsSpec = Union[FastParamsName, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
 #: Where the neighbour-search features come from: ``"mentor"``, ``"student"``, a frozen
 #: ``nn.Module`` (e.g. a separately trained cross-entropy network, as in the reference code),
 #: or a callable ``inputs -> features [B, D]``.
-FeatureSourceSpec = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+FeatureSourceSpec = Union[Literal["mentor", "student"], nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
-#: The named `fast_params` modes; a sequence of strings is glob patterns instead.
-FAST_PARAM_NAMES = ("all", "last_stage", "head")
-_FEATURE_SOURCE_NAMES = ("mentor", "student")
+MentorUpdate = Literal["ema", "frozen"]
+UpdateRule = Literal["joint", "sequential"]
+DistBN = Literal["reduce", "broadcast"]
+
+#: The named `fast_params` modes.
+FAST_PARAM_NAMES: tuple[str, ...] = get_args(FastParamsName)
 
 
 def _is_int(value: Any) -> bool:
@@ -117,10 +123,10 @@ class MetaNoiseConfig:
     ramp_end: int = 2000
     mentor_decay_ramp: float = 0.99
     mentor_decay: float = 0.999
-    mentor_update: Literal["ema", "frozen"] = "ema"
-    update_rule: Literal["joint", "sequential"] = "joint"
+    mentor_update: MentorUpdate = "ema"
+    update_rule: UpdateRule = "joint"
     clip_grad: float | None = None
-    dist_bn: Literal["reduce", "broadcast"] = "reduce"
+    dist_bn: DistBN = "reduce"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -153,18 +159,16 @@ class MetaNoiseConfig:
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < 1:
                 yield f"{name} must be in [0, 1), got {value!r}"
-        if self.mentor_update not in ("ema", "frozen"):
-            yield f"mentor_update must be 'ema' or 'frozen', got {self.mentor_update!r}"
-        if self.update_rule not in ("joint", "sequential"):
-            yield f"update_rule must be 'joint' or 'sequential', got {self.update_rule!r}"
+        for name in ("mentor_update", "update_rule", "dist_bn"):
+            value, choices = getattr(self, name), field_choices(name)
+            if value not in choices:
+                yield f"{name} must be one of {choices}, got {value!r}"
         if self.clip_grad is not None and (not _is_real(self.clip_grad) or self.clip_grad <= 0):
             yield f"clip_grad must be a finite number > 0 or None, got {self.clip_grad!r}"
-        if self.dist_bn not in ("reduce", "broadcast"):
-            yield f"dist_bn must be 'reduce' or 'broadcast', got {self.dist_bn!r}"
         if self.seed is not None and not _is_int(self.seed):
             yield f"seed must be an integer or None, got {self.seed!r}"
         yield from _spec_errors("fast_params", self.fast_params, FAST_PARAM_NAMES, allow_patterns=True)
-        yield from _spec_errors("feature_source", self.feature_source, _FEATURE_SOURCE_NAMES)
+        yield from _spec_errors("feature_source", self.feature_source, field_choices("feature_source"))
 
     def with_overrides(self, **overrides: Any) -> MetaNoiseConfig:
         """A copy with ``overrides`` applied (validated); unknown names raise ``TypeError``."""
@@ -187,15 +191,7 @@ class MetaNoiseConfig:
         and the mentor averages over about 2% of it during the ramp and 5% after (decays
         clamped to [0.8, 0.99] and [0.9, 0.999]). ``overrides`` win over all of these.
         """
-        if not _is_int(total_updates) or total_updates < 1:
-            raise ValueError(f"total_updates must be an integer >= 1, got {total_updates!r}")
-        schedule = {
-            "ramp_start": round(0.1 * total_updates),
-            "ramp_end": round(0.4 * total_updates),
-            "mentor_decay_ramp": min(0.99, max(0.8, 1.0 - 50.0 / total_updates)),
-            "mentor_decay": min(0.999, max(0.9, 1.0 - 20.0 / total_updates)),
-        }
-        return cls().with_overrides(**{**schedule, **overrides})
+        return cls().with_overrides(**{**run_length_schedule(total_updates), **overrides})
 
     def meta_weight_at(self, step: int) -> float:
         """Meta-loss weight ``w`` for the update with index ``step`` (0-based)."""
@@ -209,6 +205,34 @@ class MetaNoiseConfig:
     def mentor_decay_at(self, step: int) -> float:
         """EMA decay of the mentor for the update with index ``step`` (0-based)."""
         return float(self.mentor_decay_ramp if step < self.ramp_end else self.mentor_decay)
+
+
+#: The fields `MetaNoiseConfig.for_run_length` sets from the run length.
+RUN_LENGTH_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")
+
+
+def run_length_schedule(total_updates: int) -> dict[str, Any]:
+    """The schedules (`RUN_LENGTH_FIELDS`) for a run of ``total_updates`` optimizer updates."""
+    if not _is_int(total_updates) or total_updates < 1:
+        raise ValueError(f"total_updates must be an integer >= 1, got {total_updates!r}")
+    return {
+        "ramp_start": round(0.1 * total_updates),
+        "ramp_end": round(0.4 * total_updates),
+        "mentor_decay_ramp": min(0.99, max(0.8, 1.0 - 50.0 / total_updates)),
+        "mentor_decay": min(0.999, max(0.9, 1.0 - 20.0 / total_updates)),
+    }
+
+
+@functools.cache
+def field_choices(name: str) -> tuple[str, ...]:
+    """The named values a `MetaNoiseConfig` field accepts, read from its ``Literal`` type (``()``: none)."""
+    return _literal_args(get_type_hints(MetaNoiseConfig)[name])
+
+
+def _literal_args(hint: Any) -> tuple[str, ...]:
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    return tuple(arg for member in get_args(hint) if get_origin(member) is Literal for arg in get_args(member))
 
 
 def _spec_errors(name: str, value: Any, names: tuple[str, ...], allow_patterns: bool = False):

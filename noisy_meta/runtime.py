@@ -185,6 +185,16 @@ class TrainingRuntime:
 
         return self._flat_collective(tensors, mean)
 
+    def shared_seed(self, seed: int | None, device: torch.device) -> int:
+        """``seed``, or one drawn from PyTorch's global RNG; rank 0's on every rank."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,)).item())
+        if self.process_group is not None:
+            value = torch.tensor([seed], dtype=torch.int64, device=device)
+            self.broadcast_from_first_rank(value)
+            seed = int(value.item())
+        return seed
+
     def broadcast_from_first_rank(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` in place with the first rank's copy."""
         source = dist.get_process_group_ranks(self.process_group)[0]

@@ -13,16 +13,17 @@ import sys
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from conftest import TinyMLP, tiny_resnet
 
 from noisy_meta import MetaNoiseWrapper
 
-SETTINGS = dict(num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, mentor_decay_ramp=0.5)
+import helpers
+from helpers import FROM_FIRST_UPDATE, TinyMLP, tiny_resnet
+
+SETTINGS = dict(num_synthetic=2, num_neighbors=3, mentor_decay_ramp=0.5, **FROM_FIRST_UPDATE)
 
 
 def image_batch(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+    return helpers.image_batch(seed, batch_size=8, size=32)
 
 
 def flat_state(wrapper: MetaNoiseWrapper) -> torch.Tensor:

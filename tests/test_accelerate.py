@@ -7,41 +7,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, tiny_resnet
 
 from noisy_meta import MetaNoiseWrapper, meta_losses
 
-
-def settings(**overrides):
-    values = dict(num_synthetic=3, num_neighbors=4, ramp_start=0, ramp_end=0, seed=0)
-    values.update(overrides)
-    return values
-
-
-def image_batch(seed: int, batch_size: int = 12, size: int = 16):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch_size, 3, size, size, generator=generator)
-    return inputs, torch.randint(0, 4, (batch_size,), generator=generator)
-
-
-def vector_batch(seed: int, batch_size: int = 8):
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch_size, 6, generator=generator, dtype=torch.float64)
-    return inputs, torch.randint(0, 3, (batch_size,), generator=generator)
+from helpers import TinyMLP, assert_states_equal, image_batch, settings, state, tiny_resnet, vector_batch
 
 
 def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
-def state(module):
-    return {name: t.detach().clone() for name, t in module.state_dict().items()}
-
-
-def assert_states_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def test_prepared_model_trains_exactly_like_the_plain_wrapper(make_accelerator):

@@ -10,6 +10,8 @@ import torch
 
 from noisy_meta import MetaNoiseWrapper
 
+from helpers import FROM_FIRST_UPDATE
+
 # (model name, constructor overrides that make it tiny, input size)
 REQUIRED = {
     "resnet": ("resnet18", dict(layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32)), 32),
@@ -59,7 +61,7 @@ def second_order_step(name, overrides, size, first_order=False):
     model = timm.create_model(name, num_classes=4, **overrides)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     wrapper = MetaNoiseWrapper(
-        model, optimizer, num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, seed=0, first_order=first_order
+        model, optimizer, num_synthetic=2, num_neighbors=3, **FROM_FIRST_UPDATE, seed=0, first_order=first_order
     )
     inputs = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
     targets = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(1))
@@ -109,7 +111,7 @@ def test_mobilenetv3_hardsigmoid_replacement_computes_the_same_function():
     original = timm.create_model(name, num_classes=4).eval()
     converted = copy.deepcopy(original)
     optimizer = torch.optim.SGD(converted.parameters(), lr=0.01)
-    wrapper = MetaNoiseWrapper(converted, optimizer, ramp_start=0, ramp_end=0)
+    wrapper = MetaNoiseWrapper(converted, optimizer, **FROM_FIRST_UPDATE)
     assert any("Hardsigmoid -> TwiceDifferentiableHardsigmoid" in c for c in wrapper.compat_changes)
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():

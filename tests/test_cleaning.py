@@ -30,7 +30,7 @@ def random_probs(n: int = 200, k: int = 4, seed: int = 0) -> tuple[np.ndarray, n
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6])
 def test_confident_disagreement_against_a_loop(threshold):
     labels, probs = random_probs()
-    flagged = find_label_issues(labels, probs, CleaningConfig("confident_disagreement", threshold))
+    flagged = find_label_issues(labels, probs, config=CleaningConfig("confident_disagreement", threshold))
     expected = [int(np.argmax(p)) != y and p.max() > threshold for y, p in zip(labels, probs)]
     assert flagged.tolist() == expected and 0 < flagged.sum() < len(labels)
 
@@ -38,7 +38,7 @@ def test_confident_disagreement_against_a_loop(threshold):
 @pytest.mark.parametrize("threshold", [0.1, 0.5, 1.0])
 def test_given_label_probability_against_a_loop(threshold):
     labels, probs = random_probs(seed=1)
-    flagged = find_label_issues(labels, probs, CleaningConfig("given_label_prob", threshold))
+    flagged = find_label_issues(labels, probs, config=CleaningConfig("given_label_prob", threshold))
     assert flagged.tolist() == [p[y] < threshold for y, p in zip(labels, probs)]
 
 
@@ -65,7 +65,7 @@ def labelled(n: int = 200, k: int = 4, seed: int = 0) -> tuple[Dataset, np.ndarr
 def test_remove_drops_the_flagged_samples_and_keeps_their_index():
     data, probs = labelled()
     config = CleaningConfig()
-    flagged = find_label_issues(data["label"], probs, config)
+    flagged = find_label_issues(data["label"], probs, config=config)
     cleaned, report = clean_dataset(data, probs, config)
     assert cleaned["index"] == np.flatnonzero(~flagged).tolist() and cleaned["x"] == cleaned["index"]
     kept = np.asarray(data["label"])[~flagged]
@@ -77,7 +77,7 @@ def test_remove_drops_the_flagged_samples_and_keeps_their_index():
 def test_relabel_takes_the_mentor_class_and_updates_is_noisy():
     data, probs = labelled(seed=2)
     config = CleaningConfig(action="relabel")
-    flagged = find_label_issues(data["label"], probs, config)
+    flagged = find_label_issues(data["label"], probs, config=config)
     cleaned, report = clean_dataset(data, probs, config)
     assert len(cleaned) == len(data) and cleaned.column_names == data.column_names
     expected = np.where(flagged, probs.argmax(axis=1), np.asarray(data["label"]))
@@ -108,7 +108,7 @@ def test_cleanlab_agrees_on_what_the_export_holds(tmp_path):
     save_cleanlab_inputs(tmp_path / "issues.npz", labels, probs)
     stored = np.load(tmp_path / "issues.npz")
     theirs = cleanlab_filter.find_label_issues(labels=stored["labels"], pred_probs=stored["pred_probs"])
-    ours = find_label_issues(labels, probs, CleaningConfig())
+    ours = find_label_issues(labels, probs, config=CleaningConfig())
     for flagged in (theirs, ours):  # both find most of the noise (measured: P 0.88 / 0.71, R 0.92 / 0.99)
         report = DetectionReport.measure(flagged, noise.is_noisy)
         assert report.precision > 0.65 and report.recall > 0.85
@@ -154,7 +154,7 @@ def test_iterations_start_from_the_previous_mentor_and_judge_the_original_data()
         return probs
 
     reports = iterate_with_cleaning(data, 3, train, predict, CleaningConfig())
-    kept = int((~find_label_issues(data["label"], probs, CleaningConfig())).sum())
+    kept = int((~find_label_issues(data["label"], probs, config=CleaningConfig())).sum())
     assert calls == [(200, 0, None), (kept, 1, "mentor0"), (kept, 2, "mentor1")]
     assert judged == [("mentor0", 200), ("mentor1", 200)] and len(reports) == 2
 
@@ -166,9 +166,9 @@ def test_iterations_start_from_the_previous_mentor_and_judge_the_original_data()
         (lambda: CleaningConfig(threshold=1.0), r"in \[0, 1\) for 'confident_disagreement'"),
         (lambda: CleaningConfig("given_label_prob", 0.0), r"in \(0, 1\] for 'given_label_prob'"),
         (lambda: CleaningConfig(action="drop"), "action must be one of"),
-        (lambda: find_label_issues([0, 1], np.full((2, 2), 0.7), CleaningConfig()), "summing to 1"),
-        (lambda: find_label_issues([0, 2], np.full((2, 2), 0.5), CleaningConfig()), r"labels must lie in \[0, 2\)"),
-        (lambda: find_label_issues([0, 1, 1], np.full((2, 2), 0.5), CleaningConfig()), r"\[N, K\] with N = 3"),
+        (lambda: find_label_issues([0, 1], np.full((2, 2), 0.7)), "summing to 1"),
+        (lambda: find_label_issues([0, 2], np.full((2, 2), 0.5)), r"labels must lie in \[0, 2\)"),
+        (lambda: find_label_issues([0, 1, 1], np.full((2, 2), 0.5)), r"\[N, K\] with N = 3"),
         (lambda: clean_dataset(Dataset.from_dict({"label": [0, 1]}), np.full((2, 2), 0.5), CleaningConfig()), "lacks the label columns"),
         (lambda: iterate_with_cleaning(labelled()[0], 0, None, None, CleaningConfig()), "iterations must be an integer >= 1"),
         (

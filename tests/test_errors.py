@@ -7,19 +7,17 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, tiny_resnet
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper, SecondOrderUnsupportedError
+
+from helpers import FROM_FIRST_UPDATE, TinyMLP, make_wrapper, tiny_resnet
 
 
 def setup(model=None, **overrides):
     torch.manual_seed(0)
     model = model if model is not None else tiny_resnet()
-    settings = dict(num_synthetic=2, num_neighbors=4, ramp_start=0, ramp_end=0, seed=0)
-    settings.update(overrides)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    wrapper = MetaNoiseWrapper(model, optimizer, **settings)
+    wrapper = make_wrapper(model, **{"num_synthetic": 2, **overrides})
     # One good step first, so the optimizer has momentum state that must survive a bad step.
     x = torch.randn(12, 3, 16, 16)
     wrapper.step(x, torch.randint(0, 4, (12,)))
@@ -70,7 +68,7 @@ def test_label_range_is_checked_against_the_logits_when_the_model_does_not_say()
     model = TinyMLP(in_features=6, num_classes=3)
     del model.num_classes
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, ramp_start=0, ramp_end=0)
+    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, **FROM_FIRST_UPDATE)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         wrapper.step(torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 0]))
@@ -100,7 +98,7 @@ class SpatialHead(nn.Module):
 def test_model_that_does_not_return_logits_is_refused_and_buffers_restored():
     model = SpatialHead()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, ramp_start=0, ramp_end=0)
+    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, **FROM_FIRST_UPDATE)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"\[B, C\] logits .* got \[8, 4, 14, 14\]"):
         wrapper.step(torch.randn(8, 3, 16, 16), torch.zeros(8, dtype=torch.long))
@@ -192,12 +190,12 @@ def test_op_without_double_backward_is_named_with_the_fix():
 
     model = FunctionalHardsigmoidNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, ramp_start=0, ramp_end=0)
+    wrapper = MetaNoiseWrapper(model, optimizer, num_neighbors=3, **FROM_FIRST_UPDATE)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(SecondOrderUnsupportedError, match=r"hardsigmoid.*first_order=True"):
         wrapper.step(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))
     assert all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
-    first_order = MetaNoiseWrapper(model, optimizer, num_neighbors=3, ramp_start=0, ramp_end=0, first_order=True)
+    first_order = MetaNoiseWrapper(model, optimizer, num_neighbors=3, **FROM_FIRST_UPDATE, first_order=True)
     assert first_order.step(torch.randn(8, 6), torch.zeros(8, dtype=torch.long))["skipped"] == 0.0
 
 

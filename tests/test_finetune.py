@@ -23,9 +23,9 @@ from test_distributed import launch
 from noisy_meta import MetaNoiseConfig
 from noisy_meta.cleaning import CleaningConfig, find_label_issues
 from noisy_meta.finetune import build_parser, main, resolve_meta_config
-from noisy_meta.finetune.trainer import _create_model
 from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
+from noisy_meta.finetune.models import create_model
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "finetune.py"
@@ -191,14 +191,14 @@ def test_data_errors_name_the_problem(tiny_mnist, overrides, message):
 
 def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier(tmp_path):
     from noisy_meta.finetune.checkpoint import save_weights
-    from noisy_meta.finetune.trainer import _create_model
+    from noisy_meta.finetune.models import create_model
 
     torch.manual_seed(0)
     source = timm.create_model("test_resnet", num_classes=7)
     path = tmp_path / "weights.safetensors"
     save_weights(source, path)
     args = build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)])
-    model = _create_model(args, num_classes=3)
+    model = create_model(args, num_classes=3)
     assert model.num_classes == 3
     loaded, saved = model.state_dict(), source.state_dict()
     head = {name for name, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
@@ -206,7 +206,7 @@ def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier
         if name not in head:
             assert torch.equal(loaded[name], saved[name]), name
     with pytest.raises(FileNotFoundError, match="--checkpoint: no file"):
-        _create_model(build_parser().parse_args(["--checkpoint", str(tmp_path / "missing.pt")]), num_classes=3)
+        create_model(build_parser().parse_args(["--checkpoint", str(tmp_path / "missing.pt")]), num_classes=3)
 
 
 # ------------------------------------------------------------------------------- runs
@@ -308,7 +308,7 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
         images = torch.stack([transform(train[i]["image"].convert("RGB")) for i in rows])
         np.testing.assert_allclose(judged["pred_probs"][rows], torch.softmax(mentor(images), dim=1).numpy(), atol=1e-5)
 
-    flagged = find_label_issues(judged["labels"], judged["pred_probs"], config)
+    flagged = find_label_issues(judged["labels"], judged["pred_probs"], config=config)
     noisy = np.asarray(train["is_noisy"])
     assert report["detection"]["num_flagged"] == int(flagged.sum()) and report["detection"]["num_noisy"] == int(noisy.sum())
     assert report["detection"]["recall"] == pytest.approx((flagged & noisy).sum() / noisy.sum())
@@ -377,7 +377,7 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(ti
         return stats
 
     monkeypatch.setattr(trainer.MetaNoiseWrapper, "step", recording_step)
-    with pytest.raises(trainer.NonFiniteTrainingError, match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped"):
+    with pytest.raises(train_loop.NonFiniteTrainingError, match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped"):
         main(["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--max-consecutive-skips", "3"])
     assert len(good_states) == 2
     stopped = load_file(str(output / "stopped" / "student.safetensors"))
@@ -451,15 +451,15 @@ def test_checkpoint_flag_refuses_damaged_or_foreign_weights(finished_run, tmp_pa
     path = tmp_path / "weights.safetensors"
     make_file(finished_run, path)
     with pytest.raises(CheckpointError, match=message) as error:
-        _create_model(build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)]), num_classes=10)
+        create_model(build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)]), num_classes=10)
     assert str(path) in str(error.value)
 
 
 def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
-    from noisy_meta.finetune.trainer import _load_mentor
+    from noisy_meta.finetune.models import load_mentor
 
     with pytest.raises(CheckpointError, match="the previous iteration's best mentor: .* holds other shapes"):
-        _load_mentor(build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors")
+        load_mentor(build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors")
 
 
 # ------------------------------------------------------------------------------- a crash during a save

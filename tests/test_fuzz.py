@@ -10,7 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import TinyMLP, tiny_resnet
+
+from helpers import TinyMLP, tiny_resnet
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402

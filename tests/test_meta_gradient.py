@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noisy_meta import MetaNoiseWrapper, nearest_neighbors, neighbor_label_transfer
+from noisy_meta import nearest_neighbors, neighbor_label_transfer
+
+import helpers
 
 ALPHA = 0.3
 M = 4
@@ -52,10 +54,8 @@ def expected_synthetic(wrapper, inputs, targets, seed):
 
 
 def make_wrapper(model, first_order=False, **overrides):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    settings = dict(num_synthetic=M, num_neighbors=3, inner_lr=ALPHA, ramp_start=0, ramp_end=0, seed=11)
-    settings.update(overrides)
-    return MetaNoiseWrapper(model, optimizer, first_order=first_order, **settings)
+    settings = dict(num_synthetic=M, num_neighbors=3, inner_lr=ALPHA, seed=11, first_order=first_order)
+    return helpers.make_wrapper(model, lr=0.1, momentum=0.0, **{**settings, **overrides})
 
 
 def perturb_mentor(wrapper):

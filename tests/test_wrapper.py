@@ -9,26 +9,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TinyMLP, tiny_resnet
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
-from noisy_meta.fast_weights import forward_with_cloned_buffers
+from noisy_meta.fast_weights import forward_with_cloned_buffers, select_fast_params
+
+from helpers import TinyMLP, buffers, image_batch, make_wrapper, tiny_resnet
 
 
 def resnet_batch(batch_size: int = 12, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, 3, 16, 16, generator=generator), torch.randint(0, 4, (batch_size,), generator=generator)
-
-
-def make(model, **overrides):
-    settings = dict(num_synthetic=3, num_neighbors=4, ramp_start=0, ramp_end=0, seed=0)
-    settings.update(overrides)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return MetaNoiseWrapper(model, optimizer, **settings)
-
-
-def buffers(model):
-    return {name: b.clone() for name, b in model.named_buffers()}
+    return image_batch(seed, batch_size)
 
 
 @pytest.mark.parametrize("feature_source", ["mentor", "student"])
@@ -38,7 +27,7 @@ def test_batchnorm_buffers_move_exactly_as_in_plain_training(feature_source, upd
     model = tiny_resnet()
     plain = copy.deepcopy(model)
     x, y = resnet_batch()
-    wrapper = make(model, feature_source=feature_source, update_rule=update_rule)
+    wrapper = make_wrapper(model, feature_source=feature_source, update_rule=update_rule)
     wrapper.step(x, y)
     with torch.no_grad():
         plain(x)  # one plain training-mode forward
@@ -54,7 +43,7 @@ def test_meta_backward_leaves_buffers_untouched():
     torch.manual_seed(0)
     model = tiny_resnet()
     x, y = resnet_batch()
-    wrapper = make(model, feature_source="student")
+    wrapper = make_wrapper(model, feature_source="student")
     outputs = model(x)
     before = buffers(model)
     wrapper.meta_backward(x, y, outputs)
@@ -67,7 +56,7 @@ def test_two_runs_with_the_same_seed_are_bitwise_identical(first_order):
     def run():
         torch.manual_seed(3)
         model = tiny_resnet()
-        wrapper = make(model, first_order=first_order, seed=5)
+        wrapper = make_wrapper(model, first_order=first_order, seed=5)
         for step in range(3):
             wrapper.step(*resnet_batch(seed=step))
         return [p.detach().clone() for p in model.parameters()], [p.clone() for p in wrapper.mentor.parameters()]
@@ -81,7 +70,7 @@ def test_seed_none_follows_torch_manual_seed():
     def labels_changed():
         torch.manual_seed(9)
         model = tiny_resnet()
-        return make(model, seed=None).step(*resnet_batch())["labels_changed"]
+        return make_wrapper(model, seed=None).step(*resnet_batch())["labels_changed"]
 
     assert labels_changed() == labels_changed()
 
@@ -90,7 +79,7 @@ def test_zero_meta_weight_is_plain_cross_entropy_training():
     torch.manual_seed(0)
     model = tiny_resnet()
     plain = copy.deepcopy(model)
-    wrapper = make(model, ramp_start=100, ramp_end=200)
+    wrapper = make_wrapper(model, ramp_start=100, ramp_end=200)
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
     for step in range(3):
         x, y = resnet_batch(seed=step)
@@ -117,7 +106,7 @@ def test_mentor_is_an_ema_of_parameters_and_buffers():
     torch.manual_seed(0)
     model = tiny_resnet()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapper = make(model, ramp_start=0, ramp_end=5)  # decay 0.99 during the ramp
+    wrapper = make_wrapper(model, ramp_start=0, ramp_end=5)  # decay 0.99 during the ramp
     stats = wrapper.step(*resnet_batch())
     assert stats["mentor_decay"] == 0.99
     current = model.state_dict()
@@ -135,13 +124,13 @@ def test_user_mentor_starts_from_given_weights_and_frozen_stays():
     torch.manual_seed(0)
     model, given = tiny_resnet(), tiny_resnet()
     given_state = {k: v.clone() for k, v in given.state_dict().items()}
-    wrapper = make(model, mentor_update="frozen", mentor=given)
+    wrapper = make_wrapper(model, mentor_update="frozen", mentor=given)
     wrapper.step(*resnet_batch())
     for name, value in wrapper.mentor.state_dict().items():
         assert torch.equal(value, given_state[name])
     assert wrapper.mentor is not given
 
-    ema = make(tiny_resnet(), mentor=given)
+    ema = make_wrapper(tiny_resnet(), mentor=given)
     assert torch.equal(ema.mentor.fc.weight, given.fc.weight)
     ema.step(*resnet_batch())
     assert not torch.equal(ema.mentor.fc.weight, given.fc.weight)
@@ -150,8 +139,8 @@ def test_user_mentor_starts_from_given_weights_and_frozen_stays():
 
 def test_ema_mentor_with_another_architecture_is_refused():
     with pytest.raises(ValueError, match="mentor_update='frozen'"):
-        make(tiny_resnet(), mentor=tiny_resnet(num_classes=5))
-    make(tiny_resnet(), mentor=tiny_resnet(num_classes=4, in_chans=3), mentor_update="frozen")
+        make_wrapper(tiny_resnet(), mentor=tiny_resnet(num_classes=5))
+    make_wrapper(tiny_resnet(), mentor=tiny_resnet(num_classes=4, in_chans=3), mentor_update="frozen")
 
 
 def test_mentor_tracks_student_accuracy_in_eval_mode():
@@ -188,7 +177,7 @@ def test_own_loop_matches_step():
     for own_loop in (False, True):
         torch.manual_seed(0)
         model = tiny_resnet()
-        wrapper = make(model)
+        wrapper = make_wrapper(model)
         optimizer = wrapper.optimizer
         for step in range(2):
             x, y = resnet_batch(seed=step)
@@ -211,7 +200,7 @@ def test_compiled_model_trains_through_its_eager_module():
     torch.manual_seed(0)
     model = tiny_resnet()
     compiled = torch.compile(model)
-    wrapper = make(compiled)
+    wrapper = make_wrapper(compiled)
     assert wrapper.module is model
     before = model.fc.weight.detach().clone()
     stats = wrapper.step(*resnet_batch())
@@ -227,16 +216,16 @@ def test_feature_source_callable_and_frozen_module():
         seen.append(inputs.shape[0])
         return inputs.flatten(1)
 
-    make(tiny_resnet(), feature_source=features).step(x, y)
+    make_wrapper(tiny_resnet(), feature_source=features).step(x, y)
     assert seen == [12]
-    make(tiny_resnet(), feature_source=tiny_resnet(num_classes=7)).step(x, y)
+    make_wrapper(tiny_resnet(), feature_source=tiny_resnet(num_classes=7)).step(x, y)
 
 
 def test_state_dict_round_trip_continues_identically():
     def fresh():
         torch.manual_seed(0)
         model = tiny_resnet()
-        return model, make(model)
+        return model, make_wrapper(model)
 
     model_a, wrapper_a = fresh()
     for step in range(4):
@@ -259,7 +248,7 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_mlp_without_timm_api_uses_outputs_as_features(mlp64, batch64):
-    wrapper = make(mlp64, num_neighbors=3)
+    wrapper = make_wrapper(mlp64, num_neighbors=3)
     stats = wrapper.step(*batch64)
     assert 0.0 < stats["labels_changed"] <= 0.5
     assert isinstance(mlp64, TinyMLP)
@@ -285,7 +274,7 @@ def test_last_stage_selects_the_last_feature_stage_and_everything_after(name, fi
 def test_meta_every_runs_the_meta_step_on_every_nth_update_only():
     torch.manual_seed(0)
     model = tiny_resnet()
-    wrapper = make(model, meta_every=3)
+    wrapper = make_wrapper(model, meta_every=3)
     x, y = resnet_batch()
     weights = [wrapper.step(x, y)["meta_weight"] for _ in range(6)]
     assert weights == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
@@ -300,9 +289,9 @@ def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mod
     torch.manual_seed(0)
     model = tiny_resnet().double()
     general_model = copy.deepcopy(model)
-    shared = make(model, fast_params=mode, first_order=first_order)
-    general = make(general_model, fast_params=same_params, first_order=first_order)
-    assert shared._fast_names == general._fast_names
+    shared = make_wrapper(model, fast_params=mode, first_order=first_order)
+    general = make_wrapper(general_model, fast_params=same_params, first_order=first_order)
+    assert select_fast_params(model, mode) == select_fast_params(general_model, same_params)
     calls = []
     handle = model.layer1.register_forward_hook(lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled())))
     for seed in range(3):
@@ -310,7 +299,7 @@ def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mod
         a, b = shared.step(x.double(), y), general.step(x.double(), y)
         assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
     handle.remove()
-    assert shared._trunk_shared is True
+    assert shared.trunk_shared is True
     full_batch = [grad for size, grad in calls if size == 12]
     assert len(full_batch) == 1 + 3  # the one-time check, then the student's forward only, once per step
     skipped = [(size, grad) for size, grad in calls if size != 12]  # last_stage: the trunk before the substitution
@@ -327,10 +316,10 @@ def test_cheap_modes_with_a_frozen_trunk(mode, same_params):
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(prefix.rstrip("*")) for prefix in same_params))
     general_model = copy.deepcopy(model)
-    shared, general = make(model, fast_params=mode), make(general_model, fast_params=same_params)
+    shared, general = make_wrapper(model, fast_params=mode), make_wrapper(general_model, fast_params=same_params)
     x, y = resnet_batch()
     a, b = shared.step(x.double(), y), general.step(x.double(), y)
-    assert shared._trunk_shared is True and a["skipped"] == 0.0
+    assert shared.trunk_shared is True and a["skipped"] == 0.0
     assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
@@ -340,9 +329,9 @@ def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
     torch.manual_seed(0)
     model = tiny_resnet()
     model.forward = lambda x: type(model).forward(model, x) * 2.0  # no longer classifier(pre_logits)
-    wrapper = make(model, fast_params="head")
+    wrapper = make_wrapper(model, fast_params="head")
     stats = wrapper.step(*resnet_batch())
-    assert wrapper._trunk_shared is False and stats["skipped"] == 0.0
+    assert wrapper.trunk_shared is False and stats["skipped"] == 0.0
 
 
 @pytest.mark.parametrize("bypass", ["batch mean", "per sample"])
@@ -354,11 +343,11 @@ def test_last_stage_falls_back_when_the_input_reaches_the_output_around_the_stag
     model.forward = lambda x: type(model).forward(model, x) + extra(x)
     general_model = copy.deepcopy(model)
     general_model.forward = lambda x: type(general_model).forward(general_model, x) + extra(x)
-    wrapper = make(model, fast_params="last_stage")
-    general = make(general_model, fast_params=["layer4.*", "fc.*"])
+    wrapper = make_wrapper(model, fast_params="last_stage")
+    general = make_wrapper(general_model, fast_params=["layer4.*", "fc.*"])
     x, y = resnet_batch()
     a, b = wrapper.step(x, y), general.step(x, y)
-    assert wrapper._trunk_shared is False and torch.is_grad_enabled()
+    assert wrapper.trunk_shared is False and torch.is_grad_enabled()
     assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-6)
 
 
@@ -371,7 +360,7 @@ def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights
     torch.manual_seed(0)
     model = tiny_resnet().double()
     reference = copy.deepcopy(model)
-    wrapper = make(
+    wrapper = make_wrapper(
         model, num_synthetic=0, meta_weight=0.7, fast_params=fast_params, update_rule=update_rule,
         mentor_decay_ramp=0.5, mentor_decay=0.5,
     )
@@ -408,7 +397,7 @@ def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights
 
 def test_no_synthetic_sets_needs_no_neighbours():
     torch.manual_seed(0)
-    wrapper = make(tiny_resnet(), num_synthetic=0, num_neighbors=10)
+    wrapper = make_wrapper(tiny_resnet(), num_synthetic=0, num_neighbors=10)
     x, y = resnet_batch()
     stats = wrapper.step(x[:4], y[:4])  # fewer samples than num_neighbors: fine without neighbour search
     assert stats["skipped"] == 0.0
@@ -438,8 +427,8 @@ def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_ord
     torch.manual_seed(0)
     model = tiny_resnet().double()
     batched_model = copy.deepcopy(model)
-    one_at_a_time = make(model, first_order=first_order, fast_params=fast_params)
-    batched = make(batched_model, first_order=first_order, fast_params=fast_params, sets_per_pass=3)
+    one_at_a_time = make_wrapper(model, first_order=first_order, fast_params=fast_params)
+    batched = make_wrapper(batched_model, first_order=first_order, fast_params=fast_params, sets_per_pass=3)
     calls = []
     handle = batched_model.layer4.register_forward_hook(lambda *args: calls.append(1))
     for seed in range(2):
@@ -460,7 +449,7 @@ def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_ord
 def test_batched_sets_draw_dropout_per_set():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=4, layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32), drop_rate=0.3)
-    wrapper = make(model, sets_per_pass=3)
+    wrapper = make_wrapper(model, sets_per_pass=3)
     stats = wrapper.step(*resnet_batch())  # vmap refuses random ops unless told how to draw them
     assert stats["skipped"] == 0.0 and math.isfinite(stats["meta_loss"])
 
@@ -477,10 +466,10 @@ def test_a_model_that_vmap_cannot_run_is_named_with_the_fix():
     model = ItemCallingMLP()
     x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
     before = copy.deepcopy(model.state_dict())
-    wrapper = make(model, num_neighbors=3, sets_per_pass=2)
+    wrapper = make_wrapper(model, num_neighbors=3, sets_per_pass=2)
     with pytest.raises(RuntimeError, match="sets_per_pass > 1 runs the fast forwards under torch.func.vmap"):
         wrapper.step(x, y)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
     assert all(p.grad is None for p in model.parameters())
-    assert make(ItemCallingMLP(), num_neighbors=3).step(x, y)["skipped"] == 0.0  # one set per pass works
+    assert make_wrapper(ItemCallingMLP(), num_neighbors=3).step(x, y)["skipped"] == 0.0  # one set per pass works

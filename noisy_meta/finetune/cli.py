@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, get_args
 
 from ..cleaning import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
-from ..config import FAST_PARAM_NAMES, MetaNoiseConfig
+from ..config import FAST_PARAM_NAMES, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..noise import NOISE_KINDS
 from .checkpoint import PRED_PROBS_FILE
 from .data import EMBEDDED
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
 _FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
-_FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "mentor_update": ("ema", "frozen"),
-    "update_rule": ("joint", "sequential"),
-    "dist_bn": ("reduce", "broadcast"),
-    "feature_source": ("mentor", "student"),
-}
-#: Fields whose default depends on the run length when the flag is not given (see `resolve_meta_config`).
-AUTO_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")
+#: Fields whose flag also takes values beyond the named choices (comma-separated glob patterns).
+_OPEN_CHOICES = ("fast_params",)
 
 #: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
 #: cores) and for any other data set.
@@ -83,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     iterative.add_argument("--clean-criterion", choices=CLEANING_CRITERIA, default="confident_disagreement", help="confident_disagreement: mentor top-1 != label with probability > threshold; given_label_prob: mentor probability of the label < threshold")
     iterative.add_argument("--clean-threshold", type=float, default=None, help="default 0 for confident_disagreement, 0.5 for given_label_prob")
     iterative.add_argument("--clean-action", choices=CLEANING_ACTIONS, default="remove", help="remove flagged samples or relabel them with the mentor's class")
-    iterative.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="from the second iteration: keep the previous best mentor as it is, or let it average the new student (--mentor-update wins)")
+    iterative.add_argument("--iteration-mentor", choices=get_args(MentorUpdate), default="frozen", help="from the second iteration: keep the previous best mentor as it is, or let it average the new student (--mentor-update wins)")
     iterative.add_argument("--export-pred-probs", action="store_true", help=f"write the final best mentor's training-set probabilities ({PRED_PROBS_FILE}, cleanlab's labels/pred_probs)")
 
     output = parser.add_argument_group("output")
@@ -104,12 +98,13 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
         return
     kind = _FIELD_TYPES.get(field.name, type(default))
-    note = "run-length dependent" if field.name in AUTO_FIELDS else repr(default)
+    note = "run-length dependent" if field.name in RUN_LENGTH_FIELDS else repr(default)
     if field.name == "fast_params":
         note += "; or comma-separated glob patterns such as 'layer4.*,fc.*'"
     if field.name == "seed":
         note = "--seed"
-    group.add_argument(flag, dest=dest, type=kind, choices=_FIELD_CHOICES.get(field.name), default=None, help=f"default {note}")
+    choices = None if field.name in _OPEN_CHOICES else field_choices(field.name) or None
+    group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, help=f"default {note}")
 
 
 def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,4 +145,4 @@ def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[M
     if args.no_meta:
         values["meta_weight"] = 0.0
     config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **values)
-    return config, {name: getattr(config, name) for name in AUTO_FIELDS if name not in values}
+    return config, {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}

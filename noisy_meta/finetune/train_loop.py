@@ -1,0 +1,154 @@
+"""One epoch of training and one evaluation, in the shape of timm's ``train_one_epoch`` / ``validate``.
+
+`train_one_epoch` feeds the batches to `MetaNoiseWrapper.step` inside
+``accelerator.accumulate``, steps the per-update schedule and stops the run after too many
+consecutive non-finite updates; `validate` scores student and mentor; `predict_train_set`
+gives the mentor's probabilities for every training sample on every rank (data cleaning,
+cleanlab export), through `noisy_meta.cleaning.iter_probabilities`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from ..cleaning import iter_probabilities
+from ..noisy_datasets import INDEX
+from ..wrapper import MetaNoiseWrapper
+from .checkpoint import save_checkpoint
+from .data import CLEAN_COLUMN, attach_transform, collate
+from .models import transforms
+from .progress import EpochProgress
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+#: The running means `train_one_epoch` reports.
+TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
+
+
+@dataclass
+class SkipCounter:
+    """Consecutive updates skipped for a non-finite loss or gradient; ``limit`` 0 never stops."""
+
+    limit: int
+    consecutive: int = 0
+
+
+def train_one_epoch(
+    epoch: int,
+    wrapper: MetaNoiseWrapper,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    scheduler: Any | None,
+    progress: EpochProgress,
+    skips: SkipCounter,
+    output_dir: Path,
+) -> dict[str, float]:
+    """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight."""
+    wrapper.module.train()
+    totals = dict.fromkeys(TRAIN_STATS, 0.0)
+    stats: dict[str, float] = {}
+    for batch in loader:
+        with accelerator.accumulate(wrapper.model):
+            stats = wrapper.step(batch["pixel_values"], batch["label"])
+        if accelerator.sync_gradients:  # every rank sees the same skip decision
+            if scheduler is not None:
+                scheduler.step_update(num_updates=wrapper.num_updates)
+            skips.consecutive = skips.consecutive + 1 if stats["skipped"] else 0
+            if skips.limit and skips.consecutive >= skips.limit:
+                progress.stop()
+                stop_after_skips(accelerator, wrapper, output_dir, skips.consecutive, epoch)
+        for key in totals:
+            totals[key] += stats[key]
+        progress.update(stats, batch["label"].shape[0] * accelerator.num_processes)
+    progress.stop()
+    return {**{key: value / len(loader) for key, value in totals.items()}, "meta_weight": stats["meta_weight"]}
+
+
+@torch.no_grad()
+def validate(accelerator: Accelerator, wrapper: MetaNoiseWrapper, loader: DataLoader) -> dict[str, float]:
+    """Accuracy of student and mentor against the clean label where known, else the given label."""
+    student, mentor = wrapper.module, wrapper.mentor
+    student.eval()
+    correct = {"student": 0, "mentor": 0}
+    total = 0
+    for batch in loader:
+        target = torch.where(batch[CLEAN_COLUMN] >= 0, batch[CLEAN_COLUMN], batch["label"])
+        with accelerator.autocast():
+            hits = {name: model(batch["pixel_values"]).argmax(dim=1) == target for name, model in (("student", student), ("mentor", mentor))}
+        for name, hit in hits.items():
+            correct[name] += int(accelerator.gather_for_metrics(hit).sum())
+        total += int(accelerator.gather_for_metrics(target).numel())
+    student.train()
+    return {name: count / max(total, 1) for name, count in correct.items()}
+
+
+def predict_train_set(
+    accelerator: Accelerator, args: argparse.Namespace, mentor: torch.nn.Module, train_set: Dataset
+) -> np.ndarray:
+    """The mentor's probabilities ``[N, K]`` for every training sample, in row order, on every rank."""
+    _, eval_transform = transforms(args, mentor)
+    loader = accelerator.prepare_data_loader(
+        DataLoader(
+            attach_transform(train_set, eval_transform), batch_size=2 * args.batch_size, collate_fn=collate,
+            num_workers=args.workers,
+        )
+    )
+    mentor = mentor.to(accelerator.device).eval()
+    batch_indices: list[torch.Tensor] = []
+
+    def images():
+        for batch in loader:
+            batch_indices.append(batch["index"])
+            yield batch["pixel_values"]
+
+    probs, indices = [], []
+    for batch_probs in iter_probabilities(mentor, images(), accelerator.autocast):
+        gathered = accelerator.gather_for_metrics((batch_probs, batch_indices.pop()))
+        probs.append(gathered[0].double().cpu())
+        indices.append(gathered[1].cpu())
+    gathered_probs, gathered_index = torch.cat(probs).numpy(), torch.cat(indices).numpy()
+    positions = np.asarray(train_set[INDEX])
+    row_of = {int(index): row for row, index in enumerate(positions)}
+    result = np.empty((len(positions), gathered_probs.shape[1]))
+    result[[row_of[int(index)] for index in gathered_index]] = gathered_probs
+    return result
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive updates were skipped because the loss or a gradient was not finite."""
+
+
+def stop_after_skips(accelerator: Accelerator, wrapper: MetaNoiseWrapper, output_dir: Path, skips: int, epoch: int) -> None:
+    """Save the last good state in ``<output-dir>/stopped/`` and stop the run.
+
+    Skipped updates leave parameters, optimizer state and mentor untouched, so the state now
+    is the one after the last good update. ``last/`` keeps the previous epoch's checkpoint,
+    from which ``--resume`` continues exactly.
+    """
+    stopped = output_dir / "stopped"
+    save_checkpoint(accelerator, stopped, wrapper.module, wrapper.mentor)
+    raise NonFiniteTrainingError(
+        f"{skips} consecutive updates were skipped because the loss or a gradient was not finite "
+        f"(epoch {epoch + 1}, after {wrapper.num_updates} good updates; {wrapper.num_skipped} skipped in all). "
+        f"The last good weights are in {stopped}/ and {output_dir / 'last'}/ holds the end of the previous epoch. "
+        "Lower --lr or --inner-lr, add --clip-grad, look for non-finite inputs, or use bf16 rather than fp16; "
+        "--max-consecutive-skips sets the limit (0: never stop)."
+    )
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    parts = [f"epoch {record['epoch'] + 1}", f"loss {record['train_loss']:.3f}", f"w {record['meta_weight']:.2f}"]
+    for split in ("val", "test"):
+        if f"{split}_student" in record:
+            parts.append(f"{split} student {100 * record[f'{split}_student']:.2f}% mentor {100 * record[f'{split}_mentor']:.2f}%")
+    parts.append(f"{record['images_per_second']:.0f} img/s")
+    return " | ".join(parts)

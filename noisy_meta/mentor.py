@@ -1,0 +1,84 @@
+"""The mentor: the teacher whose predictions the fast-weight students must keep agreeing with.
+
+MLNT's mentor is an exponential moving average of the student. `Mentor` owns that average
+(timm's ``ModelEmaV3``), its decay schedule (`MetaNoiseConfig.mentor_decay_at`: a faster
+average while the meta weight ramps up, a slower one after) and the forwards it serves: its
+logits and its pooled features for the neighbour search, both in eval mode without autograd.
+
+Trade-off worth knowing: the reference code averages parameters only, which leaves the
+mentor's BatchNorm statistics at their initial values and its eval-mode predictions near
+chance. Here parameters *and* buffers are averaged (``ModelEmaV3``'s default).
+
+``mentor_update="frozen"`` keeps a mentor you pass in as it is (iterative training: the best
+mentor of the previous run).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from .compat import unwrap_model
+from .config import MetaNoiseConfig
+from .features import eval_mode, logits_and_features
+
+
+class Mentor:
+    """An EMA (or frozen) copy of the student.
+
+    Args:
+        student: the unwrapped student module.
+        config: the `MetaNoiseConfig` (``mentor_update`` and the decay schedule).
+        initial: a starting mentor with the student's architecture; by default a copy of the
+            student. The module passed is copied, never changed.
+    """
+
+    def __init__(self, student: nn.Module, config: MetaNoiseConfig, initial: nn.Module | None = None) -> None:
+        self.config = config
+        source = student if initial is None else unwrap_model(initial)
+        if initial is not None and config.mentor_update == "ema":
+            _check_same_state_layout(student, source)
+        device = next(student.parameters()).device
+        if config.mentor_update == "ema":
+            self.ema: ModelEmaV3 | None = ModelEmaV3(source, decay=config.mentor_decay_ramp)
+            self.module = self.ema.module.to(device).requires_grad_(False)
+        else:
+            self.ema = None
+            self.module = copy.deepcopy(source).eval().to(device).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> None:
+        """Average ``student`` in with the decay of update ``step`` (nothing when frozen)."""
+        if self.ema is not None:
+            self.ema.apply_update_(student, self.config.mentor_decay_at(step))
+
+    @torch.no_grad()
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.module):
+            return self.module(inputs)
+
+    def logits_and_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and pooled pre-logits features from one pass through the body."""
+        return logits_and_features(self.module, inputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)
+
+
+def _check_same_state_layout(student: nn.Module, mentor: nn.Module) -> None:
+    """An EMA mentor must have the student's state-dict names and shapes."""
+    layout = {name: tuple(t.shape) for name, t in student.state_dict().items()}
+    other = {name: tuple(t.shape) for name, t in mentor.state_dict().items()}
+    if layout != other:
+        differing = sorted(set(layout.items()) ^ set(other.items()))[:5]
+        raise ValueError(
+            "an EMA mentor must have the student's architecture (same state-dict names and shapes); "
+            f"first differences: {differing}. Use mentor_update='frozen' for a different architecture"
+        )

@@ -1,0 +1,180 @@
+"""MLNT's meta objective: synthetic noisy labels, a fast-weight step per set, the KL to the mentor.
+
+For a batch ``(x, y)`` and the mentor's predictions ``p = softmax(mentor(x))``:
+
+1. M synthetic label sets ``y_m`` by random neighbour label transfer (`noisy_meta.synthetic`;
+   neighbours in the mentor's, the student's or your own feature space);
+2. for each set, fast weights ``theta'_m = theta - alpha * grad CE(f(x; theta), y_m)``
+   (`noisy_meta.fast_weights`, on the `FastPass` the scope gives);
+3. ``J = mean_m KL(p || f(x; theta'_m))``, whose gradient ``w * grad J`` is added to the
+   parameters one pass at a time (`MetaObjective.backward`) or returned as one
+   differentiable loss (`MetaObjective.loss`).
+
+`MetaObjective` owns the ``torch.Generator`` of the synthetic labels (one per device, seeded
+with the run's shared seed), so that a run resumed from `state_dict` draws the same labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import check_features
+from .compat import explain_double_backward_errors
+from .config import MetaNoiseConfig
+from .fast_scope import StudentForward
+from .fast_weights import meta_losses, upcast
+from .features import features_of
+from .gradients import GradientUpdate
+from .mentor import Mentor
+from .synthetic import nearest_neighbors, neighbor_label_transfer
+
+
+@dataclass
+class MetaTargets:
+    """What the meta step of one batch aims at: M synthetic label sets and the mentor's log-probabilities."""
+
+    labels: torch.Tensor  # [M, B]
+    mentor_log_probs: torch.Tensor  # [B, C]
+    changed: torch.Tensor  # scalar: mean fraction of labels the sets changed
+
+
+@dataclass
+class MetaResult:
+    """The meta loss ``J`` of one batch (detached), the fraction of labels changed, the gradient at the trunk."""
+
+    loss: torch.Tensor
+    changed: torch.Tensor
+    trunk_grad: torch.Tensor | None = None
+
+    @classmethod
+    def off(cls, device: torch.device) -> MetaResult:
+        """No meta step (weight 0)."""
+        zero = torch.zeros((), device=device)
+        return cls(zero, zero)
+
+
+class MetaObjective:
+    """The meta step of MLNT for one student and its mentor.
+
+    Args:
+        config: the `MetaNoiseConfig`.
+        student: the unwrapped student (neighbour features when ``feature_source="student"``).
+        mentor: the `Mentor`.
+        seed: the synthetic labels' seed (the same on every rank).
+    """
+
+    def __init__(self, config: MetaNoiseConfig, student: nn.Module, mentor: Mentor, seed: int) -> None:
+        self.config = config
+        self.student = student
+        self.mentor = mentor
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> MetaTargets:
+        """Synthetic label sets by neighbour label transfer, and the mentor's log-probabilities."""
+        config = self.config
+        if config.num_synthetic == 0:  # the consistency-only ablation: no neighbours needed
+            mentor_logits = self.mentor.logits(inputs)
+            empty = labels.new_empty((0, labels.shape[0]))
+            return MetaTargets(empty, _log_probs(mentor_logits), torch.zeros((), device=labels.device))
+        mentor_logits, features = self._mentor_logits_and_features(inputs)
+        check_features(features, inputs.shape[0])
+        neighbors = nearest_neighbors(features, config.num_neighbors)
+        synthetic = neighbor_label_transfer(
+            labels, neighbors, config.num_synthetic, config.perturb_ratio, self.generator(labels.device)
+        )
+        return MetaTargets(synthetic.labels, _log_probs(mentor_logits), synthetic.changed_fraction)
+
+    def backward(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        student: StudentForward,
+        weight: float,
+        grads: GradientUpdate,
+    ) -> MetaResult:
+        """Add ``weight * grad J`` to the gradient, one pass of sets at a time (memory flat in M)."""
+        if weight == 0.0:
+            return MetaResult.off(student.logits.device)
+        targets = self.targets(inputs, labels)
+        fast = student.fast
+        num_sets = targets.labels.shape[0]
+        retain = not self.config.first_order or num_sets == 0  # M = 0: the loss is on the student's graph
+        scale = weight / max(num_sets, 1)  # M = 0: one consistency loss
+        total, trunk_grad = None, None
+        with fast.open() as logits, explain_double_backward_errors():
+            for losses in self._losses(fast.module, fast.inputs, fast.names, logits, targets, grads.runtime.loss_scale()):
+                grad = grads.add(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
+                if fast.trunk_leaf is not None:
+                    trunk_grad = grad if trunk_grad is None else trunk_grad + grad
+                total = losses.detach().sum() if total is None else total + losses.detach().sum()
+        return MetaResult(total / max(num_sets, 1), targets.changed, trunk_grad)
+
+    def loss(
+        self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward, weight: float, grad_scale: float
+    ) -> torch.Tensor:
+        """``weight * J`` as one differentiable scalar (all M graphs alive until its backward)."""
+        if weight == 0.0:
+            return student.logits.new_zeros(()).float()
+        targets = self.targets(inputs, labels)
+        fast = student.fast
+        with fast.open() as logits, explain_double_backward_errors():
+            losses = torch.cat(list(self._losses(fast.module, fast.inputs, fast.names, logits, targets, grad_scale)))
+        return losses.mean() * weight
+
+    def _losses(
+        self,
+        module: nn.Module,
+        inputs: torch.Tensor,
+        names: list[str],
+        logits: torch.Tensor,
+        targets: MetaTargets,
+        grad_scale: float,
+    ) -> Iterator[torch.Tensor]:
+        config = self.config
+        return meta_losses(
+            module, inputs, upcast(logits), targets.labels, targets.mentor_log_probs, names,
+            config.inner_lr, config.first_order, grad_scale, config.sets_per_pass,
+        )
+
+    def _mentor_logits_and_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.config.feature_source
+        if source == "mentor":
+            return self.mentor.logits_and_features(inputs)
+        mentor_logits = self.mentor.logits(inputs)
+        if source == "student":
+            return mentor_logits, features_of(self.student, inputs)
+        if isinstance(source, nn.Module):
+            return mentor_logits, features_of(source, inputs)
+        with torch.no_grad():
+            return mentor_logits, source(inputs)
+
+    # ------------------------------------------------------------------ the synthetic labels' RNG
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The synthetic labels' generator on ``device`` (seeded with `seed` on first use)."""
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[device] = generator
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state["seed"])
+        self._generators = {}
+        for device, generator_state in state["generators"].items():
+            self.generator(torch.device(device)).set_state(generator_state)
+
+
+def _log_probs(mentor_logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(upcast(mentor_logits.detach()), dim=1)

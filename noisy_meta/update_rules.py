@@ -1,0 +1,106 @@
+"""How one batch's losses become optimizer updates: the joint and the sequential rule.
+
+Both rules run the same stages (`Stages`): the student's forward through the fast-weight
+scope, its cross-entropy, the meta objective's gradient, and the gradient update.
+
+* `joint_update` (``update_rule="joint"``, the reference code): one optimizer step on
+  ``grad CE + w * grad J``; inside an ``accelerator.accumulate`` window the gradient is held
+  for the next micro-batch instead.
+* `sequential_update` (``update_rule="sequential"``, the paper's notation): an optimizer step
+  on ``w * grad J`` (from a forward that leaves BatchNorm statistics untouched), then a fresh
+  forward and an optimizer step on ``grad CE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .fast_scope import WholeModel
+from .fast_weights import upcast
+from .gradients import GradientUpdate
+from .meta_objective import MetaObjective, MetaResult
+
+
+@dataclass
+class Stages:
+    """The collaborators one MLNT iteration is made of."""
+
+    scope: WholeModel
+    meta: MetaObjective
+    grads: GradientUpdate
+    forward_context: Callable[[], contextlib.AbstractContextManager]
+    check_outputs: Callable[[torch.Tensor, torch.Tensor], None]
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.check_outputs(logits, targets)
+        return F.cross_entropy(upcast(logits), targets)
+
+
+@dataclass
+class Outcome:
+    """What an iteration did: its losses, whether the optimizer stepped, whether nothing was skipped."""
+
+    ce_loss: torch.Tensor
+    meta: MetaResult
+    stepped: bool
+    complete: bool
+
+    def stats(self, weight: float, mentor_decay: float, num_skipped: int, num_updates: int) -> dict[str, float]:
+        """`MetaNoiseWrapper.step`'s statistics (one device-to-host copy)."""
+        dtype = torch.promote_types(self.ce_loss.dtype, self.meta.loss.dtype)
+        values = torch.stack([self.ce_loss.detach().to(dtype), self.meta.loss.to(dtype), self.meta.changed.to(dtype)])
+        ce, meta, changed = values.tolist()
+        return {
+            "loss": ce + weight * meta,
+            "ce_loss": ce,
+            "meta_loss": meta,
+            "meta_weight": weight,
+            "labels_changed": changed,
+            "mentor_decay": mentor_decay,
+            "skipped": float(not self.complete),
+            "num_skipped": float(num_skipped),
+            "step": float(num_updates),
+        }
+
+
+def joint_update(stages: Stages, inputs: torch.Tensor, targets: torch.Tensor, weight: float) -> Outcome:
+    """One optimizer step on ``grad CE + w * grad J`` (or the gradient held, mid accumulation)."""
+    grads = stages.grads
+    with stages.forward_context():
+        student = stages.scope.forward(inputs, meta=weight > 0.0)
+        ce_loss = stages.cross_entropy(student.logits, targets)
+        meta = stages.meta.backward(inputs, targets, student, weight, grads)
+        grads.add(ce_loss, through=student.through(meta.trunk_grad))
+    if not grads.sync:
+        grads.hold()
+        return Outcome(ce_loss, meta, stepped=False, complete=True)
+    applied = grads.apply(ce_loss, meta.loss)
+    return Outcome(ce_loss, meta, stepped=applied, complete=applied)
+
+
+def sequential_update(stages: Stages, inputs: torch.Tensor, targets: torch.Tensor, weight: float) -> Outcome:
+    """An optimizer step on ``w * grad J``, then a fresh forward and one on ``grad CE``."""
+    grads = stages.grads
+    meta, meta_applied = MetaResult.off(inputs.device), True
+    if weight > 0.0:
+        with stages.forward_context():
+            student = stages.scope.forward(inputs, keep_buffers=True)
+            stages.check_outputs(student.logits, targets)
+            meta = stages.meta.backward(inputs, targets, student, weight, grads)
+        del student
+        meta_applied = grads.apply(meta.loss)
+    ce_loss = stages.cross_entropy(stages.scope.module(inputs), targets)
+    grads.add(ce_loss)
+    applied = grads.apply(ce_loss)
+    return Outcome(ce_loss, meta, stepped=applied, complete=applied and meta_applied)
+
+
+UPDATE_RULES: dict[str, Callable[[Stages, torch.Tensor, torch.Tensor, float], Outcome]] = {
+    "joint": joint_update,
+    "sequential": sequential_update,
+}
