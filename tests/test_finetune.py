@@ -353,7 +353,7 @@ def test_iterative_flag_errors(flags, message):
 
 def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(tiny_mnist, tmp_path, monkeypatch, make_accelerator):
     """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
-    from noisy_meta.finetune import trainer
+    from noisy_meta.finetune import train_loop, trainer
 
     train_batches = []
 
