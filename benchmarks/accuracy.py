@@ -22,7 +22,8 @@ inner_lr 1.0, mentor decay 0.99; chosen with ``--tune``):
   the given label), they are removed, and a fresh student trains on the rest with that mentor
   (frozen; ``--clean-action relabel`` / ``--iteration-mentor ema`` for the variants);
 - not in the default table, the cheaper modes: ``mlnt_head``, ``mlnt_last_stage`` (this
-  model's last stage is its hidden layer), ``mlnt_every4`` and ``mlnt_last_stage_every4`` (``--methods ...`` with ``--section NAME``).
+  model's last stage is its hidden layer), ``mlnt_every4`` and ``mlnt_last_stage_every4``
+(``--methods ...`` with ``--section NAME``).
 
 Reported: clean test accuracy of the student and of the mentor at the final epoch and at
 the best epoch (the maximum over epochs: an oracle early stop, for reference), mean and
@@ -103,8 +104,12 @@ LABELS = {
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.
 COMMON: dict[str, Any] = {
-    "num_synthetic": 5, "num_neighbors": 10, "inner_lr": 1.0, "meta_weight": 1.0,
-    "mentor_decay_ramp": 0.99, "mentor_decay": 0.99,
+    "num_synthetic": 5,
+    "num_neighbors": 10,
+    "inner_lr": 1.0,
+    "meta_weight": 1.0,
+    "mentor_decay_ramp": 0.99,
+    "mentor_decay": 0.99,
 }
 CLEANING = CleaningConfig(criterion="confident_disagreement", threshold=0.0, action="remove")
 
@@ -134,8 +139,14 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (img_size // 4) ** 2, 128), nn.ReLU())
         self.fc = nn.Linear(128, num_classes)
@@ -202,7 +213,12 @@ def run(job: Job) -> dict[str, Any]:
     datasets.disable_progress_bars()
     data = load(job.setting, job.seed, job.tune)
     started = time.perf_counter()
-    result: dict[str, Any] = {"setting": job.setting, "method": job.method, "seed": job.seed, "realised_rate": data.realised_rate}
+    result: dict[str, Any] = {
+        "setting": job.setting,
+        "method": job.method,
+        "seed": job.seed,
+        "realised_rate": data.realised_rate,
+    }
     train_x, train_y = data.train_x, data.train_y
     mentor = None
     if job.method == "mlnt_clean":
@@ -223,7 +239,9 @@ def run(job: Job) -> dict[str, Any]:
     return result
 
 
-def train(job: Job, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor, mentor: nn.Module | None) -> dict[str, Any]:
+def train(
+    job: Job, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor, eval_y: torch.Tensor, mentor: nn.Module | None
+) -> dict[str, Any]:
     torch.manual_seed(job.seed)
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=0.9, weight_decay=5e-4)
@@ -240,13 +258,17 @@ def train(job: Job, x: torch.Tensor, y: torch.Tensor, eval_x: torch.Tensor, eval
     for _ in range(job.epochs):
         order = torch.randperm(len(x), generator=generator)
         for step in range(steps_per_epoch):
-            batch = order[step * job.batch_size:(step + 1) * job.batch_size]
+            batch = order[step * job.batch_size : (step + 1) * job.batch_size]
             wrapper.step(x[batch], y[batch])
             scheduler.step()
         for name, network in (("student", wrapper.module), ("mentor", wrapper.mentor)):
             probs = predict_probabilities(network, eval_x.split(1000))
             curves[name].append(float((probs.argmax(1) == eval_y.numpy()).mean()))
-    out: dict[str, Any] = {**curves, "config": {k: v for k, v in overrides.items() if k != "seed"}, "num_skipped": wrapper.num_skipped}
+    out: dict[str, Any] = {
+        **curves,
+        "config": {k: v for k, v in overrides.items() if k != "seed"},
+        "num_skipped": wrapper.num_skipped,
+    }
     if job.method == "mlnt_fo":
         out["mentor_state"] = {k: v.clone() for k, v in wrapper.mentor.state_dict().items()}
     return out
@@ -268,9 +290,12 @@ def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
                 result = future.result()
                 result.pop("mentor_state", None)
                 results.append(result)
-                print(f"  {job.setting:<7} {job.method:<10} seed {job.seed}: student {100 * result['student'][-1]:5.1f} "
-                      f"mentor {100 * result['mentor'][-1]:5.1f} (best {100 * max(result['mentor']):5.1f}) "
-                      f"{result['seconds']:6.0f} s", flush=True)
+                print(
+                    f"  {job.setting:<7} {job.method:<10} seed {job.seed}: student {100 * result['student'][-1]:5.1f} "
+                    f"mentor {100 * result['mentor'][-1]:5.1f} (best {100 * max(result['mentor']):5.1f}) "
+                    f"{result['seconds']:6.0f} s",
+                    flush=True,
+                )
     return results
 
 
@@ -299,7 +324,10 @@ def table(results: list[dict[str, Any]], settings: list[str], methods: list[str]
 
 
 def detection_table(results: list[dict[str, Any]], settings: list[str]) -> list[str]:
-    lines = ["| setting | flagged | truly noisy | precision | recall | F1 | kept per class (min-max) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | flagged | truly noisy | precision | recall | F1 | kept per class (min-max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for setting in settings:
         runs = [r["cleaning"] for r in results if r["setting"] == setting and "cleaning" in r]
         if not runs:
@@ -313,8 +341,16 @@ def detection_table(results: list[dict[str, Any]], settings: list[str]) -> list[
         flagged = statistics.fmean(d["num_flagged"] for d in detections)
         noisy = statistics.fmean(d["num_noisy"] for d in detections)
         kept = [c for r in runs for c in r["remaining_per_class"]]
-        lines.append(f"| {setting} | {flagged:.0f} | {noisy:.0f} | {cell('precision')} | {cell('recall')} | {cell('f1')} | {min(kept)}-{max(kept)} |")
-    return ["Cleaning before the second iteration (mentor top-1 differs from the given label: removed), mean over seeds; precision/recall/F1 in %:", "", *lines]
+        lines.append(
+            f"| {setting} | {flagged:.0f} | {noisy:.0f} | {cell('precision')} | {cell('recall')} | {cell('f1')} "
+            f"| {min(kept)}-{max(kept)} |"
+        )
+    return [
+        "Cleaning before the second iteration (mentor top-1 differs from the given label: removed), mean over seeds; "
+        "precision/recall/F1 in %:",
+        "",
+        *lines,
+    ]
 
 
 def plot(results: list[dict[str, Any]], setting: str, path: Path) -> bool:
@@ -337,7 +373,9 @@ def plot(results: list[dict[str, Any]], setting: str, path: Path) -> bool:
             epochs = np.arange(1, curves.shape[1] + 1)
             ax.plot(epochs, curves.mean(0), line, color=colour, label=f"{method} {who}")
             if len(runs) > 1:
-                ax.fill_between(epochs, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=colour, alpha=0.12)
+                ax.fill_between(
+                    epochs, curves.mean(0) - curves.std(0), curves.mean(0) + curves.std(0), color=colour, alpha=0.12
+                )
     ax.set_xlabel("epoch")
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_title(f"MNIST-5k, {setting}: mean ± std over {len({r['seed'] for r in results})} seeds")
@@ -356,7 +394,7 @@ def write_section(lines: list[str], name: str | None = None) -> None:
     body = "\n".join([start, *lines, end])
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     RESULTS.write_text(text)
@@ -371,20 +409,43 @@ def parse_value(text: str) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, seed 0, sym50 and clean, CE and MLNT first order + cleaning")
-    parser.add_argument("--tune", action="store_true", help="train on 90%% of the noisy training data, score on the other 10%% (noisy labels)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 epochs, seed 0, sym50 and clean, CE and MLNT first order + cleaning",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="train on 90%% of the noisy training data, score on the other 10%% (noisy labels)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=TABLE_METHODS, help=f"default: {' '.join(TABLE_METHODS)}")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for every MLNT method")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=TABLE_METHODS, help=f"default: {' '.join(TABLE_METHODS)}"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for every MLNT method"
+    )
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="mentor_update of the second iteration")
-    parser.add_argument("--clean-action", choices=("remove", "relabel"), default="remove", help="what the cleaning does with flagged samples")
+    parser.add_argument(
+        "--iteration-mentor", choices=("frozen", "ema"), default="frozen", help="mentor_update of the second iteration"
+    )
+    parser.add_argument(
+        "--clean-action",
+        choices=("remove", "relabel"),
+        default="remove",
+        help="what the cleaning does with flagged samples",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     parser.add_argument("--output", default=str(HERE / "accuracy"), help="directory for the per-run JSON and the plot")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
-    parser.add_argument("--section", default=None, help="write a separate RESULTS.md section with this title (e.g. for --methods mlnt_head ...)")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="write a separate RESULTS.md section with this title (e.g. for --methods mlnt_head ...)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds = 2, [0]
@@ -393,8 +454,20 @@ def main(argv: list[str] | None = None) -> None:
     overrides = tuple((key, parse_value(value)) for key, value in (item.split("=", 1) for item in args.set))
     MetaNoiseConfig().with_overrides(**dict(overrides))  # unknown or invalid fields fail here, not in a worker
     jobs = [
-        Job(setting, method, seed, args.epochs, args.tune, overrides if method != "ce" else (), args.lr, iteration_mentor=args.iteration_mentor, clean_action=args.clean_action)
-        for setting in args.settings for method in args.methods for seed in args.seeds
+        Job(
+            setting,
+            method,
+            seed,
+            args.epochs,
+            args.tune,
+            overrides if method != "ce" else (),
+            args.lr,
+            iteration_mentor=args.iteration_mentor,
+            clean_action=args.clean_action,
+        )
+        for setting in args.settings
+        for method in args.methods
+        for seed in args.seeds
     ]
     command = "python benchmarks/accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"{len(jobs)} runs on {args.workers} worker processes: {command}", flush=True)
@@ -409,25 +482,36 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", *detection_table(results, args.settings)]
     print("\n".join(lines))
     print(f"{minutes:.1f} min")
-    plotted = args.section is None and not args.tune and "sym50" in args.settings and plot(results, "sym50", output / "sym50.png")
+    plotted = (
+        args.section is None
+        and not args.tune
+        and "sym50" in args.settings
+        and plot(results, "sym50", output / "sym50.png")
+    )
     if args.no_write or args.quick or args.tune:
         return
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker processes; Python {platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
-    write_section([
-        "## Accuracy" if args.section is None else f"### {args.section}",
-        "",
-        "```bash",
-        command.strip(),
-        "```",
-        "",
-        (
-            f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. "
-            f"{args.epochs} epochs, seeds {args.seeds}, shared MetaNoiseConfig {dict(COMMON, **dict(overrides))}."
-        ),
-        "",
-        *lines,
-        *(["", f"![test accuracy per epoch, sym50]({output.relative_to(HERE)}/sym50.png)"] if plotted else []),
-    ], args.section)
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker processes; "
+        f"Python {platform.python_version()}, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
+    write_section(
+        [
+            "## Accuracy" if args.section is None else f"### {args.section}",
+            "",
+            "```bash",
+            command.strip(),
+            "```",
+            "",
+            (
+                f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. "
+                f"{args.epochs} epochs, seeds {args.seeds}, shared MetaNoiseConfig {dict(COMMON, **dict(overrides))}."
+            ),
+            "",
+            *lines,
+            *(["", f"![test accuracy per epoch, sym50]({output.relative_to(HERE)}/sym50.png)"] if plotted else []),
+        ],
+        args.section,
+    )
 
 
 if __name__ == "__main__":

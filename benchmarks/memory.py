@@ -78,8 +78,19 @@ def main() -> None:
     for m in NUM_SYNTHETIC:
         row = []
         for mode in MODES:
-            command = [sys.executable, __file__, "--model", args.model, "--img-size", str(args.img_size),
-                       "--batch-size", str(args.batch_size), "--child", mode, str(m)]
+            command = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--img-size",
+                str(args.img_size),
+                "--batch-size",
+                str(args.batch_size),
+                "--child",
+                mode,
+                str(m),
+            ]
             output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
             row.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{m:>3} " + " ".join(f"{value:20.0f}" for value in row), flush=True)

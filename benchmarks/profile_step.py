@@ -42,8 +42,14 @@ def main() -> None:
     targets = torch.randint(0, 10, (args.batch_size,))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     wrapper = MetaNoiseWrapper(
-        model, optimizer, num_synthetic=args.num_synthetic, first_order=args.first_order,
-        fast_params=args.fast_params, ramp_start=0, ramp_end=0, seed=0,
+        model,
+        optimizer,
+        num_synthetic=args.num_synthetic,
+        first_order=args.first_order,
+        fast_params=args.fast_params,
+        ramp_start=0,
+        ramp_end=0,
+        seed=0,
     )
     wrapper.step(inputs, targets)  # warm-up
 
@@ -59,7 +65,9 @@ def main() -> None:
     wall = time.perf_counter() - started
     stats = pstats.Stats(profiler).stats
     own = sum(tottime for (filename, _, _), (_, _, tottime, _, _) in stats.items() if filename.startswith(PACKAGE))
-    print(f"step wall time {wall:.3f} s (under cProfile); noisy_meta's own Python {own * 1e3:.1f} ms = {own / wall:.2%}")
+    print(
+        f"step wall time {wall:.3f} s (under cProfile); noisy_meta's own Python {own * 1e3:.1f} ms = {own / wall:.2%}"
+    )
 
 
 if __name__ == "__main__":

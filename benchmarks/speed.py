@@ -109,12 +109,14 @@ def iteration_for(config: str, args: argparse.Namespace):
     model, inputs, targets = build(args)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if config == "plain":
+
         def plain():
             optimizer.zero_grad(set_to_none=True)
             with autocast(args):
                 loss = F.cross_entropy(model(inputs), targets)
             loss.backward()
             optimizer.step()
+
         return plain
     match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4|batched))?", config)
     if match is None:
@@ -124,9 +126,11 @@ def iteration_for(config: str, args: argparse.Namespace):
         from reference_mlnt import ReferenceMLNT
 
         reference = ReferenceMLNT(model, optimizer, features=copy.deepcopy(model), num_synthetic=m)
+
         def reference_step():
             with autocast(args):
                 reference.step(inputs, targets)
+
         return reference_step
     settings = dict(num_synthetic=m, first_order=kind == "first_order", ramp_start=0, ramp_end=0, seed=0)
     if mode in ("last_stage", "head"):
@@ -140,6 +144,7 @@ def iteration_for(config: str, args: argparse.Namespace):
     def mlnt_step():
         with autocast(args):
             wrapper.step(inputs, targets)
+
     return mlnt_step
 
 
@@ -246,8 +251,20 @@ def run_child(name: str, args: argparse.Namespace, measure: str = "time") -> dic
 
 def command_options(args: argparse.Namespace) -> list[str]:
     """The options that define a measurement (passed on to every child process)."""
-    return ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
-            "--repeats", str(args.repeats), "--device", args.device, "--amp", args.amp]
+    return [
+        "--model",
+        args.model,
+        "--img-size",
+        str(args.img_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+    ]
 
 
 def main() -> None:
@@ -279,7 +296,9 @@ def main() -> None:
     parts = run_child("floor", args)
     print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
     rows, unit = [], None
-    header = f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    header = (
+        f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    )
     print(header, flush=True)
     for config in args.configs:
         try:
@@ -313,29 +332,34 @@ def write_section(title: str, command: str, parts: dict[str, float], header: str
 
     key = title
     start, end = f"<!-- speed: {key} -->", f"<!-- /speed: {key} -->"
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}"
-    body = "\n".join([
-        start,
-        f"### {title}",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Machine: {machine}.",
-        "",
-        "```text",
-        "floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()),
-        header,
-        *rows,
-        "```",
-        end,
-    ])
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, timm {timm.__version__}; {time.strftime('%Y-%m-%d')}"
+    )
+    body = "\n".join(
+        [
+            start,
+            f"### {title}",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            f"Machine: {machine}.",
+            "",
+            "```text",
+            "floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()),
+            header,
+            *rows,
+            "```",
+            end,
+        ]
+    )
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if "## Performance" not in text:
         text = text.rstrip("\n") + "\n\n## Performance\n\nWritten by `benchmarks/speed.py`.\n"
     if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
     else:  # after the last speed section, or at the top of the performance part
         anchor = text.rfind("<!-- /speed: ")
         if anchor >= 0:

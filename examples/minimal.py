@@ -36,7 +36,7 @@ def noisy_mnist(noise_rate: float, seed: int):
 def batches(images, labels, batch_size, generator):
     order = torch.randperm(len(labels), generator=generator)
     for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches: k neighbours each
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         yield images[index], labels[index]
 
 

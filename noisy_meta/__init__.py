@@ -48,8 +48,14 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(
         (
-            "CleaningConfig", "CleaningReport", "DetectionReport", "clean_dataset", "find_label_issues",
-            "iterate_with_cleaning", "predict_probabilities", "save_cleanlab_inputs",
+            "CleaningConfig",
+            "CleaningReport",
+            "DetectionReport",
+            "clean_dataset",
+            "find_label_issues",
+            "iterate_with_cleaning",
+            "predict_probabilities",
+            "save_cleanlab_inputs",
         ),
         "cleaning",
     ),
@@ -64,6 +70,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
 
 __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",

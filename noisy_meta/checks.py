@@ -21,9 +21,7 @@ def check_batch(
     ``num_classes``: the model's declared class count (timm's ``num_classes``), if any.
     """
     if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise TypeError(
-            f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}"
-        )
+        raise TypeError(f"inputs and targets must be tensors, got {type(inputs).__name__} and {type(targets).__name__}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(
             f"targets must hold integer class indices (torch.long), got {targets.dtype}; "
@@ -33,8 +31,7 @@ def check_batch(
         raise ValueError(f"targets must have shape [B], got {list(targets.shape)}")
     if inputs.ndim == 0 or inputs.shape[0] != targets.shape[0]:
         raise ValueError(
-            f"inputs and targets disagree on the batch size: inputs {list(inputs.shape)}, "
-            f"targets {list(targets.shape)}"
+            f"inputs and targets disagree on the batch size: inputs {list(inputs.shape)}, targets {list(targets.shape)}"
         )
     batch_size, k = targets.shape[0], config.num_neighbors
     if batch_size <= k and config.num_synthetic > 0:
@@ -63,8 +60,7 @@ def check_label_range(targets: torch.Tensor, num_classes: int) -> None:
     low, high = torch.stack([targets.min(), targets.max()]).tolist()
     if low < 0 or high >= num_classes:
         raise ValueError(
-            f"targets must lie in [0, {num_classes}) for a {num_classes}-class model, "
-            f"got values from {low} to {high}"
+            f"targets must lie in [0, {num_classes}) for a {num_classes}-class model, got values from {low} to {high}"
         )
 
 

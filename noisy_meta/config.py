@@ -7,7 +7,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 from torch import nn
@@ -18,12 +18,12 @@ FastParamsName = Literal["all", "last_stage", "head"]
 #: the last feature stage of ``feature_info`` and everything after it, final norms and head),
 #: ``"head"`` (the timm classifier, ``model.get_classifier()``), a sequence of glob patterns matched against
 #: parameter names (``["layer4.*", "fc.*"]``), or a predicate ``(name, param) -> bool``.
-FastParamsSpec = Union[FastParamsName, Sequence[str], Callable[[str, nn.Parameter], bool]]
+FastParamsSpec = FastParamsName | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 #: Where the neighbour-search features come from: ``"mentor"``, ``"student"``, a frozen
 #: ``nn.Module`` (e.g. a separately trained cross-entropy network, as in the reference code),
 #: or a callable ``inputs -> features [B, D]``.
-FeatureSourceSpec = Union[Literal["mentor", "student"], nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+FeatureSourceSpec = Literal["mentor", "student"] | nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 MentorUpdate = Literal["ema", "frozen"]
 UpdateRule = Literal["joint", "sequential"]
@@ -176,8 +176,7 @@ class MetaNoiseConfig:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise TypeError(
-                f"unknown MetaNoiseConfig field(s): {', '.join(unknown)}; "
-                f"valid fields: {', '.join(sorted(known))}"
+                f"unknown MetaNoiseConfig field(s): {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}"
             )
         return dataclasses.replace(self, **overrides)
 

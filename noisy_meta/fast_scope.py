@@ -50,7 +50,9 @@ class FastPass:
         """Inside, fast forwards of ``module`` run the suffix only; yields the inner-step logits."""
         with self.resume():
             if self.logits is None:
-                self.logits = forward_with_cloned_buffers(self.module, dict(self.module.named_parameters()), self.inputs)
+                self.logits = forward_with_cloned_buffers(
+                    self.module, dict(self.module.named_parameters()), self.inputs
+                )
             yield self.logits
 
 
@@ -112,7 +114,10 @@ class SharedTrunk(WholeModel):
             fast = FastPass(self.start, leaf, names, trunk_leaf=leaf)
         else:
             fast = FastPass(
-                self.module, inputs[:TRUNK_SAMPLES], self.fast_names, trunk_leaf=leaf,
+                self.module,
+                inputs[:TRUNK_SAMPLES],
+                self.fast_names,
+                trunk_leaf=leaf,
                 resume=lambda: resumed_at(self.module, self.start, leaf),
             )
         return StudentForward(logits, fast, trunk=captured.value)

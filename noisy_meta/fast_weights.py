@@ -154,14 +154,21 @@ def _fast_weights(
         inner_loss = F.cross_entropy(logits, labels)
         if grad_scale != 1.0:
             inner_loss = inner_loss * grad_scale
-        grads = torch.autograd.grad(inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True
+        )
     else:
         batch_size, num_classes = logits.shape
         onehot = F.one_hot(labels, num_classes).to(logits.dtype)
         logits_grads = (logits.softmax(dim=1) - onehot) * (grad_scale / batch_size)
         grads = torch.autograd.grad(
-            logits, params, grad_outputs=logits_grads, is_grads_batched=True,
-            create_graph=not first_order, retain_graph=True, allow_unused=True,
+            logits,
+            params,
+            grad_outputs=logits_grads,
+            is_grads_batched=True,
+            create_graph=not first_order,
+            retain_graph=True,
+            allow_unused=True,
         )
         params = [p.unsqueeze(0) for p in params]
     fast = {}
@@ -205,7 +212,9 @@ def _batched_forward(
         ) from error
 
 
-def forward_with_cloned_buffers(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+def forward_with_cloned_buffers(
+    module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor
+) -> torch.Tensor:
     """``module(inputs)`` with ``params``, on copies of its buffers (BatchNorm stats stay as they are)."""
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     return functional_call(module, {**params, **buffers}, (inputs,))

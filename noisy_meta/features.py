@@ -23,9 +23,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
 
 def is_timm_classifier(module: nn.Module) -> bool:
     """Whether ``module`` has timm's ``forward_features`` / ``forward_head`` split."""
-    return callable(getattr(module, "forward_features", None)) and callable(
-        getattr(module, "forward_head", None)
-    )
+    return callable(getattr(module, "forward_features", None)) and callable(getattr(module, "forward_head", None))
 
 
 def pre_logits(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

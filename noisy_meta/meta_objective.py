@@ -109,7 +109,9 @@ class MetaObjective:
         scale = weight / max(num_sets, 1)  # M = 0: one consistency loss
         total, trunk_grad = None, None
         with fast.open() as logits, explain_double_backward_errors():
-            for losses in self._losses(fast.module, fast.inputs, fast.names, logits, targets, grads.runtime.loss_scale()):
+            for losses in self._losses(
+                fast.module, fast.inputs, fast.names, logits, targets, grads.runtime.loss_scale()
+            ):
                 grad = grads.add(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
                 if fast.trunk_leaf is not None:
                     trunk_grad = grad if trunk_grad is None else trunk_grad + grad
@@ -139,8 +141,16 @@ class MetaObjective:
     ) -> Iterator[torch.Tensor]:
         config = self.config
         return meta_losses(
-            module, inputs, upcast(logits), targets.labels, targets.mentor_log_probs, names,
-            config.inner_lr, config.first_order, grad_scale, config.sets_per_pass,
+            module,
+            inputs,
+            upcast(logits),
+            targets.labels,
+            targets.mentor_log_probs,
+            names,
+            config.inner_lr,
+            config.first_order,
+            grad_scale,
+            config.sets_per_pass,
         )
 
     def _mentor_logits_and_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

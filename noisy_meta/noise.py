@@ -99,7 +99,12 @@ def inject_noise(
 
 
 def instance_dependent_labels(
-    clean: np.ndarray, features: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator, spread: float = 0.1
+    clean: np.ndarray,
+    features: np.ndarray,
+    num_classes: int,
+    rate: float,
+    rng: np.random.Generator,
+    spread: float = 0.1,
 ) -> np.ndarray:
     """Instance-dependent noisy labels in the manner of Xia et al. (NeurIPS 2020).
 

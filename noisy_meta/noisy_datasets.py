@@ -58,7 +58,13 @@ def add_label_noise(
     if kind == "instance" and features is None:
         features = image_features(dataset, image_column)
     noisy = inject_noise(
-        clean, num_classes, kind, rate, seed, include_true_class=include_true_class, class_map=class_map,
+        clean,
+        num_classes,
+        kind,
+        rate,
+        seed,
+        include_true_class=include_true_class,
+        class_map=class_map,
         features=features if kind == "instance" else None,
     )
     return _set_label_columns(dataset, noisy.labels, noisy.clean_labels), noisy

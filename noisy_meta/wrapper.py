@@ -129,7 +129,9 @@ class MetaNoiseWrapper:
         self._mentor = Mentor(module, config, mentor)
         # After the mentor copy, so the mentor keeps the faster (fused) ops for its no-grad passes.
         self.compat_changes: list[str] = [] if config.first_order else make_twice_differentiable(module)
-        self._meta = MetaObjective(config, module, self._mentor, self.runtime.shared_seed(config.seed, params[0].device))
+        self._meta = MetaObjective(
+            config, module, self._mentor, self.runtime.shared_seed(config.seed, params[0].device)
+        )
         self._scope = make_scope(module, config, fast_names)
         self._grads = GradientUpdate(params, self.runtime, config.clip_grad)
         self._stages = Stages(self._scope, self._meta, self._grads, self.forward_context, self._check_outputs)

@@ -70,11 +70,15 @@ def half_batches_match_the_full_batch(accelerator: Accelerator) -> float:
     model = TinyMLP()  # no BatchNorm: batch statistics would differ between half and full batches
     single = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(7)
-    batches = [(torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(3)]
+    batches = [
+        (torch.randn(16, 6, generator=generator), torch.randint(0, 3, (16,), generator=generator)) for _ in range(3)
+    ]
 
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     wrapper = MetaNoiseWrapper(model, optimizer, accelerator=accelerator, **SETTINGS, meta_weight=0.0)
-    single_wrapper = MetaNoiseWrapper(single, torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9), **SETTINGS, meta_weight=0.0)
+    single_wrapper = MetaNoiseWrapper(
+        single, torch.optim.SGD(single.parameters(), lr=0.1, momentum=0.9), **SETTINGS, meta_weight=0.0
+    )
     half = slice(8 * accelerator.process_index, 8 * accelerator.process_index + 8)
     for inputs, targets in batches:
         wrapper.step(inputs[half], targets[half])
@@ -129,7 +133,9 @@ def main() -> None:
     by_step, by_own_loop = accumulation_paths(accelerator)
     results["accumulation_updates"] = [by_step.num_updates, by_own_loop.num_updates]
     results["accumulation_identical"] = identical_on_all_ranks(accelerator, flat_state(by_step))
-    difference = torch.nn.utils.parameters_to_vector(by_step.module.parameters()) - torch.nn.utils.parameters_to_vector(by_own_loop.module.parameters())
+    difference = torch.nn.utils.parameters_to_vector(by_step.module.parameters()) - torch.nn.utils.parameters_to_vector(
+        by_own_loop.module.parameters()
+    )
     results["accumulation_paths_max_difference"] = float(difference.detach().abs().max())
     if accelerator.is_main_process:
         with open(sys.argv[1], "w") as handle:

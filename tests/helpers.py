@@ -30,8 +30,12 @@ class TinyMLP(nn.Module):
 def tiny_resnet(num_classes: int = 4, in_chans: int = 3) -> nn.Module:
     """A BatchNorm ResNet with one basic block per stage (timm)."""
     return timm.create_model(
-        "resnet18", num_classes=num_classes, in_chans=in_chans, layers=(1, 1, 1, 1),
-        stem_width=8, channels=(8, 16, 16, 32),
+        "resnet18",
+        num_classes=num_classes,
+        in_chans=in_chans,
+        layers=(1, 1, 1, 1),
+        stem_width=8,
+        channels=(8, 16, 16, 32),
     )
 
 

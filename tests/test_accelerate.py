@@ -17,8 +17,6 @@ def sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
-
-
 def test_prepared_model_trains_exactly_like_the_plain_wrapper(make_accelerator):
     torch.manual_seed(0)
     model = tiny_resnet()

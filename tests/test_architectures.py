@@ -44,7 +44,11 @@ SWEEP = {
     "deit": ("deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1), 32),
     "eva": ("eva02_tiny_patch14_224", dict(img_size=28, depth=1), 28),
     "beit": ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2), 32),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)), 32),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=32, window_size=2, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 2, 2)),
+        32,
+    ),
     "levit": ("levit_128s", {}, 224),
     "mixer": ("mixer_s16_224", dict(img_size=32), 32),
     "mobilevit": ("mobilevit_xxs", {}, 64),
@@ -87,7 +91,9 @@ def test_required_families_second_order_meta_gradient(family):
     # The second-order gradient is not the first-order one (the double backward really ran).
     first, first_wrapper, _, _ = second_order_step(name, overrides, size, first_order=True)
     first_wrapper.meta_backward(x, y, first(x))
-    differs = [not torch.allclose(a.grad, b.grad) for a, b in zip(model.parameters(), first.parameters()) if a.grad is not None]
+    differs = [
+        not torch.allclose(a.grad, b.grad) for a, b in zip(model.parameters(), first.parameters()) if a.grad is not None
+    ]
     assert any(differs)
 
 

@@ -16,11 +16,15 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
     pytest.importorskip("matplotlib")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--output", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = json.loads((tmp_path / "runs.json").read_text())
-    assert {(r["setting"], r["method"]) for r in runs} == {(s, m) for s in ("sym50", "clean") for m in ("ce", "mlnt_clean")}
+    assert {(r["setting"], r["method"]) for r in runs} == {
+        (s, m) for s in ("sym50", "clean") for m in ("ce", "mlnt_clean")
+    }
     for run in runs:
         assert len(run["student"]) == len(run["mentor"]) == 2 and all(0.0 <= a <= 1.0 for a in run["student"])
     cleaning = next(r["cleaning"] for r in runs if r["setting"] == "sym50" and r["method"] == "mlnt_clean")
@@ -32,6 +36,8 @@ def test_accuracy_benchmark_quick_mode(tmp_path):
 def test_accuracy_benchmark_refuses_unknown_overrides():
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--set", "inner_lrr=1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0 and "unknown MetaNoiseConfig field(s): inner_lrr" in result.stderr

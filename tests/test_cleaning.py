@@ -42,6 +42,14 @@ def test_given_label_probability_against_a_loop(threshold):
     assert flagged.tolist() == [p[y] < threshold for y, p in zip(labels, probs)]
 
 
+def test_find_label_issues_is_called_as_cleanlab_calls_it():
+    """``(labels, pred_probs)`` positionally, options keyword-only; the default flags top-1 disagreement."""
+    labels, probs = random_probs(seed=2)
+    assert find_label_issues(labels, probs).tolist() == [int(np.argmax(p)) != y for y, p in zip(labels, probs)]
+    with pytest.raises(TypeError):
+        find_label_issues(labels, probs, CleaningConfig())  # a positional config is refused, not misread
+
+
 def test_detection_report_by_hand():
     flagged = np.array([1, 1, 1, 0, 0, 0, 0, 1], dtype=bool)
     noisy = np.array([1, 1, 0, 1, 0, 0, 0, 0], dtype=bool)
@@ -102,7 +110,9 @@ def test_cleanlab_agrees_on_what_the_export_holds(tmp_path):
     from sklearn.model_selection import cross_val_predict
 
     features, clean = load_digits(return_X_y=True)
-    data, noise = add_label_noise(Dataset.from_dict({"label": clean.tolist()}), "symmetric", 0.2, seed=0, num_classes=10)
+    data, noise = add_label_noise(
+        Dataset.from_dict({"label": clean.tolist()}), "symmetric", 0.2, seed=0, num_classes=10
+    )
     labels = np.asarray(data["label"])
     probs = cross_val_predict(LogisticRegression(max_iter=2000), features / 16.0, labels, cv=5, method="predict_proba")
     save_cleanlab_inputs(tmp_path / "issues.npz", labels, probs)
@@ -169,10 +179,18 @@ def test_iterations_start_from_the_previous_mentor_and_judge_the_original_data()
         (lambda: find_label_issues([0, 1], np.full((2, 2), 0.7)), "summing to 1"),
         (lambda: find_label_issues([0, 2], np.full((2, 2), 0.5)), r"labels must lie in \[0, 2\)"),
         (lambda: find_label_issues([0, 1, 1], np.full((2, 2), 0.5)), r"\[N, K\] with N = 3"),
-        (lambda: clean_dataset(Dataset.from_dict({"label": [0, 1]}), np.full((2, 2), 0.5), CleaningConfig()), "lacks the label columns"),
-        (lambda: iterate_with_cleaning(labelled()[0], 0, None, None, CleaningConfig()), "iterations must be an integer >= 1"),
         (
-            lambda: iterate_with_cleaning(*labelled()[:1], 2, lambda d, i, m: m, lambda m, d: _all_wrong(d), CleaningConfig()),
+            lambda: clean_dataset(Dataset.from_dict({"label": [0, 1]}), np.full((2, 2), 0.5), CleaningConfig()),
+            "lacks the label columns",
+        ),
+        (
+            lambda: iterate_with_cleaning(labelled()[0], 0, None, None, CleaningConfig()),
+            "iterations must be an integer >= 1",
+        ),
+        (
+            lambda: iterate_with_cleaning(
+                *labelled()[:1], 2, lambda d, i, m: m, lambda m, d: _all_wrong(d), CleaningConfig()
+            ),
             "removed every sample",
         ),
     ],

@@ -25,9 +25,20 @@ def launch(script: Path, *args: str, num_processes: int = 2, timeout: int = 600)
     """``accelerate launch`` ``script``; the test fails with the ranks' output if it does not exit 0."""
     processes = ["--multi_gpu", "--num_processes", "2"] if num_processes == 2 else ["--num_processes", "1"]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", *processes, "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *processes,
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -69,11 +80,27 @@ def test_accumulation_over_ranks_by_step_matches_ddp_own_loop(ddp_results):
 
 def launch_expecting_failure(script: Path, *args: str, timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(script), *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
     ]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     return result, time.monotonic() - started
 
 

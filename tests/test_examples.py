@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_minimal_example_trains(style):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "minimal.py"), "--epochs", "2", *style],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     rows = [line.split() for line in result.stdout.splitlines() if re.match(r"\s+\d+\s", line)]
     assert len(rows) == 2

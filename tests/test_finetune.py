@@ -30,8 +30,22 @@ from noisy_meta.finetune.models import create_model
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "finetune.py"
 FAST = [
-    "--model", "test_resnet", "--img-size", "32", "--no-aug", "--batch-size", "32", "--epochs", "2",
-    "--first-order", "--num-synthetic", "2", "--num-neighbors", "4", "--val-fraction", "0.2",
+    "--model",
+    "test_resnet",
+    "--img-size",
+    "32",
+    "--no-aug",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "2",
+    "--first-order",
+    "--num-synthetic",
+    "2",
+    "--num-neighbors",
+    "4",
+    "--val-fraction",
+    "0.2",
 ]
 TIMING_KEYS = ("seconds", "images_per_second")
 
@@ -49,7 +63,9 @@ def tiny_mnist(tmp_path_factory) -> Path:
 
 def run_example(*flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, str(EXAMPLE), *flags], capture_output=True, text=True, timeout=timeout, env=env)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), *flags], capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -67,15 +83,29 @@ def without_timings(records: list[dict]) -> list[dict]:
 
 def test_every_config_field_has_a_flag_that_reaches_the_config():
     values = {
-        "num_synthetic": ("3", 3), "perturb_ratio": ("0.25", 0.25), "num_neighbors": ("4", 4),
-        "feature_source": ("student", "student"), "inner_lr": ("0.05", 0.05), "first_order": (None, True),
-        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")), "meta_every": ("2", 2), "sets_per_pass": ("5", 5), "meta_weight": ("2.0", 2.0),
-        "ramp_start": ("7", 7), "ramp_end": ("9", 9), "mentor_decay_ramp": ("0.5", 0.5),
-        "mentor_decay": ("0.6", 0.6), "mentor_update": ("frozen", "frozen"),
-        "update_rule": ("sequential", "sequential"), "clip_grad": ("1.5", 1.5), "dist_bn": ("broadcast", "broadcast"),
+        "num_synthetic": ("3", 3),
+        "perturb_ratio": ("0.25", 0.25),
+        "num_neighbors": ("4", 4),
+        "feature_source": ("student", "student"),
+        "inner_lr": ("0.05", 0.05),
+        "first_order": (None, True),
+        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")),
+        "meta_every": ("2", 2),
+        "sets_per_pass": ("5", 5),
+        "meta_weight": ("2.0", 2.0),
+        "ramp_start": ("7", 7),
+        "ramp_end": ("9", 9),
+        "mentor_decay_ramp": ("0.5", 0.5),
+        "mentor_decay": ("0.6", 0.6),
+        "mentor_update": ("frozen", "frozen"),
+        "update_rule": ("sequential", "sequential"),
+        "clip_grad": ("1.5", 1.5),
+        "dist_bn": ("broadcast", "broadcast"),
         "seed": ("11", 11),
     }
-    assert set(values) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, "a new field needs a flag and this test"
+    assert set(values) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, (
+        "a new field needs a flag and this test"
+    )
     argv = []
     for name, (text, _) in values.items():
         flag = "--meta-seed" if name == "seed" else "--" + name.replace("_", "-")
@@ -144,8 +174,17 @@ def test_loads_save_to_disk_imagefolder_and_parquet(tiny_mnist, tmp_path):
 
 def split_args(**overrides):
     values = dict(
-        train_split="train", val_split=None, test_split="test", image_column="image", label_column="label",
-        clean_label_column=None, num_classes=None, noise="symmetric", noise_rate=0.5, val_fraction=0.25, seed=0,
+        train_split="train",
+        val_split=None,
+        test_split="test",
+        image_column="image",
+        label_column="label",
+        clean_label_column=None,
+        num_classes=None,
+        noise="symmetric",
+        noise_rate=0.5,
+        val_fraction=0.25,
+        seed=0,
     )
     values.update(overrides)
     return values
@@ -214,18 +253,43 @@ def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier
 
 def test_single_process_run_writes_the_documented_layout(tiny_mnist, tmp_path):
     output = tmp_path / "run"
-    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--noise", "symmetric", "--noise-rate", "0.4", num_processes=1)
+    result = launch(
+        EXAMPLE,
+        "--dataset",
+        str(tiny_mnist),
+        "--output-dir",
+        str(output),
+        *FAST,
+        "--noise",
+        "symmetric",
+        "--noise-rate",
+        "0.4",
+        num_processes=1,
+    )
     assert "realised" in result.stdout and "clean-test accuracy" in result.stdout
     records = metrics(output)
     assert [r["epoch"] for r in records] == [0, 1]
-    for key in ("train_loss", "train_ce_loss", "train_meta_loss", "meta_weight", "val_student", "val_mentor", "test_student", "test_mentor", "num_skipped", "lr"):
+    for key in (
+        "train_loss",
+        "train_ce_loss",
+        "train_meta_loss",
+        "meta_weight",
+        "val_student",
+        "val_mentor",
+        "test_student",
+        "test_mentor",
+        "num_skipped",
+        "lr",
+    ):
         assert key in records[-1], key
     assert records[-1]["meta_weight"] > 0  # the meta step ran
     for folder in ("last", "best"):
         names = {p.name for p in (output / folder).iterdir()}
         assert {"student.safetensors", "mentor.safetensors", "model.safetensors", "optimizer.bin"} <= names, names
     # plain state dicts timm loads; last/student equals Accelerate's own copy of the model
-    student = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(output / "last" / "student.safetensors"))
+    student = timm.create_model(
+        "test_resnet", num_classes=10, checkpoint_path=str(output / "last" / "student.safetensors")
+    )
     saved = load_file(str(output / "last" / "model.safetensors"))
     for name, value in student.state_dict().items():
         assert torch.equal(value, saved[name]), name
@@ -245,8 +309,11 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_mnist, tmp_path):
     run_example(*flags, "--output-dir", str(reference))
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(EXAMPLE), *flags, "--output-dir", str(interrupted)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *flags, "--output-dir", str(interrupted)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (interrupted / "last" / "student.safetensors").exists() and process.poll() is None:
         assert time.time() < deadline, "the run wrote no checkpoint"
@@ -270,14 +337,28 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_mnist, tmp_path):
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--output-dir", str(tmp_path / "nothing"), "--resume", *FAST],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0 and "--resume: no checkpoint directory" in result.stderr
 
 
 def test_two_process_run(tiny_mnist, tmp_path):
     output = tmp_path / "ddp"
-    result = launch(EXAMPLE, "--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1", *ITERATIVE, "--clean-action", "relabel")
+    result = launch(
+        EXAMPLE,
+        "--dataset",
+        str(tiny_mnist),
+        "--output-dir",
+        str(output),
+        *FAST,
+        "--epochs",
+        "1",
+        *ITERATIVE,
+        "--clean-action",
+        "relabel",
+    )
     assert result.stdout.count("clean-test accuracy") == 2  # the main process prints (once per iteration)
     records = metrics(output / "iteration_1")
     assert len(records) == 1 and records[0]["updates"] == 256 // (2 * 32)  # 256 training digits over 2 ranks
@@ -298,11 +379,17 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
     assert report["config"] == dataclasses.asdict(config)
 
     # The judge is iteration 1's best mentor, applied to every training sample (eval transform).
-    splits = prepare_splits(load_from_disk(str(data_dir)), **split_args(noise="symmetric", noise_rate=0.4, val_fraction=0.2))
-    mentor = timm.create_model("test_resnet", num_classes=10, checkpoint_path=str(output / "iteration_1" / "best" / "mentor.safetensors")).eval()
+    splits = prepare_splits(
+        load_from_disk(str(data_dir)), **split_args(noise="symmetric", noise_rate=0.4, val_fraction=0.2)
+    )
+    mentor = timm.create_model(
+        "test_resnet", num_classes=10, checkpoint_path=str(output / "iteration_1" / "best" / "mentor.safetensors")
+    ).eval()
     transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=mentor))
     train = splits.train
-    assert np.array_equal(judged["labels"], np.asarray(train["label"])) and np.array_equal(judged["index"], np.asarray(train["index"]))
+    assert np.array_equal(judged["labels"], np.asarray(train["label"])) and np.array_equal(
+        judged["index"], np.asarray(train["index"])
+    )
     with torch.no_grad():
         rows = [0, len(train) // 2, len(train) - 1]
         images = torch.stack([transform(train[i]["image"].convert("RGB")) for i in rows])
@@ -310,7 +397,9 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
 
     flagged = find_label_issues(judged["labels"], judged["pred_probs"], config=config)
     noisy = np.asarray(train["is_noisy"])
-    assert report["detection"]["num_flagged"] == int(flagged.sum()) and report["detection"]["num_noisy"] == int(noisy.sum())
+    assert report["detection"]["num_flagged"] == int(flagged.sum()) and report["detection"]["num_noisy"] == int(
+        noisy.sum()
+    )
     assert report["detection"]["recall"] == pytest.approx((flagged & noisy).sum() / noisy.sum())
     kept = len(train) - int(flagged.sum()) if config.action == "remove" else len(train)
     assert sum(report["remaining_per_class"]) == kept and metrics(output / "iteration_2")[-1]["train_samples"] == kept
@@ -325,7 +414,18 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
 def test_iterative_training_single_process_and_resume_keeps_finished_iterations(tiny_mnist, tmp_path):
     output = tmp_path / "iterative"
     # Only confident disagreements are removed: a one-epoch mentor must not empty the data set.
-    flags = ["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--epochs", "1", *ITERATIVE, "--clean-threshold", "0.5"]
+    flags = [
+        "--dataset",
+        str(tiny_mnist),
+        "--output-dir",
+        str(output),
+        *FAST,
+        "--epochs",
+        "1",
+        *ITERATIVE,
+        "--clean-threshold",
+        "0.5",
+    ]
     result = run_example(*flags)
     assert "iterative training" in result.stdout and "precision" in result.stdout
     check_iterative_run(tiny_mnist, output, CleaningConfig(threshold=0.5))
@@ -339,7 +439,10 @@ def test_iterative_training_single_process_and_resume_keeps_finished_iterations(
     "flags, message",
     [
         (["--iterations", "0"], "--iterations must be >= 1"),
-        (["--clean-criterion", "given_label_prob", "--clean-threshold", "0"], r"threshold must be a number in \(0, 1\]"),
+        (
+            ["--clean-criterion", "given_label_prob", "--clean-threshold", "0"],
+            r"threshold must be a number in \(0, 1\]",
+        ),
         (["--iterations", "2", "--resume", "somewhere/last"], "give it no directory"),
     ],
 )
@@ -351,7 +454,9 @@ def test_iterative_flag_errors(flags, message):
 # ------------------------------------------------------------------------------- non-finite updates
 
 
-def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(tiny_mnist, tmp_path, monkeypatch, make_accelerator):
+def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
+    tiny_mnist, tmp_path, monkeypatch, make_accelerator
+):
     """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
     from noisy_meta.finetune import train_loop, trainer
 
@@ -377,7 +482,10 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(ti
         return stats
 
     monkeypatch.setattr(trainer.MetaNoiseWrapper, "step", recording_step)
-    with pytest.raises(train_loop.NonFiniteTrainingError, match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped"):
+    with pytest.raises(
+        train_loop.NonFiniteTrainingError,
+        match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped",
+    ):
         main(["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--max-consecutive-skips", "3"])
     assert len(good_states) == 2
     stopped = load_file(str(output / "stopped" / "student.safetensors"))
@@ -420,15 +528,25 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize(
     "damage, flags, message",
     [
-        (lambda d: truncate(d / "student.safetensors"), [], r"student.safetensors is not a readable safetensors file \(truncated"),
+        (
+            lambda d: truncate(d / "student.safetensors"),
+            [],
+            r"student.safetensors is not a readable safetensors file \(truncated",
+        ),
         (lambda d: truncate(d / "model.safetensors"), [], r"model.safetensors is not a readable safetensors file"),
-        (lambda d: (d / "mentor.safetensors").unlink(), [], r"lacks mentor.safetensors; it is not a complete checkpoint"),
+        (
+            lambda d: (d / "mentor.safetensors").unlink(),
+            [],
+            r"lacks mentor.safetensors; it is not a complete checkpoint",
+        ),
         (lambda d: None, ["--num-classes", "12"], r"holds other shapes than the model: .* another number of classes"),
         (lambda d: None, ["--model", "resnet10t"], r"was not saved from this architecture \(ResNet\)"),
     ],
     ids=["truncated-student", "truncated-accelerate-model", "missing-mentor", "other-classes", "other-architecture"],
 )
-def test_resume_refuses_a_damaged_or_foreign_checkpoint(tiny_mnist, finished_run, tmp_path, damage, flags, message, make_accelerator):
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(
+    tiny_mnist, finished_run, tmp_path, damage, flags, message, make_accelerator
+):
     output = damaged_copy(finished_run, tmp_path, damage)
     before = {p.name: p.read_bytes() for p in (output / "last").iterdir() if p.is_file()}
     with pytest.raises(CheckpointError, match=message) as error:
@@ -441,9 +559,15 @@ def test_resume_refuses_a_damaged_or_foreign_checkpoint(tiny_mnist, finished_run
 @pytest.mark.parametrize(
     "make_file, message",
     [
-        (lambda run, path: path.write_bytes((run / "last" / "student.safetensors").read_bytes()[:1000]), "is not a readable safetensors file"),
+        (
+            lambda run, path: path.write_bytes((run / "last" / "student.safetensors").read_bytes()[:1000]),
+            "is not a readable safetensors file",
+        ),
         (lambda run, path: path.write_bytes(b"not a checkpoint at all"), "is not a readable safetensors file"),
-        (lambda run, path: save_file({"weight": torch.zeros(3)}, str(path)), r"does not fit --model test_resnet: \d+ of its \d+ tensors outside the classifier are missing"),
+        (
+            lambda run, path: save_file({"weight": torch.zeros(3)}, str(path)),
+            r"does not fit --model test_resnet: \d+ of its \d+ tensors outside the classifier are missing",
+        ),
     ],
     ids=["truncated", "garbage", "other-architecture"],
 )
@@ -459,14 +583,18 @@ def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
     from noisy_meta.finetune.models import load_mentor
 
     with pytest.raises(CheckpointError, match="the previous iteration's best mentor: .* holds other shapes"):
-        load_mentor(build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors")
+        load_mentor(
+            build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors"
+        )
 
 
 # ------------------------------------------------------------------------------- a crash during a save
 
 
 @pytest.mark.parametrize("crash_point", ["while writing", "between the renames"])
-def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(tiny_mnist, tmp_path, monkeypatch, crash_point, make_accelerator):
+def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
+    tiny_mnist, tmp_path, monkeypatch, crash_point, make_accelerator
+):
     from noisy_meta.finetune import checkpoint
 
     flags = ["--dataset", str(tiny_mnist), *FAST, "--epochs", "3", "--seed", "4"]
@@ -504,7 +632,9 @@ def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(tiny_mni
     assert without_timings(metrics(interrupted)) == without_timings(metrics(reference))
     for name in ("student.safetensors", "mentor.safetensors", "model.safetensors"):
         resumed, uninterrupted = load_file(str(interrupted / "last" / name)), load_file(str(reference / "last" / name))
-        assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], v) for k, v in uninterrupted.items()), name
+        assert resumed.keys() == uninterrupted.keys() and all(
+            torch.equal(resumed[k], v) for k, v in uninterrupted.items()
+        ), name
     optimizer = [torch.load(run / "last" / "optimizer.bin", weights_only=False) for run in (interrupted, reference)]
     assert all(torch.equal(a, b) for a, b in zip(flat_tensors(optimizer[0]), flat_tensors(optimizer[1]), strict=True))
     assert not (interrupted / "last.tmp").exists() and not (interrupted / "last.old").exists()
@@ -529,7 +659,10 @@ def test_grey_rgba_and_rgb_images_are_all_fed_as_rgb():
 
     from noisy_meta.finetune.data import attach_transform
 
-    images = [PILImage.new(mode, (20, 12), color) for mode, color in (("L", 128), ("RGBA", (1, 2, 3, 4)), ("RGB", (9, 9, 9)), ("P", 3))]
+    images = [
+        PILImage.new(mode, (20, 12), color)
+        for mode, color in (("L", 128), ("RGBA", (1, 2, 3, 4)), ("RGB", (9, 9, 9)), ("P", 3))
+    ]
     data = Dataset.from_dict({"image": images, "label": [0, 1, 2, 3], "clean_label": [-1] * 4, "index": list(range(4))})
     data = data.cast_column("image", Image())
     model = timm.create_model("test_resnet", num_classes=4)
@@ -562,26 +695,70 @@ def folder_with_bad_images(tiny_mnist, tmp_path) -> Path:
 
 
 def test_undecodable_images_are_refused_before_training_by_default(folder_with_bad_images, tmp_path, make_accelerator):
-    with pytest.raises(ValueError, match=r"2 image\(s\) do not decode: train sample \d+ \(.*(truncated|garbage)\.png\).*--bad-images skip"):
-        main(["--dataset", str(folder_with_bad_images), "--output-dir", str(tmp_path / "refused"), *FAST, "--epochs", "1"])
+    with pytest.raises(
+        ValueError,
+        match=r"2 image\(s\) do not decode: train sample \d+ \(.*(truncated|garbage)\.png\).*--bad-images skip",
+    ):
+        main(
+            [
+                "--dataset",
+                str(folder_with_bad_images),
+                "--output-dir",
+                str(tmp_path / "refused"),
+                *FAST,
+                "--epochs",
+                "1",
+            ]
+        )
     assert not (tmp_path / "refused" / "last").exists()
 
 
 def test_undecodable_images_can_be_skipped_counted_and_listed(folder_with_bad_images, tmp_path, make_accelerator):
     output = tmp_path / "skipping"
-    main(["--dataset", str(folder_with_bad_images), "--output-dir", str(output), *FAST, "--epochs", "1", "--batch-size", "16", "--bad-images", "skip"])
+    main(
+        [
+            "--dataset",
+            str(folder_with_bad_images),
+            "--output-dir",
+            str(output),
+            *FAST,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--bad-images",
+            "skip",
+        ]
+    )
     listed = json.loads((output / "bad_images.json").read_text())
     assert sorted(Path(b["path"]).name for b in listed) == ["garbage.png", "truncated.png"]
     assert all(b["split"] == "train" and b["error"] for b in listed)
     loaded = load_image_dataset(str(folder_with_bad_images))
-    assert sorted(Path(loaded["train"].cast_column("image", Image(decode=False))[b["index"]]["image"]["path"]).name for b in listed) == ["garbage.png", "truncated.png"]
+    assert sorted(
+        Path(loaded["train"].cast_column("image", Image(decode=False))[b["index"]]["image"]["path"]).name
+        for b in listed
+    ) == ["garbage.png", "truncated.png"]
     # 80 decodable training images, of which --val-fraction 0.2 (16) become the validation split
     assert metrics(output)[-1]["train_samples"] == 64  # counted, nothing else lost
 
 
-def test_undecodable_images_are_found_before_instance_noise_decodes_them(folder_with_bad_images, tmp_path, make_accelerator):
+def test_undecodable_images_are_found_before_instance_noise_decodes_them(
+    folder_with_bad_images, tmp_path, make_accelerator
+):
     with pytest.raises(ValueError, match=r"2 image\(s\) do not decode"):
-        main(["--dataset", str(folder_with_bad_images), "--output-dir", str(tmp_path / "instance"), *FAST, "--noise", "instance", "--noise-rate", "0.4"])
+        main(
+            [
+                "--dataset",
+                str(folder_with_bad_images),
+                "--output-dir",
+                str(tmp_path / "instance"),
+                *FAST,
+                "--noise",
+                "instance",
+                "--noise-rate",
+                "0.4",
+            ]
+        )
 
 
 def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_path):
@@ -594,5 +771,15 @@ def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_pa
 
 
 def test_an_empty_class_is_reported_before_training(tiny_mnist, tmp_path):
-    result = run_example("--dataset", str(tiny_mnist), "--output-dir", str(tmp_path / "empty"), *FAST, "--epochs", "1", "--num-classes", "12")
+    result = run_example(
+        "--dataset",
+        str(tiny_mnist),
+        "--output-dir",
+        str(tmp_path / "empty"),
+        *FAST,
+        "--epochs",
+        "1",
+        "--num-classes",
+        "12",
+    )
     assert "2 of 12 classes have no training sample (classes [10, 11])" in " ".join(result.stdout.split())

@@ -98,13 +98,15 @@ def test_step_trains_or_refuses_clearly(case):
 
 @FUZZ
 @given(
-    st.fixed_dictionaries({
-        "num_synthetic": st.one_of(st.integers(-3, 12), st.floats(-1, 3), st.none()),
-        "perturb_ratio": st.one_of(st.floats(-1, 2), st.just(float("nan")), st.integers(-1, 2)),
-        "num_neighbors": st.one_of(st.integers(-2, 12), st.booleans()),
-        "inner_lr": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)),
-        "meta_every": st.integers(-1, 5),
-    })
+    st.fixed_dictionaries(
+        {
+            "num_synthetic": st.one_of(st.integers(-3, 12), st.floats(-1, 3), st.none()),
+            "perturb_ratio": st.one_of(st.floats(-1, 2), st.just(float("nan")), st.integers(-1, 2)),
+            "num_neighbors": st.one_of(st.integers(-2, 12), st.booleans()),
+            "inner_lr": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3)),
+            "meta_every": st.integers(-1, 5),
+        }
+    )
 )
 def test_config_is_valid_or_a_value_error(values):
     try:
@@ -120,8 +122,13 @@ def test_config_is_valid_or_a_value_error(values):
 @pytest.mark.parametrize("label_dtype", [torch.int32, torch.int16, torch.uint8])
 def test_narrow_integer_labels_train_exactly_like_int64(label_dtype):
     """Found by the fuzzer: int32 labels used to crash inside cross_entropy."""
-    case = {"num_classes": 4, "labels": [0, 1, 2, 3] * 3, "dtype": torch.float64, "model": "mlp",
-            "config": {"num_synthetic": 2, "num_neighbors": 3, "ramp_start": 0, "ramp_end": 0, "seed": 0}}
+    case = {
+        "num_classes": 4,
+        "labels": [0, 1, 2, 3] * 3,
+        "dtype": torch.float64,
+        "model": "mlp",
+        "config": {"num_synthetic": 2, "num_neighbors": 3, "ramp_start": 0, "ramp_end": 0, "seed": 0},
+    }
     narrow, inputs, targets = build({**case, "label_dtype": label_dtype})
     wide, _, wide_targets = build({**case, "label_dtype": torch.int64})
     assert narrow.step(inputs, targets) == wide.step(inputs, wide_targets)

@@ -179,7 +179,9 @@ def test_sequential_update_is_meta_step_then_conventional_step(mlp64, batch64):
 
     params = [p.clone().requires_grad_(True) for p in initial]
     meta = reference_meta_objective(params, x, labels, mentor_log_probs, ALPHA, False)
-    halfway = [(p - 0.1 * weight * g).detach().requires_grad_(True) for p, g in zip(params, torch.autograd.grad(meta, params))]
+    halfway = [
+        (p - 0.1 * weight * g).detach().requires_grad_(True) for p, g in zip(params, torch.autograd.grad(meta, params))
+    ]
     ce = F.cross_entropy(mlp_forward(halfway, x), y)
     final = [p - 0.1 * g for p, g in zip(halfway, torch.autograd.grad(ce, halfway))]
 

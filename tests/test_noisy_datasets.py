@@ -14,7 +14,9 @@ def digits(n: int = 300, mode: str = "L") -> Dataset:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (8, 8, 3) if mode == "RGB" else (8, 8), dtype=np.uint8) for _ in range(n)]
     labels = (np.arange(n) % 10).tolist()
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "source": Value("string")})
+    features = Features(
+        {"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "source": Value("string")}
+    )
     return Dataset.from_dict({"image": images, "label": labels, "source": ["web"] * n}, features=features)
 
 
@@ -69,12 +71,24 @@ def test_num_classes_from_class_label_or_values():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda d: add_label_noise(add_label_noise(d, "symmetric", 0.2, 0)[0], "symmetric", 0.2, 0), "already has a 'clean_label'"),
+        (
+            lambda d: add_label_noise(add_label_noise(d, "symmetric", 0.2, 0)[0], "symmetric", 0.2, 0),
+            "already has a 'clean_label'",
+        ),
         (lambda d: add_label_noise(d, "symmetric", 0.2, 0, label_column="target"), "column 'target' not in"),
-        (lambda d: add_label_noise(d, "symmetric", 0.2, 0, num_classes=5), r"label 5 of sample 5 in column 'label' is outside \[0, 5\)"),
+        (
+            lambda d: add_label_noise(d, "symmetric", 0.2, 0, num_classes=5),
+            r"label 5 of sample 5 in column 'label' is outside \[0, 5\)",
+        ),
         (lambda d: add_label_noise(d, "instance", 0.2, 0, image_column="picture"), "column 'picture' not in"),
-        (lambda d: with_label_columns(d.add_column("bad", [0.5] * len(d)), label_column="bad"), "integer class indices"),
-        (lambda d: with_label_columns(d.add_column("gap", [None] + [1] * (len(d) - 1)), label_column="gap"), "no label for sample 0"),
+        (
+            lambda d: with_label_columns(d.add_column("bad", [0.5] * len(d)), label_column="bad"),
+            "integer class indices",
+        ),
+        (
+            lambda d: with_label_columns(d.add_column("gap", [None] + [1] * (len(d) - 1)), label_column="gap"),
+            "no label for sample 0",
+        ),
     ],
 )
 def test_errors_name_the_column_and_sample(call, message):

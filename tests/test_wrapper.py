@@ -155,13 +155,20 @@ def test_mentor_tracks_student_accuracy_in_eval_mode():
     model = tiny_resnet(num_classes=10, in_chans=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     wrapper = MetaNoiseWrapper(
-        model, optimizer, num_synthetic=1, first_order=True, ramp_start=20, ramp_end=60, seed=0,
-        mentor_decay_ramp=0.9, mentor_decay=0.95,
+        model,
+        optimizer,
+        num_synthetic=1,
+        first_order=True,
+        ramp_start=20,
+        ramp_end=60,
+        seed=0,
+        mentor_decay_ramp=0.9,
+        mentor_decay=0.95,
     )
     for _ in range(3):
         order = torch.randperm(len(train_x))
         for start in range(0, len(order) - 31, 32):
-            index = order[start:start + 32]
+            index = order[start : start + 32]
             wrapper.step(train_x[index], train_y[index])
     with torch.no_grad():
         model.eval()
@@ -241,8 +248,10 @@ def test_state_dict_round_trip_continues_identically():
     wrapper_c.load_state_dict(saved[2])
     for step in range(2, 4):
         wrapper_c.step(*resnet_batch(seed=step))
-    for a, c in zip(list(model_a.parameters()) + list(wrapper_a.mentor.parameters()),
-                    list(model_c.parameters()) + list(wrapper_c.mentor.parameters())):
+    for a, c in zip(
+        list(model_a.parameters()) + list(wrapper_a.mentor.parameters()),
+        list(model_c.parameters()) + list(wrapper_c.mentor.parameters()),
+    ):
         assert torch.equal(a, c)
     assert wrapper_c.num_updates == 4
 
@@ -267,7 +276,7 @@ def test_last_stage_selects_the_last_feature_stage_and_everything_after(name, fi
     selected = select_fast_params(model, "last_stage")
     names = [n for n, _ in model.named_parameters()]
     assert selected[0] == first and selected[-1] == last
-    assert selected == names[names.index(first):]  # contiguous: the stage, final norms, the head
+    assert selected == names[names.index(first) :]  # contiguous: the stage, final norms, the head
     assert set(select_fast_params(model, "head")) < set(selected)
 
 
@@ -293,7 +302,9 @@ def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mod
     general = make_wrapper(general_model, fast_params=same_params, first_order=first_order)
     assert select_fast_params(model, mode) == select_fast_params(general_model, same_params)
     calls = []
-    handle = model.layer1.register_forward_hook(lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled())))
+    handle = model.layer1.register_forward_hook(
+        lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
     for seed in range(3):
         x, y = resnet_batch(seed=seed)
         a, b = shared.step(x.double(), y), general.step(x.double(), y)
@@ -361,8 +372,13 @@ def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights
     model = tiny_resnet().double()
     reference = copy.deepcopy(model)
     wrapper = make_wrapper(
-        model, num_synthetic=0, meta_weight=0.7, fast_params=fast_params, update_rule=update_rule,
-        mentor_decay_ramp=0.5, mentor_decay=0.5,
+        model,
+        num_synthetic=0,
+        meta_weight=0.7,
+        fast_params=fast_params,
+        update_rule=update_rule,
+        mentor_decay_ramp=0.5,
+        mentor_decay=0.5,
     )
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     mentor = copy.deepcopy(reference).eval()
@@ -372,7 +388,10 @@ def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights
         stats = wrapper.step(x, y)
         with torch.no_grad():
             mentor_log_probs = F.log_softmax(mentor(x), dim=1)
-        consistency = lambda logits: F.kl_div(F.log_softmax(logits, 1), mentor_log_probs, log_target=True, reduction="batchmean")  # noqa: E731
+
+        def consistency(logits, mentor_log_probs=mentor_log_probs):
+            return F.kl_div(F.log_softmax(logits, 1), mentor_log_probs, log_target=True, reduction="batchmean")
+
         if update_rule == "joint":
             logits = reference(x)
             meta = consistency(logits)
@@ -417,7 +436,7 @@ def test_for_run_length_scales_the_schedules_and_keeps_overrides():
         MetaNoiseConfig.for_run_length(100, meta_wieght=1.0)
 
 
-# ------------------------------------------------------------------ sets_per_pass: several synthetic sets in one batched pass
+# ------------------------------------------------------------------ sets_per_pass: several sets in one batched pass
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -448,7 +467,9 @@ def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_ord
 
 def test_batched_sets_draw_dropout_per_set():
     torch.manual_seed(0)
-    model = timm.create_model("resnet18", num_classes=4, layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32), drop_rate=0.3)
+    model = timm.create_model(
+        "resnet18", num_classes=4, layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32), drop_rate=0.3
+    )
     wrapper = make_wrapper(model, sets_per_pass=3)
     stats = wrapper.step(*resnet_batch())  # vmap refuses random ops unless told how to draw them
     assert stats["skipped"] == 0.0 and math.isfinite(stats["meta_loss"])

@@ -178,10 +178,16 @@ def check_body_weights(path: str, model: nn.Module, what: str) -> None:
             f"{role}: {path} does not fit {what}: {len(missing)} of its {len(body)} tensors outside the "
             f"classifier are missing (e.g. {missing[:3]}); was it saved from another architecture?"
         )
-    shapes = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in body.items() if tuple(tensors[k].shape) != tuple(v.shape)]
+    shapes = [
+        (k, tuple(tensors[k].shape), tuple(v.shape))
+        for k, v in body.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
     if shapes:
         name, found, wanted = shapes[0]
-        raise CheckpointError(f"{role}: {path} does not fit {what}: {name} is {found} in the file, {wanted} in the model")
+        raise CheckpointError(
+            f"{role}: {path} does not fit {what}: {name} is {found} in the file, {wanted} in the model"
+        )
 
 
 def check_checkpoint(directory: Path, model: nn.Module, role: str = "--resume") -> None:
@@ -202,7 +208,9 @@ def _load_readable(path: Path, role: str) -> Any:
             return load_file(os.fspath(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # damaged files raise many error types
-        raise CheckpointError(f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}") from error
+        raise CheckpointError(
+            f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}"
+        ) from error
 
 
 class MetricsLog:

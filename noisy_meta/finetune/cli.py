@@ -20,10 +20,22 @@ _OPEN_CHOICES = ("fast_params",)
 #: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
 #: cores) and for any other data set.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "model": "test_resnet", "img_size": 32, "epochs": 8, "noise": "symmetric", "noise_rate": 0.4,
-    "no_aug": True, "meta_first_order": True, "meta_num_synthetic": 5,
+    "model": "test_resnet",
+    "img_size": 32,
+    "epochs": 8,
+    "noise": "symmetric",
+    "noise_rate": 0.4,
+    "no_aug": True,
+    "meta_first_order": True,
+    "meta_num_synthetic": 5,
 }
-GENERAL_DEFAULTS: dict[str, Any] = {"model": "resnet18", "epochs": 10, "noise": "none", "noise_rate": 0.0, "no_aug": False}
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "model": "resnet18",
+    "epochs": 10,
+    "noise": "none",
+    "noise_rate": 0.0,
+    "no_aug": False,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,27 +44,64 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default=None, help=f"timm model name; default {EMBEDDED_DEFAULTS['model']} (a small timm ResNet) for {EMBEDDED}, else {GENERAL_DEFAULTS['model']}")
+    model.add_argument(
+        "--model",
+        default=None,
+        help=f"timm model name; default {EMBEDDED_DEFAULTS['model']} (a small timm ResNet) for {EMBEDDED}, "
+        f"else {GENERAL_DEFAULTS['model']}",
+    )
     model.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
-    model.add_argument("--checkpoint", default=None, help="start from local weights (.safetensors or torch file); a classifier of another size is replaced")
+    model.add_argument(
+        "--checkpoint",
+        default=None,
+        help="start from local weights (.safetensors or torch file); a classifier of another size is replaced",
+    )
     model.add_argument("--num-classes", type=int, default=None, help="default: from the label column")
-    model.add_argument("--img-size", type=int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}")
+    model.add_argument(
+        "--img-size", type=int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}"
+    )
 
     data = parser.add_argument_group("data (Hugging Face datasets)")
-    data.add_argument("--dataset", default=EMBEDDED, help=f"'{EMBEDDED}' (offline MNIST, built in), a save_to_disk or imagefolder directory, parquet files, or a hub id")
+    data.add_argument(
+        "--dataset",
+        default=EMBEDDED,
+        help=f"'{EMBEDDED}' (offline MNIST, built in), a save_to_disk or imagefolder directory, parquet files, "
+        "or a hub id",
+    )
     data.add_argument("--train-split", default="train")
     data.add_argument("--val-split", default=None, help="default: carve --val-fraction of the training split")
     data.add_argument("--test-split", default="auto", help="'auto': 'test' when present; 'none' for no test split")
     data.add_argument("--val-fraction", type=float, default=0.1)
     data.add_argument("--image-column", default="image")
     data.add_argument("--label-column", default="label", help="the (noisy) label trained on")
-    data.add_argument("--clean-label-column", default=None, help="true labels, when the data set has them (e.g. CIFAR-10N)")
-    data.add_argument("--noise", choices=NOISE_KINDS, default=None, help=f"inject label noise into train; default symmetric for {EMBEDDED}, else none")
-    data.add_argument("--noise-rate", type=float, default=None, help=f"default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}")
-    data.add_argument("--no-aug", action=argparse.BooleanOptionalAction, default=None, help=f"no training augmentation (default on for {EMBEDDED})")
+    data.add_argument(
+        "--clean-label-column", default=None, help="true labels, when the data set has them (e.g. CIFAR-10N)"
+    )
+    data.add_argument(
+        "--noise",
+        choices=NOISE_KINDS,
+        default=None,
+        help=f"inject label noise into train; default symmetric for {EMBEDDED}, else none",
+    )
+    data.add_argument(
+        "--noise-rate", type=float, default=None, help=f"default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}"
+    )
+    data.add_argument(
+        "--no-aug",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"no training augmentation (default on for {EMBEDDED})",
+    )
     data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop scale range")
-    data.add_argument("--bad-images", choices=("refuse", "skip", "unchecked"), default="refuse", help="images that do not decode, found by a scan before training (each image decoded once): refuse to start (naming them), drop them (counted and listed in <output-dir>/bad_images.json), or no scan (a bad file then stops training when it is loaded)")
+    data.add_argument(
+        "--bad-images",
+        choices=("refuse", "skip", "unchecked"),
+        default="refuse",
+        help="images that do not decode, found by a scan before training (each image decoded once): refuse to "
+        "start (naming them), drop them (counted and listed in <output-dir>/bad_images.json), or no scan (a bad "
+        "file then stops training when it is loaded)",
+    )
     data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
 
     optim = parser.add_argument_group("optimisation")
@@ -62,28 +111,83 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=5e-4)
     optim.add_argument("--sched", default="cosine", help="timm.scheduler name, or 'none'")
     optim.add_argument("--warmup-epochs", type=int, default=0)
-    optim.add_argument("--epochs", type=int, default=None, help=f"default {EMBEDDED_DEFAULTS['epochs']} for {EMBEDDED}, else {GENERAL_DEFAULTS['epochs']}")
+    optim.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"default {EMBEDDED_DEFAULTS['epochs']} for {EMBEDDED}, else {GENERAL_DEFAULTS['epochs']}",
+    )
     optim.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
     optim.add_argument("--grad-accum-steps", type=int, default=1)
-    optim.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration")
+    optim.add_argument(
+        "--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration"
+    )
 
     meta = parser.add_argument_group("MLNT (MetaNoiseConfig fields)")
-    meta.add_argument("--no-meta", action="store_true", help="cross-entropy baseline in the same pipeline (meta weight 0; the EMA mentor is still tracked)")
+    meta.add_argument(
+        "--no-meta",
+        action="store_true",
+        help="cross-entropy baseline in the same pipeline (meta weight 0; the EMA mentor is still tracked)",
+    )
     for field in dataclasses.fields(MetaNoiseConfig):
         _add_field_flag(meta, field)
 
     iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.cleaning)")
-    iterative.add_argument("--iterations", type=int, default=1, help="training runs; from the second on, the previous best mentor cleans the training data and is the mentor")
-    iterative.add_argument("--clean-criterion", choices=CLEANING_CRITERIA, default="confident_disagreement", help="confident_disagreement: mentor top-1 != label with probability > threshold; given_label_prob: mentor probability of the label < threshold")
-    iterative.add_argument("--clean-threshold", type=float, default=None, help="default 0 for confident_disagreement, 0.5 for given_label_prob")
-    iterative.add_argument("--clean-action", choices=CLEANING_ACTIONS, default="remove", help="remove flagged samples or relabel them with the mentor's class")
-    iterative.add_argument("--iteration-mentor", choices=get_args(MentorUpdate), default="frozen", help="from the second iteration: keep the previous best mentor as it is, or let it average the new student (--mentor-update wins)")
-    iterative.add_argument("--export-pred-probs", action="store_true", help=f"write the final best mentor's training-set probabilities ({PRED_PROBS_FILE}, cleanlab's labels/pred_probs)")
+    iterative.add_argument(
+        "--iterations",
+        type=int,
+        default=1,
+        help="training runs; from the second on, the previous best mentor cleans the training data and is the mentor",
+    )
+    iterative.add_argument(
+        "--clean-criterion",
+        choices=CLEANING_CRITERIA,
+        default="confident_disagreement",
+        help="confident_disagreement: mentor top-1 != label with probability > threshold; given_label_prob: "
+        "mentor probability of the label < threshold",
+    )
+    iterative.add_argument(
+        "--clean-threshold",
+        type=float,
+        default=None,
+        help="default 0 for confident_disagreement, 0.5 for given_label_prob",
+    )
+    iterative.add_argument(
+        "--clean-action",
+        choices=CLEANING_ACTIONS,
+        default="remove",
+        help="remove flagged samples or relabel them with the mentor's class",
+    )
+    iterative.add_argument(
+        "--iteration-mentor",
+        choices=get_args(MentorUpdate),
+        default="frozen",
+        help="from the second iteration: keep the previous best mentor as it is, or let it average the new "
+        "student (--mentor-update wins)",
+    )
+    iterative.add_argument(
+        "--export-pred-probs",
+        action="store_true",
+        help=f"write the final best mentor's training-set probabilities ({PRED_PROBS_FILE}, cleanlab's "
+        "labels/pred_probs)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", default="output/finetune")
-    output.add_argument("--max-consecutive-skips", type=int, default=25, help="stop (saving the last good state in <output-dir>/stopped/) after this many consecutive non-finite updates; 0: never")
-    output.add_argument("--resume", nargs="?", const="", default=None, help="continue from a checkpoint directory (no value: <output-dir>/last)")
+    output.add_argument(
+        "--max-consecutive-skips",
+        type=int,
+        default=25,
+        help="stop (saving the last good state in <output-dir>/stopped/) after this many consecutive non-finite "
+        "updates; 0: never",
+    )
+    output.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        help="continue from a checkpoint directory (no value: <output-dir>/last)",
+    )
     output.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -95,7 +199,9 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
         flag = "--meta-seed"
     if isinstance(default, bool):
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}")
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
+        )
         return
     kind = _FIELD_TYPES.get(field.name, type(default))
     note = "run-length dependent" if field.name in RUN_LENGTH_FIELDS else repr(default)

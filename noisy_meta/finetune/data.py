@@ -149,13 +149,23 @@ def prepare_splits(
 
     def standardise(dataset: Dataset, inject: bool) -> Dataset:
         nonlocal noisy_labels
-        kept = dataset.select_columns(list(dict.fromkeys(filter(None, (image_column, label_column, clean_label_column)))))
+        kept = dataset.select_columns(
+            list(dict.fromkeys(filter(None, (image_column, label_column, clean_label_column))))
+        )
         if inject and noise != "none":
             kept, noisy_labels = add_label_noise(
-                kept, noise, noise_rate, seed, label_column=label_column, num_classes=num_classes, image_column=image_column
+                kept,
+                noise,
+                noise_rate,
+                seed,
+                label_column=label_column,
+                num_classes=num_classes,
+                image_column=image_column,
             )
         else:
-            kept = with_label_columns(kept, label_column=label_column, clean_label_column=clean_label_column, num_classes=num_classes)
+            kept = with_label_columns(
+                kept, label_column=label_column, clean_label_column=clean_label_column, num_classes=num_classes
+            )
         kept = kept.select_columns([image_column, *LABEL_COLUMNS])
         return kept.rename_column(image_column, "image") if image_column != "image" else kept
 

@@ -84,9 +84,14 @@ def _finished_records(run_dir: Path, epochs: int) -> dict[str, Any] | None:
 
 def _cleaning_line(report: CleaningReport, total: int) -> str:
     detection = report.detection
-    line = f"cleaning ({report.config.criterion} {report.config.threshold}, {report.config.action}): flagged {detection.num_flagged} of {total}"
+    config = report.config
+    line = f"cleaning ({config.criterion} {config.threshold}, {config.action}): "
+    line += f"flagged {detection.num_flagged} of {total}"
     if detection.precision is not None or detection.recall is not None:
-        line += f"; against the clean labels precision {_percent(detection.precision)}, recall {_percent(detection.recall)}, F1 {_percent(detection.f1)}"
+        line += (
+            f"; against the clean labels precision {_percent(detection.precision)}, "
+            f"recall {_percent(detection.recall)}, F1 {_percent(detection.f1)}"
+        )
     return line + f"; per class after: {report.remaining_per_class}"
 
 

@@ -21,7 +21,9 @@ def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         path = os.path.abspath(args.checkpoint)
         check_body_weights(path, timm.create_model(args.model, num_classes=num_classes), f"--model {args.model}")
         # As pretrained weights from a local file: timm replaces a classifier of another size.
-        return timm.create_model(args.model, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": path})
+        return timm.create_model(
+            args.model, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": path}
+        )
     return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes)
 
 

@@ -83,7 +83,10 @@ def validate(accelerator: Accelerator, wrapper: MetaNoiseWrapper, loader: DataLo
     for batch in loader:
         target = torch.where(batch[CLEAN_COLUMN] >= 0, batch[CLEAN_COLUMN], batch["label"])
         with accelerator.autocast():
-            hits = {name: model(batch["pixel_values"]).argmax(dim=1) == target for name, model in (("student", student), ("mentor", mentor))}
+            hits = {
+                name: model(batch["pixel_values"]).argmax(dim=1) == target
+                for name, model in (("student", student), ("mentor", mentor))
+            }
         for name, hit in hits.items():
             correct[name] += int(accelerator.gather_for_metrics(hit).sum())
         total += int(accelerator.gather_for_metrics(target).numel())
@@ -98,7 +101,9 @@ def predict_train_set(
     _, eval_transform = transforms(args, mentor)
     loader = accelerator.prepare_data_loader(
         DataLoader(
-            attach_transform(train_set, eval_transform), batch_size=2 * args.batch_size, collate_fn=collate,
+            attach_transform(train_set, eval_transform),
+            batch_size=2 * args.batch_size,
+            collate_fn=collate,
             num_workers=args.workers,
         )
     )
@@ -127,7 +132,9 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive updates were skipped because the loss or a gradient was not finite."""
 
 
-def stop_after_skips(accelerator: Accelerator, wrapper: MetaNoiseWrapper, output_dir: Path, skips: int, epoch: int) -> None:
+def stop_after_skips(
+    accelerator: Accelerator, wrapper: MetaNoiseWrapper, output_dir: Path, skips: int, epoch: int
+) -> None:
     """Save the last good state in ``<output-dir>/stopped/`` and stop the run.
 
     Skipped updates leave parameters, optimizer state and mentor untouched, so the state now
@@ -149,6 +156,8 @@ def epoch_line(record: dict[str, Any]) -> str:
     parts = [f"epoch {record['epoch'] + 1}", f"loss {record['train_loss']:.3f}", f"w {record['meta_weight']:.2f}"]
     for split in ("val", "test"):
         if f"{split}_student" in record:
-            parts.append(f"{split} student {100 * record[f'{split}_student']:.2f}% mentor {100 * record[f'{split}_mentor']:.2f}%")
+            parts.append(
+                f"{split} student {100 * record[f'{split}_student']:.2f}% mentor {100 * record[f'{split}_mentor']:.2f}%"
+            )
     parts.append(f"{record['images_per_second']:.0f} img/s")
     return " | ".join(parts)

@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = make_accelerator(args)
     console = Console(quiet=not accelerator.is_main_process)
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
-        console.print(f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32")
+        console.print(
+            f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32"
+        )
     set_seed(args.seed)
     console.print(f"defaults for {'the embedded data' if embedded else 'this data set'}: {filled}")
     output_dir = Path(args.output_dir)
@@ -124,7 +126,9 @@ def _load_splits(args: argparse.Namespace, console: Console, main_process: bool)
             "check --num-classes and the label column"
         )
     if splits.noise is not None:
-        console.print(f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised")
+        console.print(
+            f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised"
+        )
     console.print(
         f"train {len(splits.train)}, validation {len(splits.validation)} (scored against "
         f"{'clean' if splits.validation_is_clean else 'the given'} labels), "
@@ -155,7 +159,10 @@ def _handle_bad_images(
     if main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
-    console.print(f"[yellow]skipped {len(bad)} image(s) that do not decode[/] (listed in {output_dir / BAD_IMAGES_FILE}): {listing}")
+    console.print(
+        f"[yellow]skipped {len(bad)} image(s) that do not decode[/] "
+        f"(listed in {output_dir / BAD_IMAGES_FILE}): {listing}"
+    )
     cleaned = DatasetDict(data)
     for name in names:
         cleaned[name] = drop_bad_images(data[name], [b for b in bad if b.split == name])
@@ -217,13 +224,7 @@ def _train_run(
         record = {
             "epoch": epoch,
             "train_samples": len(train_set),
-            **{f"train_{key}": train_stats[key] for key in TRAIN_STATS},
-            "meta_weight": train_stats["meta_weight"],
-            "updates": wrapper.num_updates,
-            "num_skipped": wrapper.num_skipped,
-            "lr": training.optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - started,
-            "images_per_second": progress.throughput,
+            **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
             **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
         }
         console.print(epoch_line(record))
@@ -239,6 +240,20 @@ def _train_run(
     return record
 
 
+def _training_record(training: Training, stats: dict[str, float], throughput: float, seconds: float) -> dict[str, Any]:
+    """An epoch's training figures, as ``metrics.jsonl`` records them."""
+    wrapper = training.wrapper
+    return {
+        **{f"train_{key}": stats[key] for key in TRAIN_STATS},
+        "meta_weight": stats["meta_weight"],
+        "updates": wrapper.num_updates,
+        "num_skipped": wrapper.num_skipped,
+        "lr": training.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_second": throughput,
+    }
+
+
 def _prepare(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -251,12 +266,18 @@ def _prepare(
     model = create_model(args, splits.num_classes)
     train_transform, eval_transform = transforms(args, model)
     train_loader = DataLoader(
-        attach_transform(train_set, train_transform), batch_size=args.batch_size, shuffle=True,
-        drop_last=True, collate_fn=collate, num_workers=args.workers,
+        attach_transform(train_set, train_transform),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.workers,
     )
     eval_loaders = {
         name: DataLoader(
-            attach_transform(split, eval_transform), batch_size=2 * args.batch_size, collate_fn=collate,
+            attach_transform(split, eval_transform),
+            batch_size=2 * args.batch_size,
+            collate_fn=collate,
             num_workers=args.workers,
         )
         for name, split in (("val", splits.validation), ("test", splits.test))
@@ -267,12 +288,17 @@ def _prepare(
     optimizer = create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
     )
-    model, optimizer, train_loader, *loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders.values())
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values()
+    )
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)  # the last window syncs early
     scheduler = None
     if args.sched != "none":
         scheduler, _ = create_scheduler_v2(
-            optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            optimizer,
+            sched=args.sched,
+            num_epochs=args.epochs,
+            warmup_epochs=args.warmup_epochs,
             updates_per_epoch=updates_per_epoch,
         )
     config, automatic = resolve_meta_config(args, updates_per_epoch * args.epochs)
