@@ -19,6 +19,7 @@ collaborator with one job:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from .checks import check_batch, check_outputs
 from .compat import make_twice_differentiable, second_order_context, unwrap_model
-from .config import MetaNoiseConfig
+from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
 from .fast_scope import SharedTrunk, make_scope
 from .fast_weights import select_fast_params
 from .gradients import GradientUpdate
@@ -91,6 +92,11 @@ class MetaNoiseWrapper:
             student. The wrapper keeps its own copy and never changes the module you pass.
         accelerator: the ``accelerate.Accelerator`` that prepared ``model`` and ``optimizer``.
         scaler: a ``torch.amp.GradScaler`` for fp16 training without Accelerate.
+        total_updates: the run's length in optimizer updates. The schedule fields left at the
+            library defaults (ramp-up, mentor decay) then fit the run, as
+            `MetaNoiseConfig.for_run_length` makes them: the meta step ramps up over 10%-40% of
+            the run. Without it the library's long-run schedule applies (meta step from update
+            500), and a warning says so if it has not started after 100 updates.
         **overrides: `MetaNoiseConfig` fields that replace those of ``config``.
     """
 
@@ -103,11 +109,15 @@ class MetaNoiseWrapper:
         mentor: nn.Module | None = None,
         accelerator: Any | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        total_updates: int | None = None,
         **overrides: Any,
     ) -> None:
         config = MetaNoiseConfig() if config is None else config
         if not isinstance(config, MetaNoiseConfig):
             raise TypeError(f"config must be a MetaNoiseConfig, got {type(config).__name__}")
+        if total_updates is not None:
+            overrides = {**_schedule_for(config, total_updates), **overrides}
+        self._short_run_unknown = total_updates is None and _has_library_schedule(config.with_overrides(**overrides))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -182,6 +192,16 @@ class MetaNoiseWrapper:
         self.runtime.sync_buffers(self.module, self.config.dist_bn)
         self._mentor.update(self.module, self.num_updates)
         self.num_updates += 1
+        if self._short_run_unknown and self.num_updates == SHORT_RUN_WARNING_AFTER:
+            warnings.warn(
+                f"MLNT's meta step is still off after {self.num_updates} updates: the library schedule starts it "
+                f"at update {self.config.ramp_start} and reaches full weight at {self.config.ramp_end} (long "
+                "Clothing1M-style runs). For a shorter run pass total_updates=<the run's optimizer updates> to "
+                "MetaNoiseWrapper (or use MetaNoiseConfig.for_run_length) so the ramp-up and the mentor's decay "
+                "fit the run.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ your own loop
 
@@ -262,3 +282,20 @@ class MetaNoiseWrapper:
 
     def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         check_outputs(outputs, targets, self._num_classes)
+
+
+#: `update_mentor` warns once at this update when the meta step is still off under the
+#: library's long-run schedule and the wrapper was not told the run length.
+SHORT_RUN_WARNING_AFTER = 100
+
+
+def _schedule_for(config: MetaNoiseConfig, total_updates: int) -> dict[str, Any]:
+    """`run_length_schedule` for the schedule fields ``config`` leaves at the library defaults."""
+    defaults = MetaNoiseConfig()
+    schedule = run_length_schedule(total_updates)
+    return {name: value for name, value in schedule.items() if getattr(config, name) == getattr(defaults, name)}
+
+
+def _has_library_schedule(config: MetaNoiseConfig) -> bool:
+    defaults = MetaNoiseConfig()
+    return config.meta_weight > 0 and all(getattr(config, f) == getattr(defaults, f) for f in RUN_LENGTH_FIELDS)
