@@ -21,25 +21,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_command(script: Path, *args: str, num_processes: int = 2) -> list[str]:
+    """The ``accelerate launch`` command line for ``script`` on CPU processes (gloo)."""
+    processes = ["--multi_gpu", "--num_processes", "2"] if num_processes == 2 else ["--num_processes", "1"]
+    options = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    port = ["--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", *processes, *options, *port, str(script), *args]
+
+
 def launch(script: Path, *args: str, num_processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` ``script``; the test fails with the ranks' output if it does not exit 0."""
-    processes = ["--multi_gpu", "--num_processes", "2"] if num_processes == 2 else ["--num_processes", "1"]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *processes,
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
+    command = launch_command(script, *args, num_processes=num_processes)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -79,24 +71,7 @@ def test_accumulation_over_ranks_by_step_matches_ddp_own_loop(ddp_results):
 
 
 def launch_expecting_failure(script: Path, *args: str, timeout: int = 240) -> tuple[subprocess.CompletedProcess, float]:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
+    command = launch_command(script, *args)
     started = time.monotonic()
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
