@@ -27,7 +27,7 @@ from torch import nn
 from .checks import check_features
 from .compat import explain_double_backward_errors
 from .config import MetaNoiseConfig
-from .fast_scope import StudentForward
+from .fast_scope import FastPass, StudentForward
 from .fast_weights import meta_losses, upcast
 from .features import features_of
 from .gradients import GradientUpdate
@@ -109,9 +109,7 @@ class MetaObjective:
         scale = weight / max(num_sets, 1)  # M = 0: one consistency loss
         total, trunk_grad = None, None
         with fast.open() as logits, explain_double_backward_errors():
-            for losses in self._losses(
-                fast.module, fast.inputs, fast.names, logits, targets, grads.runtime.loss_scale()
-            ):
+            for losses in self._losses(fast, logits, targets, grads.runtime.loss_scale()):
                 grad = grads.add(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
                 if fast.trunk_leaf is not None:
                     trunk_grad = grad if trunk_grad is None else trunk_grad + grad
@@ -127,26 +125,21 @@ class MetaObjective:
         targets = self.targets(inputs, labels)
         fast = student.fast
         with fast.open() as logits, explain_double_backward_errors():
-            losses = torch.cat(list(self._losses(fast.module, fast.inputs, fast.names, logits, targets, grad_scale)))
+            losses = torch.cat(list(self._losses(fast, logits, targets, grad_scale)))
         return losses.mean() * weight
 
     def _losses(
-        self,
-        module: nn.Module,
-        inputs: torch.Tensor,
-        names: list[str],
-        logits: torch.Tensor,
-        targets: MetaTargets,
-        grad_scale: float,
+        self, fast: FastPass, logits: torch.Tensor, targets: MetaTargets, grad_scale: float
     ) -> Iterator[torch.Tensor]:
+        """`meta_losses` of the sets in ``targets``, run on ``fast`` from its inner-step ``logits``."""
         config = self.config
         return meta_losses(
-            module,
-            inputs,
+            fast.module,
+            fast.inputs,
             upcast(logits),
             targets.labels,
             targets.mentor_log_probs,
-            names,
+            fast.names,
             config.inner_lr,
             config.first_order,
             grad_scale,

@@ -117,12 +117,12 @@ class MetaNoiseWrapper:
             raise TypeError(f"config must be a MetaNoiseConfig, got {type(config).__name__}")
         if total_updates is not None:
             overrides = {**_schedule_for(config, total_updates), **overrides}
-        self._short_run_unknown = total_updates is None and _has_library_schedule(config.with_overrides(**overrides))
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.config = config = config.with_overrides(**overrides) if overrides else config
+        self._short_run_unknown = total_updates is None and _has_library_schedule(config)
         self.runtime = TrainingRuntime(model, optimizer, accelerator, scaler)
         if config.update_rule == "sequential" and self.runtime.accumulation_steps > 1:
             raise ValueError(
@@ -291,11 +291,13 @@ SHORT_RUN_WARNING_AFTER = 100
 
 def _schedule_for(config: MetaNoiseConfig, total_updates: int) -> dict[str, Any]:
     """`run_length_schedule` for the schedule fields ``config`` leaves at the library defaults."""
-    defaults = MetaNoiseConfig()
     schedule = run_length_schedule(total_updates)
-    return {name: value for name, value in schedule.items() if getattr(config, name) == getattr(defaults, name)}
+    return {name: value for name, value in schedule.items() if _at_library_default(config, name)}
 
 
 def _has_library_schedule(config: MetaNoiseConfig) -> bool:
-    defaults = MetaNoiseConfig()
-    return config.meta_weight > 0 and all(getattr(config, f) == getattr(defaults, f) for f in RUN_LENGTH_FIELDS)
+    return config.meta_weight > 0 and all(_at_library_default(config, name) for name in RUN_LENGTH_FIELDS)
+
+
+def _at_library_default(config: MetaNoiseConfig, name: str) -> bool:
+    return getattr(config, name) == MetaNoiseConfig.__dataclass_fields__[name].default
