@@ -1,5 +1,5 @@
-"""Synthetic label noise for experiments: symmetric, pair-flip, asymmetric class maps and
-instance-dependent noise (Xia et al. 2020).
+"""Synthetic label noise for experiments: symmetric, pair-flip, asymmetric class maps,
+instance-dependent noise (Xia et al. 2020) and open-set noise (images from outside the label space).
 
 Every function is seeded and returns the noisy labels together with the realised noise rate
 and the empirical transition matrix ``T[i, j]`` = fraction of class-``i`` samples labelled ``j``.
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 NOISE_KINDS = ("none", "symmetric", "pairflip", "asymmetric", "instance")
+#: Open-set noise changes which images a data set holds, not only their labels: `open_set_noise`.
+OPEN_SET = "open_set"
 
 #: The standard asymmetric CIFAR-10 map (Patrini et al. 2017): truck -> automobile,
 #: bird -> airplane, deer -> horse, cat <-> dog.
@@ -61,6 +63,8 @@ def inject_noise(
             flattened pixels, standardised).
     """
     clean = np.asarray(labels, dtype=np.int64)
+    if kind == OPEN_SET:
+        raise ValueError("open-set noise replaces images, not only labels: use open_set_noise")
     if kind not in NOISE_KINDS:
         raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
     if not 0.0 <= rate <= 1.0:
@@ -158,3 +162,115 @@ def transition_matrix(clean, noisy, num_classes: int) -> np.ndarray:
     np.add.at(counts, (np.asarray(clean), np.asarray(noisy)), 1.0)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+#: ``clean_labels`` value of an image from outside the label space (open-set noise): no label is right.
+OUTSIDE = -2
+
+
+@dataclass(frozen=True)
+class OpenSetNoise:
+    """A training set after open-set noise: which input rows it keeps, and their labels.
+
+    ``rows`` index the input in its original order. ``labels`` are in the reduced label space
+    (the classes not named outside, renumbered by ``class_map``); ``clean_labels`` likewise, and
+    `OUTSIDE` for the images that come from outside the space.
+    """
+
+    rows: np.ndarray
+    labels: np.ndarray
+    clean_labels: np.ndarray
+    class_map: dict[int, int]
+    realised_rate: float
+
+    @property
+    def is_outside(self) -> np.ndarray:
+        return self.clean_labels == OUTSIDE
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_map)
+
+
+def class_map_without(num_classes: int, outside_classes) -> dict[int, int]:
+    """``{old class: new class}`` for the classes not in ``outside_classes``, in order."""
+    outside = sorted({int(c) for c in outside_classes})
+    bad = [c for c in outside if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"open-set classes must be in [0, {num_classes}), got {bad}")
+    kept = [c for c in range(num_classes) if c not in outside]
+    if not outside or len(kept) < 2:
+        raise ValueError(
+            f"open-set noise needs at least one outside class and 2 classes left; got outside {outside} "
+            f"of {num_classes} classes"
+        )
+    return {old: new for new, old in enumerate(kept)}
+
+
+def open_set_noise(labels, num_classes: int, outside_classes, rate: float, seed: int) -> OpenSetNoise:
+    """Open-set label noise, web data's typical error: images of no class of the label space,
+    each labelled with a class of it.
+
+    The classes in ``outside_classes`` leave the label space (the others are renumbered in
+    order). Their images are the outside pool: a fraction ``rate`` of the in-space images is
+    replaced by as many pool images, each with a uniformly random in-space label, so the data
+    set keeps its in-space size and ``rate`` of it comes from outside. The rest of the pool is
+    dropped. Raises ValueError when the pool holds fewer images than the rate needs.
+    """
+    clean = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"open-set noise rate must be in [0, 1), got {rate!r}")
+    if clean.ndim != 1 or (clean.size and (clean.min() < 0 or clean.max() >= num_classes)):
+        raise ValueError(f"labels must be a 1-D sequence of integers in [0, {num_classes})")
+    class_map = class_map_without(num_classes, outside_classes)
+    lookup = np.full(num_classes, OUTSIDE, dtype=np.int64)
+    lookup[list(class_map)] = list(class_map.values())
+    mapped = lookup[clean]
+    inside, pool = np.flatnonzero(mapped != OUTSIDE), np.flatnonzero(mapped == OUTSIDE)
+    needed = int(round(rate * inside.size))
+    if needed > pool.size:
+        raise ValueError(
+            f"open-set noise at rate {rate} replaces {needed} of {inside.size} in-space images, but the outside "
+            f"classes have only {pool.size} images; lower the rate (at most {pool.size / max(inside.size, 1):.2f}) "
+            "or name more outside classes"
+        )
+    rng = np.random.default_rng(seed)
+    replaced = rng.choice(inside, needed, replace=False)
+    brought_in = rng.choice(pool, needed, replace=False)
+    rows = np.sort(np.concatenate([np.setdiff1d(inside, replaced), brought_in]))
+    clean_labels = mapped[rows]
+    noisy = clean_labels.copy()
+    outside = clean_labels == OUTSIDE
+    noisy[outside] = rng.integers(0, len(class_map), int(outside.sum()))
+    return OpenSetNoise(rows, noisy, clean_labels, class_map, needed / max(inside.size, 1))
+
+
+def confusion_labels(labels, pred_probs, rate: float, seed: int) -> np.ndarray:
+    """Instance-dependent noise from a model's own confusions: the samples a model finds
+    confusable get the classes it confuses them with.
+
+    ``pred_probs`` (``[N, K]``) are a model's held-out class probabilities (e.g. cross-validated,
+    so it has not seen the sample's label). ``round(rate * N)`` samples are chosen without
+    replacement with probability proportional to the mass the model puts on wrong classes, and
+    each gets a wrong class drawn in proportion to that mass; so the realised rate is ``rate``
+    and the errors follow the model's: look-alike images swap labels, distinctive ones keep theirs.
+    """
+    clean = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(pred_probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] != clean.shape[0] or clean.ndim != 1:
+        raise ValueError(f"pred_probs must be [N, K] with N = {clean.shape[0]} labels, got shape {probs.shape}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise rate must be in [0, 1], got {rate!r}")
+    if clean.size and (clean.min() < 0 or clean.max() >= probs.shape[1]):
+        raise ValueError(f"labels must be integers in [0, {probs.shape[1]})")
+    rows = np.arange(clean.size)
+    wrong = np.clip(probs, 0.0, None) + 1e-12  # every wrong class stays possible
+    wrong[rows, clean] = 0.0
+    mass = wrong.sum(axis=1)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(clean.size, int(round(rate * clean.size)), replace=False, p=mass / mass.sum())
+    noisy = clean.copy()
+    cumulative = (wrong[chosen] / mass[chosen, None]).cumsum(axis=1)
+    draws = rng.random(chosen.size)[:, None]
+    noisy[chosen] = np.minimum((cumulative <= draws).sum(axis=1), probs.shape[1] - 1)
+    return noisy

@@ -4,8 +4,10 @@ Both give a split the same label columns, so training, evaluation and data clean
 them the same way:
 
 - ``label``: the label trained on (noisy);
-- ``clean_label``: the true label, or -1 where it is unknown;
-- ``is_noisy``: ``label != clean_label``, or None where the clean label is unknown;
+- ``clean_label``: the true label, -1 where it is unknown, or `OUTSIDE` (-2) for an image of
+  no class of the label space (open-set noise);
+- ``is_noisy``: ``label != clean_label`` (True for an outside image), or None where the clean
+  label is unknown;
 - ``index``: the sample's position in the split, to join per-sample results back.
 
 Other columns (images, extra label columns) are kept as they are.
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 from datasets import ClassLabel, Dataset, Value
 
-from .noise import NoisyLabels, inject_noise
+from .noise import OUTSIDE, NoisyLabels, OpenSetNoise, class_map_without, inject_noise, open_set_noise
 
 LABEL = "label"
 CLEAN_LABEL = "clean_label"
@@ -68,6 +70,52 @@ def add_label_noise(
         features=features if kind == "instance" else None,
     )
     return _set_label_columns(dataset, noisy.labels, noisy.clean_labels), noisy
+
+
+def add_open_set_noise(
+    dataset: Dataset,
+    outside_classes,
+    rate: float,
+    seed: int,
+    *,
+    label_column: str = LABEL,
+    num_classes: int | None = None,
+) -> tuple[Dataset, OpenSetNoise]:
+    """Open-set noise (`noisy_meta.noise.open_set_noise`): the classes in ``outside_classes``
+    leave the label space and a fraction ``rate`` of the remaining images is replaced by theirs,
+    each with a random label of the space.
+
+    Returns the new data set (``label`` and ``clean_label`` renumbered by the noise's
+    ``class_map``, ``clean_label`` `OUTSIDE` for the outside images) and the `OpenSetNoise`. Prepare the validation and test splits with `restrict_to_classes`.
+    """
+    if CLEAN_LABEL in dataset.column_names:
+        raise ValueError(f"the data set already has a {CLEAN_LABEL!r} column: noise was injected already")
+    num_classes = num_classes if num_classes is not None else num_classes_of(dataset, label_column)
+    clean = _checked_labels(dataset, label_column, num_classes)
+    noise = open_set_noise(clean, num_classes, outside_classes, rate, seed)
+    return _set_label_columns(dataset.select(noise.rows), noise.labels, noise.clean_labels), noise
+
+
+def restrict_to_classes(
+    dataset: Dataset, outside_classes, *, label_column: str = LABEL, num_classes: int | None = None
+) -> Dataset:
+    """``dataset`` without the images of ``outside_classes``, labels renumbered as
+    `add_open_set_noise` does (for the validation and test splits of an open-set experiment)."""
+    num_classes = num_classes if num_classes is not None else num_classes_of(dataset, label_column)
+    class_map = class_map_without(num_classes, outside_classes)
+    labels = _checked_labels(dataset, label_column, num_classes)
+    rows = np.flatnonzero(np.isin(labels, list(class_map)))
+    result = dataset.select(rows)
+    new_labels = np.asarray([class_map[int(c)] for c in labels[rows]], dtype=np.int64)
+    result = result.remove_columns([label_column]).add_column(label_column, new_labels.tolist())
+    return result.cast_column(label_column, _label_feature(dataset, label_column, class_map))
+
+
+def _label_feature(dataset: Dataset, label_column: str, class_map: Mapping[int, int]):
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return ClassLabel(names=[feature.names[old] for old in class_map])
+    return Value("int64")
 
 
 def with_label_columns(
@@ -140,7 +188,7 @@ def _checked_labels(dataset: Dataset, column: str, num_classes: int | None) -> n
 
 
 def _set_label_columns(dataset: Dataset, labels: np.ndarray, clean: np.ndarray) -> Dataset:
-    known = clean >= 0
+    known = (clean >= 0) | (clean == OUTSIDE)
     columns = {
         LABEL: (labels.tolist(), Value("int64")),
         CLEAN_LABEL: (clean.tolist(), Value("int64")),

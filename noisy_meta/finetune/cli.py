@@ -8,7 +8,7 @@ from typing import Any, get_args
 
 from ..cleaning import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
 from ..config import FAST_PARAM_NAMES, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
-from ..noise import NOISE_KINDS
+from ..noise import NOISE_KINDS, OPEN_SET
 from .checkpoint import PRED_PROBS_FILE
 from .data import EMBEDDED
 
@@ -79,9 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--noise",
-        choices=NOISE_KINDS,
+        choices=(*NOISE_KINDS, OPEN_SET),
         default=None,
-        help=f"inject label noise into train; default symmetric for {EMBEDDED}, else none",
+        help=f"inject label noise into train; default symmetric for {EMBEDDED}, else none. {OPEN_SET}: images of "
+        "--open-set-classes leave the label space, and --noise-rate of the training images are replaced by theirs "
+        "with random labels (web data's typical error)",
+    )
+    data.add_argument(
+        "--open-set-classes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="CLASS",
+        help=f"class indices outside the label space, for --noise {OPEN_SET} (e.g. 7 8 9 for {EMBEDDED})",
     )
     data.add_argument(
         "--noise-rate", type=float, default=None, help=f"default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}"
@@ -224,6 +234,8 @@ def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
     """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
+    if args.noise == OPEN_SET and not args.open_set_classes:
+        raise ValueError(f"--noise {OPEN_SET} needs --open-set-classes (the classes whose images are the outside pool)")
     if args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     if args.max_consecutive_skips < 0:

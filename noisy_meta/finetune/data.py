@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +20,14 @@ from datasets import (
     load_from_disk,
 )
 
-from ..noise import NoisyLabels
+from ..noise import OPEN_SET, NoisyLabels, OpenSetNoise, class_map_without
 from ..noisy_datasets import (
     CLEAN_LABEL,
     LABEL_COLUMNS,
     add_label_noise,
+    add_open_set_noise,
     num_classes_of,
+    restrict_to_classes,
     with_label_columns,
 )
 
@@ -107,7 +109,7 @@ class Splits:
     num_classes: int
     class_names: list[str] | None
     validation_is_clean: bool
-    noise: NoisyLabels | None
+    noise: NoisyLabels | OpenSetNoise | None
 
 
 def prepare_splits(
@@ -124,13 +126,17 @@ def prepare_splits(
     noise_rate: float,
     val_fraction: float,
     seed: int,
+    open_set_classes: Sequence[int] = (),
 ) -> Splits:
     """Select splits and columns, inject noise into train, carve a validation split if needed.
 
     Every split gets the columns ``image`` and `noisy_meta.noisy_datasets`'s ``label`` (the
     label trained on: noisy), ``clean_label`` (the true label when known, else -1),
     ``is_noisy`` and ``index`` (position in its split).
-    Injected noise keeps the original label as the clean one. Without ``val_split`` a
+    Injected noise keeps the original label as the clean one. ``noise="open_set"`` takes
+    ``open_set_classes`` out of the label space (every split loses their images; the others
+    are renumbered in order) and replaces ``noise_rate`` of the training images by theirs, with
+    random labels (`noisy_meta.noisy_datasets.add_open_set_noise`). Without ``val_split`` a
     ``val_fraction`` of the (noisy) training data becomes the validation split.
     """
     available = list(data.keys())
@@ -145,6 +151,13 @@ def prepare_splits(
     class_names = feature.names if isinstance(feature, ClassLabel) else None
     if num_classes is None:
         num_classes = max(num_classes_of(train, column) for column in filter(None, (label_column, clean_label_column)))
+    source_classes = num_classes
+    if noise == OPEN_SET:
+        class_map = class_map_without(num_classes, open_set_classes)
+        class_names = [class_names[old] for old in class_map] if class_names else None
+        num_classes = len(class_map)
+    elif open_set_classes:
+        raise ValueError("--open-set-classes is for --noise open_set only")
     noisy_labels = None
 
     def standardise(dataset: Dataset, inject: bool) -> Dataset:
@@ -152,7 +165,14 @@ def prepare_splits(
         kept = dataset.select_columns(
             list(dict.fromkeys(filter(None, (image_column, label_column, clean_label_column))))
         )
-        if inject and noise != "none":
+        if noise == OPEN_SET and inject:
+            kept, noisy_labels = add_open_set_noise(
+                kept, open_set_classes, noise_rate, seed, label_column=label_column, num_classes=source_classes
+            )
+        elif noise == OPEN_SET:
+            kept = restrict_to_classes(kept, open_set_classes, label_column=label_column, num_classes=source_classes)
+            kept = with_label_columns(kept, label_column=label_column, num_classes=num_classes)
+        elif inject and noise != "none":
             kept, noisy_labels = add_label_noise(
                 kept,
                 noise,

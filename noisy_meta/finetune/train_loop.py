@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from ..cleaning import iter_probabilities
+from ..noise import OUTSIDE
 from ..noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import save_checkpoint
@@ -75,21 +76,25 @@ def train_one_epoch(
 
 @torch.no_grad()
 def validate(accelerator: Accelerator, wrapper: MetaNoiseWrapper, loader: DataLoader) -> dict[str, float]:
-    """Accuracy of student and mentor against the clean label where known, else the given label."""
+    """Accuracy of student and mentor against the clean label where known, else the given label.
+
+    Images from outside the label space (open-set noise) have no right answer: not scored.
+    """
     student, mentor = wrapper.module, wrapper.mentor
     student.eval()
     correct = {"student": 0, "mentor": 0}
     total = 0
     for batch in loader:
         target = torch.where(batch[CLEAN_COLUMN] >= 0, batch[CLEAN_COLUMN], batch["label"])
+        scored = batch[CLEAN_COLUMN] != OUTSIDE
         with accelerator.autocast():
             hits = {
-                name: model(batch["pixel_values"]).argmax(dim=1) == target
+                name: (model(batch["pixel_values"]).argmax(dim=1) == target) & scored
                 for name, model in (("student", student), ("mentor", mentor))
             }
         for name, hit in hits.items():
             correct[name] += int(accelerator.gather_for_metrics(hit).sum())
-        total += int(accelerator.gather_for_metrics(target).numel())
+        total += int(accelerator.gather_for_metrics(scored).sum())
     student.train()
     return {name: count / max(total, 1) for name, count in correct.items()}
 

@@ -26,6 +26,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from ..cleaning import save_cleanlab_inputs
+from ..noise import OPEN_SET
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import (
@@ -116,6 +117,7 @@ def _load_splits(args: argparse.Namespace, console: Console, main_process: bool)
         noise_rate=noise_rate,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        open_set_classes=tuple(args.open_set_classes or ()),
     )
     counts = np.bincount(np.asarray(splits.train[LABEL], dtype=np.int64), minlength=splits.num_classes)
     empty = np.flatnonzero(counts == 0).tolist()
@@ -128,6 +130,7 @@ def _load_splits(args: argparse.Namespace, console: Console, main_process: bool)
     if splits.noise is not None:
         console.print(
             f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised"
+            + (f"; classes {sorted(args.open_set_classes)} left the label space" if noise == OPEN_SET else "")
         )
     console.print(
         f"train {len(splits.train)}, validation {len(splits.validation)} (scored against "

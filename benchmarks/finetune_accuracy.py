@@ -1,0 +1,601 @@
+"""Does MLNT pay for itself when fine-tuning a pretrained model? MLNT against the baselines a
+user would run instead, every run starting from the same pretrained timm backbone.
+
+    python benchmarks/finetune_accuracy.py           # the full table (3 seeds), RESULTS.md + PNG
+    python benchmarks/finetune_accuracy.py --quick   # smoke run: 1 epoch, 1 seed, 2 settings
+    python benchmarks/finetune_accuracy.py --tune --seeds 0 --settings sym40 --methods mlnt_fo --set inner_lr=0.5
+
+Pretrained backbones, offline (no hub weights here): timm's ``test_resnet`` and ``test_vit``
+(16x16 inputs, patch 4) are pretrained with clean labels on a *source* task, MNIST-5k digits
+0-4 at 16x16, and cached as safetensors under ``benchmarks/finetune/pretrained/``. The
+*target* task has other classes and another rendering: digits 5-9, downsampled to 8x8 and
+back (blurred) and inverted (dark strokes on white). Target: 600 clean test images, the rest
+split 90 / 10 into training and a validation split that carries the *noisy* labels (the only
+split hyper-parameters and early stopping look at).
+
+Noise on the target's training and validation labels (a new seed per run):
+
+- ``sym40``: 40% symmetric (the wrong label uniform over the other classes);
+- ``pair40``: 40% pair-flip (class c labelled c + 1);
+- ``inst40``: 40% instance-dependent from a model's own confusions
+  (`noisy_meta.noise.confusion_labels` with a pixel-space logistic regression's held-out
+  probabilities: the samples it finds most confusable get the classes it confuses them with);
+- ``open30``: 30% open-set (`noisy_meta.noise.open_set_noise`): images of digits 0-4 in the
+  target rendering replace 30% of the images, each with a random label of 5-9;
+- ``clean``: no noise, to check for harm.
+
+Methods, same pretrained start, optimizer (SGD, momentum 0.9, weight decay 5e-4, cosine
+learning rate), batch and epochs:
+
+- ``ce``: cross-entropy; reported at the final epoch, and (``ce_early``) at the epoch with the
+  best noisy-validation accuracy; ``ce_ema`` is the same run's timm ``ModelEmaV3`` average;
+- ``ce_ls``: cross-entropy with label smoothing 0.1 (``ls``);
+- ``gce``: generalised cross-entropy (Zhang & Sabuncu 2018, q = 0.7);
+- ``ema``: EMA-mentor consistency without the meta step (``num_synthetic=0``);
+- ``mlnt_so`` / ``mlnt_fo``: MLNT second / first order; ``mlnt_head`` and ``mlnt_last_stage``:
+  second order with fast weights for the classifier only / the last stage and classifier.
+
+Reported: clean-test accuracy of the student and of the mentor (for the MLNT methods and
+``ema``; for ``ce``, its ``ModelEmaV3``) at the final epoch, mean ± std over seeds; wall time
+per run relative to ``ce``; a PNG of accuracy against that ratio. Runs go to a pool of worker
+processes with one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
+from noisy_meta.finetune.data import embedded_mnist
+from noisy_meta.noise import confusion_labels, inject_noise, open_set_noise
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "RESULTS.md"
+CACHE = HERE / "finetune" / "pretrained"
+IMG = 16
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+NUM_TEST = 600
+
+#: architecture -> timm model name and constructor arguments
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "resnet": ("test_resnet", {}),
+    "vit": ("test_vit", {"img_size": IMG, "patch_size": 4}),
+}
+#: setting -> (noise kind, rate)
+SETTINGS: dict[str, tuple[str, float]] = {
+    "sym40": ("symmetric", 0.4),
+    "pair40": ("pairflip", 0.4),
+    "inst40": ("confusion", 0.4),
+    "open30": ("open_set", 0.3),
+    "clean": ("none", 0.0),
+}
+#: method -> MetaNoiseConfig overrides (None: a plain loop with a loss of its own, no wrapper)
+METHODS: dict[str, dict[str, Any] | None] = {
+    "ce": None,
+    "ce_ls": None,
+    "gce": None,
+    "ema": {"num_synthetic": 0},
+    "mlnt_so": {"first_order": False},
+    "mlnt_fo": {"first_order": True},
+    "mlnt_head": {"first_order": False, "fast_params": "head"},
+    "mlnt_last_stage": {"first_order": False, "fast_params": "last_stage"},
+}
+#: rows derived from the ce run
+DERIVED = {"ce_early": "ce", "ce_ema": "ce"}
+ROWS = ["ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema", "mlnt_so", "mlnt_fo", "mlnt_head", "mlnt_last_stage"]
+#: MLNT settings shared by the MLNT methods and ``ema`` (see RESULTS.md for how they were chosen);
+#: schedules from `MetaNoiseConfig.for_run_length`.
+COMMON: dict[str, Any] = {"num_synthetic": 3, "num_neighbors": 10, "inner_lr": 1.0, "meta_weight": 1.0}
+LABEL_SMOOTHING = 0.1
+GCE_Q = 0.7
+EMA_DECAY = 0.99
+
+
+@dataclass(frozen=True)
+class Job:
+    arch: str
+    setting: str
+    method: str
+    seed: int
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def render_source(images: np.ndarray) -> torch.Tensor:
+    """MNIST 28x28 -> 16x16, light strokes on black (the pretraining rendering)."""
+    pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 255.0
+    return F.interpolate(pixels, size=(IMG, IMG), mode="area")
+
+
+def render_target(images: np.ndarray) -> torch.Tensor:
+    """The target rendering: 8x8 and back to 16x16 (blurred), inverted (dark strokes on white)."""
+    pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 255.0
+    small = F.interpolate(pixels, size=(8, 8), mode="area")
+    return 1.0 - F.interpolate(small, size=(IMG, IMG), mode="bilinear", align_corners=False)
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std()
+
+
+@lru_cache(maxsize=1)
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    data = embedded_mnist()
+    images = [np.asarray(img, dtype=np.uint8) for split in ("train", "test") for img in data[split]["image"]]
+    labels = [label for split in ("train", "test") for label in data[split]["label"]]
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+@dataclass
+class Target:
+    train_x: torch.Tensor
+    train_y: torch.Tensor  # noisy
+    val_x: torch.Tensor
+    val_y: torch.Tensor  # noisy
+    test_x: torch.Tensor
+    test_y: torch.Tensor  # clean
+    realised_rate: float
+
+
+@lru_cache(maxsize=2)
+def target(setting: str, seed: int) -> Target:
+    """The target task with the setting's noise (seeded); test split fixed across seeds."""
+    images, labels = mnist()
+    x = standardise(render_target(images))
+    inside = np.flatnonzero(np.isin(labels, TARGET_CLASSES))
+    order = np.random.default_rng(1234).permutation(inside)
+    test, rest = order[:NUM_TEST], order[NUM_TEST:]
+    y = labels - TARGET_CLASSES[0]  # 5-9 -> 0-4; 0-4 -> negative (the open-set pool)
+    kind, rate = SETTINGS[setting]
+    rng = np.random.default_rng(seed)
+    if kind == "open_set":
+        pool = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
+        rows = np.concatenate([rest, pool])
+        noise = open_set_noise(labels[rows], 10, SOURCE_CLASSES, rate, seed)
+        rows, noisy, realised = rows[noise.rows], noise.labels, noise.realised_rate
+    else:
+        rows = rest
+        clean = y[rows]
+        if kind == "confusion":
+            noisy = confusion_labels(clean, held_out_probabilities(images[rows], clean, seed), rate, seed)
+        else:
+            noisy = inject_noise(clean, len(TARGET_CLASSES), kind, rate, seed).labels
+        realised = float(np.mean(noisy != clean))
+    shuffled = rng.permutation(len(rows))
+    val, train = shuffled[: len(rows) // 10], shuffled[len(rows) // 10 :]
+    noisy = torch.tensor(noisy)
+    return Target(
+        x[rows[train]], noisy[train], x[rows[val]], noisy[val], x[test], torch.tensor(y[test]), realised
+    )
+
+
+def held_out_probabilities(images: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """A pixel-space logistic regression's 5-fold held-out class probabilities (its own confusions)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    features = render_target(images).flatten(1).numpy()
+    model = LogisticRegression(max_iter=300, C=0.05)
+    return cross_val_predict(model, features, labels, cv=5, method="predict_proba")
+
+
+# ------------------------------------------------------------------------------------ pretraining
+
+
+def make_model(arch: str, num_classes: int) -> nn.Module:
+    name, kwargs = ARCHS[arch]
+    return timm.create_model(name, num_classes=num_classes, in_chans=1, **kwargs)
+
+
+PRETRAIN = {"epochs": 15, "lr": 0.05, "batch_size": 64, "seed": 0}
+
+
+def pretrained_path(arch: str) -> Path:
+    recipe = json.dumps([ARCHS[arch], PRETRAIN, SOURCE_CLASSES, IMG], sort_keys=True)
+    return CACHE / f"{arch}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}.safetensors"
+
+
+def pretrain(arch: str) -> Path:
+    """Pretrain ``arch`` on the source task with clean labels (cached); prints how and how long."""
+    path = pretrained_path(arch)
+    if path.exists():
+        print(f"pretrained {arch}: cached {path.relative_to(HERE)}", flush=True)
+        return path
+    started = time.perf_counter()
+    torch.manual_seed(PRETRAIN["seed"])
+    images, labels = mnist()
+    rows = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
+    order = np.random.default_rng(PRETRAIN["seed"]).permutation(rows)
+    held, used = order[:500], order[500:]
+    x, y = standardise(render_source(images)), torch.tensor(labels)
+    model = make_model(arch, len(SOURCE_CLASSES))
+    loop = PlainLoop(model, PRETRAIN["lr"], PRETRAIN["epochs"] * (len(used) // PRETRAIN["batch_size"]), "ce")
+    generator = torch.Generator().manual_seed(PRETRAIN["seed"])
+    for _ in range(PRETRAIN["epochs"]):
+        for batch in batches(len(used), PRETRAIN["batch_size"], generator):
+            images_batch = x[used[batch]]
+            shift = torch.randint(-2, 3, (2,), generator=generator).tolist()  # light augmentation
+            loop.step(torch.roll(images_batch, shifts=shift, dims=(2, 3)), y[used[batch]])
+    accuracy = evaluate(model, x[held], y[held])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    seconds = time.perf_counter() - started
+    print(
+        f"pretrained {arch} ({ARCHS[arch][0]}): MNIST digits {SOURCE_CLASSES} at {IMG}x{IMG}, {len(used)} images, "
+        f"clean labels, {PRETRAIN['epochs']} epochs SGD lr {PRETRAIN['lr']} cosine, +-2 px shifts; "
+        f"held-out source accuracy {100 * accuracy:.1f}%; {seconds:.0f} s -> {path.relative_to(HERE)}",
+        flush=True,
+    )
+    (path.with_suffix(".json")).write_text(
+        json.dumps({"recipe": PRETRAIN, "source_accuracy": accuracy, "seconds": seconds}, indent=1) + "\n"
+    )
+    return path
+
+
+def load_pretrained(arch: str, num_classes: int) -> nn.Module:
+    """The cached backbone with a new, randomly initialised classifier for the target."""
+    model = make_model(arch, len(SOURCE_CLASSES))
+    model.load_state_dict(load_file(str(pretrained_path(arch))))
+    model.reset_classifier(num_classes)
+    return model
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = GCE_Q) -> torch.Tensor:
+    """Generalised cross-entropy (Zhang & Sabuncu 2018): mean of (1 - p_y^q) / q."""
+    p_y = logits.softmax(dim=1).gather(1, targets[:, None]).squeeze(1).clamp_min(1e-7)
+    return ((1.0 - p_y**q) / q).mean()
+
+
+class PlainLoop:
+    """SGD + cosine schedule with one of the baseline losses, and timm's ModelEmaV3 alongside."""
+
+    def __init__(self, model: nn.Module, lr: float, total: int, loss: str) -> None:
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        self.scheduler = cosine(self.optimizer, total)
+        self.loss = loss
+        self.ema = ModelEmaV3(model, decay=EMA_DECAY, use_warmup=True)
+        self.updates = 0
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        logits = self.model(x)
+        if self.loss == "gce":
+            loss = gce_loss(logits, y)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING if self.loss == "ce_ls" else 0.0)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.updates += 1
+        self.ema.update(self.model, step=self.updates)
+
+
+def cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    hits = sum(int((model(part).argmax(1) == target).sum()) for part, target in zip(x.split(500), y.split(500)))
+    model.train(was_training)
+    return hits / len(y)
+
+
+def mlnt_config(job: Job, total: int) -> MetaNoiseConfig:
+    return MetaNoiseConfig.for_run_length(
+        total, **{**COMMON, **(METHODS[job.method] or {}), **dict(job.overrides), "seed": job.seed}
+    )
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Fine-tune one method on one setting and seed; per-epoch accuracies of student and mentor."""
+    torch.set_num_threads(1)
+    data = target(job.setting, job.seed)
+    started = time.perf_counter()
+    torch.manual_seed(job.seed)
+    model = load_pretrained(job.arch, len(TARGET_CLASSES))
+    steps_per_epoch = len(data.train_y) // job.batch_size
+    total = job.epochs * steps_per_epoch
+    if METHODS[job.method] is None:
+        loop = PlainLoop(model, job.lr, total, job.method)
+        step, mentor = loop.step, loop.ema.module
+        config = None
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=job.lr, momentum=0.9, weight_decay=5e-4)
+        scheduler = cosine(optimizer, total)
+        config = mlnt_config(job, total)
+        wrapper = MetaNoiseWrapper(model, optimizer, config)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            wrapper.step(x, y)
+            scheduler.step()
+
+        mentor = wrapper.mentor
+    curves: dict[str, list[float]] = {f"{who}_{split}": [] for who in ("student", "mentor") for split in ("val", "test")}
+    generator = torch.Generator().manual_seed(job.seed)
+    for _ in range(job.epochs):
+        for batch in batches(len(data.train_y), job.batch_size, generator):
+            step(data.train_x[batch], data.train_y[batch])
+        for who, network in (("student", model), ("mentor", mentor)):
+            curves[f"{who}_val"].append(evaluate(network, data.val_x, data.val_y))
+            curves[f"{who}_test"].append(evaluate(network, data.test_x, data.test_y))
+    return {
+        "arch": job.arch,
+        "setting": job.setting,
+        "method": job.method,
+        "seed": job.seed,
+        "realised_rate": data.realised_rate,
+        "seconds": time.perf_counter() - started,
+        "updates": total,
+        "config": None if config is None else {k: getattr(config, k) for k in (*COMMON, "first_order", "fast_params")},
+        **curves,
+    }
+
+
+def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
+    cost = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "mlnt_head": 2, "ema": 1.5}
+    pending = sorted(jobs, key=lambda j: -cost.get(j.method, 1) * (1.5 if j.arch == "vit" else 1))
+    results = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        running: dict[Future, Job] = {pool.submit(run, job): job for job in pending}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                r = future.result()
+                results.append(r)
+                print(
+                    f"  {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
+                    f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f} "
+                    f"(noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}) "
+                    f"{r['seconds']:5.0f} s",
+                    flush=True,
+                )
+    return results
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def final(run: dict[str, Any], row: str, who: str, split: str = "test") -> float:
+    """The accuracy a table row reports for one run (``ce_early``: the best noisy-val epoch)."""
+    if row == "ce_early":
+        epoch = int(np.argmax(run["student_val"]))
+        return run[f"student_{split}"][epoch]
+    if row == "ce_ema":
+        return run[f"mentor_{split}"][-1]
+    return run[f"{who}_{split}"][-1]
+
+
+def rows_of(results: list[dict[str, Any]], arch: str, setting: str, row: str) -> list[dict[str, Any]]:
+    method = DERIVED.get(row, row)
+    return [r for r in results if r["arch"] == arch and r["setting"] == setting and r["method"] == method]
+
+
+def summarise(results: list[dict[str, Any]], archs, settings, split: str = "test") -> list[dict[str, Any]]:
+    """One entry per (arch, setting, row): mean/std of student and mentor, time relative to ce."""
+    table = []
+    for arch in archs:
+        for setting in settings:
+            ce_seconds = [r["seconds"] for r in rows_of(results, arch, setting, "ce")]
+            for row in ROWS:
+                runs = rows_of(results, arch, setting, row)
+                if not runs:
+                    continue
+                entry = {"arch": arch, "setting": setting, "row": row, "seeds": len(runs)}
+                for who in ("student", "mentor"):
+                    values = [100 * final(r, row, who, split) for r in runs]
+                    entry[who] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                has_mentor = row not in ("ce", "ce_early", "ce_ema", "ce_ls", "gce")
+                if not has_mentor:
+                    entry["mentor"] = None
+                seconds = statistics.fmean(r["seconds"] for r in runs)
+                entry["seconds"] = seconds
+                entry["x_ce"] = seconds / statistics.fmean(ce_seconds) if ce_seconds else float("nan")
+                table.append(entry)
+    return table
+
+
+def best(entry: dict[str, Any]) -> float:
+    return max(entry["student"][0], entry["mentor"][0] if entry["mentor"] else -1.0)
+
+
+def markdown(table: list[dict[str, Any]], archs, settings, split: str) -> list[str]:
+    what = "noisy validation" if split == "val" else "clean test"
+    lines = [
+        f"Accuracy (%) on the {what} set at the final epoch, mean ± std over seeds (`ce_early`: the epoch "
+        "with the best noisy-validation accuracy; `ce_ema`: the cross-entropy run's `ModelEmaV3`); wall time "
+        "per run relative to `ce`:",
+        "",
+        "| model | setting | method | student | mentor | x ce |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in table:
+        cells = [f"{m:.1f} ± {s:.1f}" if v else "" for v in (entry["student"], entry["mentor"]) for m, s in [v or (0, 0)]]
+        lines.append(
+            f"| {entry['arch']} | {entry['setting']} | {entry['row']} | {cells[0]} | {cells[1]} | {entry['x_ce']:.1f} |"
+        )
+    lines += ["", "Best MLNT configuration against the best baseline (higher of student and mentor, means):", ""]
+    lines += ["| model | setting | best baseline | best MLNT | margin |", "|---|---|---|---|---|"]
+    for arch in archs:
+        for setting in settings:
+            entries = [e for e in table if e["arch"] == arch and e["setting"] == setting]
+            baselines = [e for e in entries if not e["row"].startswith("mlnt")]
+            mlnt = [e for e in entries if e["row"].startswith("mlnt")]
+            if not baselines or not mlnt:
+                continue
+            b = max(baselines, key=best)
+            m = max(mlnt, key=best)
+            lines.append(
+                f"| {arch} | {setting} | {b['row']} {best(b):.1f} | {m['row']} {best(m):.1f} | {best(m) - best(b):+.1f} |"
+            )
+    return lines
+
+
+def plot(table: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install '.[bench]')")
+        return False
+    archs = sorted({e["arch"] for e in table})
+    settings = list(dict.fromkeys(e["setting"] for e in table))
+    fig, axes = plt.subplots(len(archs), len(settings), figsize=(3.2 * len(settings), 3.0 * len(archs)), squeeze=False)
+    colours = dict(zip(ROWS, plt.get_cmap("tab10").colors))
+    for i, arch in enumerate(archs):
+        for j, setting in enumerate(settings):
+            ax = axes[i][j]
+            for e in (e for e in table if e["arch"] == arch and e["setting"] == setting):
+                ax.scatter(e["x_ce"], best(e), color=colours[e["row"]], label=e["row"], s=28)
+            ax.set_xscale("log")
+            ax.set_title(f"{arch}, {setting}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("clean test acc. (%)")
+            if i == len(archs) - 1:
+                ax.set_xlabel("wall time / ce")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("Fine-tuning a pretrained timm model: final-epoch accuracy (higher of student and mentor)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_section(lines: list[str]) -> None:
+    start, end = "<!-- finetune -->", "<!-- /finetune -->"
+    body = "\n".join([start, *lines, end])
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if start in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    RESULTS.write_text(text)
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, seed 0, sym40 and clean, 3 methods")
+    parser.add_argument("--tune", action="store_true", help="report the noisy validation split, not the test set")
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (peak of the cosine)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for the MLNT methods"
+    )
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--output", default=str(HERE / "finetune"), help="directory for runs.json and the PNG")
+    parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.seeds = 1, [0]
+        args.settings = [s for s in args.settings if s in ("sym40", "open30")] or ["sym40"]
+        args.methods = [m for m in args.methods if m in ("ce", "ema", "mlnt_fo")] or ["ce"]
+    overrides = tuple((key, parse_value(value)) for key, value in (item.split("=", 1) for item in args.set))
+    MetaNoiseConfig().with_overrides(**dict(overrides))  # unknown or invalid fields fail here, not in a worker
+    for arch in args.archs:
+        pretrain(arch)
+    jobs = [
+        Job(arch, setting, method, seed, args.epochs, args.lr, overrides=overrides if METHODS[method] else ())
+        for arch in args.archs
+        for setting in args.settings
+        for method in args.methods
+        for seed in args.seeds
+    ]
+    command = "python benchmarks/finetune_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    print(f"{len(jobs)} runs on {args.workers} worker processes: {command}", flush=True)
+    started = time.perf_counter()
+    results = run_all(jobs, args.workers)
+    minutes = (time.perf_counter() - started) / 60
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / ("tune.json" if args.tune else "runs.json")).write_text(json.dumps(results, indent=1) + "\n")
+    split = "val" if args.tune else "test"
+    table = summarise(results, args.archs, args.settings, split)
+    lines = markdown(table, args.archs, args.settings, split)
+    print("\n".join(lines))
+    print(f"{minutes:.1f} min")
+    if args.tune:
+        return
+    plotted = plot(table, output / "accuracy_vs_time.png")
+    if args.no_write or args.quick:
+        return
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, {args.workers} worker processes; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    write_section(
+        [
+            "## Fine-tuning a pretrained model",
+            "",
+            "```bash",
+            command.strip(),
+            "```",
+            "",
+            f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. {args.epochs} epochs, "
+            f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {dict(COMMON, **dict(overrides))}, schedules "
+            "from `MetaNoiseConfig.for_run_length`.",
+            "",
+            *lines,
+            *(["", f"![accuracy against wall time]({output.relative_to(HERE)}/accuracy_vs_time.png)"] if plotted else []),
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
