@@ -86,7 +86,8 @@ def add_open_set_noise(
     each with a random label of the space.
 
     Returns the new data set (``label`` and ``clean_label`` renumbered by the noise's
-    ``class_map``, ``clean_label`` `OUTSIDE` for the outside images) and the `OpenSetNoise`. Prepare the validation and test splits with `restrict_to_classes`.
+    ``class_map``, ``clean_label`` `OUTSIDE` for the outside images) and the `OpenSetNoise`.
+    Prepare the validation and test splits with `restrict_to_classes`.
     """
     if CLEAN_LABEL in dataset.column_names:
         raise ValueError(f"the data set already has a {CLEAN_LABEL!r} column: noise was injected already")
