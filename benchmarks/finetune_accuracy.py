@@ -101,7 +101,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "gce": None,
     "ema": {"num_synthetic": 0},
     "mlnt_so": {"first_order": False},
-    "mlnt_fo": {"first_order": True, "inner_lr": 0.1},
+    "mlnt_fo": {"first_order": True},
     "mlnt_head": {"first_order": False, "fast_params": "head"},
     "mlnt_last_stage": {"first_order": False, "fast_params": "last_stage"},
 }
@@ -110,7 +110,9 @@ DERIVED = {"ce_early": "ce", "ce_ema": "ce"}
 ROWS = ["ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema", "mlnt_so", "mlnt_fo", "mlnt_head", "mlnt_last_stage"]
 #: MLNT settings shared by the MLNT methods and ``ema`` (see RESULTS.md for how they were chosen);
 #: schedules from `MetaNoiseConfig.for_run_length`.
-COMMON: dict[str, Any] = {"num_synthetic": 3, "num_neighbors": 10, "inner_lr": 0.3, "meta_weight": 1.0}
+#: The inner step size is this multiple of the fine-tuning learning rate (the ViT diverges at 5x).
+COMMON: dict[str, Any] = {"num_synthetic": 3, "num_neighbors": 10, "meta_weight": 1.0}
+INNER_LR_PER_LR = 1.0
 LABEL_SMOOTHING = 0.1
 GCE_Q = 0.7
 EMA_DECAY = 0.99
@@ -331,8 +333,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def mlnt_config(job: Job, total: int) -> MetaNoiseConfig:
+    shared = {**COMMON, "inner_lr": INNER_LR_PER_LR * job.lr}
     return MetaNoiseConfig.for_run_length(
-        total, **{**COMMON, **(METHODS[job.method] or {}), **dict(job.overrides), "seed": job.seed}
+        total, **{**shared, **(METHODS[job.method] or {}), **dict(job.overrides), "seed": job.seed}
     )
 
 
@@ -596,6 +599,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}; "
         f"{time.strftime('%Y-%m-%d')}"
     )
+    shared = dict(COMMON, inner_lr=INNER_LR_PER_LR * args.lr, **dict(overrides))
     write_section(
         [
             "## Fine-tuning a pretrained model",
@@ -605,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
             "```",
             "",
             f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. {args.epochs} epochs, "
-            f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {dict(COMMON, **dict(overrides))}, schedules "
+            f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {shared}, schedules "
             "from `MetaNoiseConfig.for_run_length`.",
             "",
             *lines,
