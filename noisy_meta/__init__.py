@@ -9,7 +9,8 @@ Wrap a model and its optimizer::
 or keep your own loop with `MetaNoiseWrapper.meta_backward` and `MetaNoiseWrapper.update_mentor`.
 With Accelerate pass ``accelerator=`` (mixed precision, DDP, accumulation); `noisy_meta.finetune`
 is the complete command-line fine-tuning run (``accelerate launch examples/finetune.py``).
-Noisy data sets: `add_label_noise` / `with_label_columns` (Hugging Face datasets); iterative
+Noisy data sets: `add_label_noise` / `add_open_set_noise` / `with_label_columns` (Hugging Face
+datasets), `inject_noise` / `open_set_noise` / `confusion_labels` on label arrays; iterative
 training with data cleaning: `noisy_meta.cleaning`.
 """
 
@@ -19,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
 from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
-from .noise import CIFAR10_ASYMMETRIC_MAP, NoisyLabels, inject_noise
+from .noise import (
+    CIFAR10_ASYMMETRIC_MAP,
+    OUTSIDE,
+    NoisyLabels,
+    OpenSetNoise,
+    confusion_labels,
+    inject_noise,
+    open_set_noise,
+)
 from .synthetic import (
     SyntheticLabels,
     nearest_neighbors,
@@ -39,7 +48,7 @@ if TYPE_CHECKING:
         predict_probabilities,
         save_cleanlab_inputs,
     )
-    from .noisy_datasets import add_label_noise, with_label_columns
+    from .noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
 
 __version__ = "0.1.0"
 
@@ -52,14 +61,18 @@ _LAZY = {
             "CleaningReport",
             "DetectionReport",
             "clean_dataset",
+            "confusion_labels",
             "find_label_issues",
             "iterate_with_cleaning",
             "predict_probabilities",
+            "restrict_to_classes",
             "save_cleanlab_inputs",
         ),
         "cleaning",
     ),
-    **dict.fromkeys(("add_label_noise", "with_label_columns"), "noisy_datasets"),
+    **dict.fromkeys(
+        ("add_label_noise", "add_open_set_noise", "restrict_to_classes", "with_label_columns"), "noisy_datasets"
+    ),
 }
 
 
@@ -82,10 +95,14 @@ __all__ = [
     "MetaNoiseConfig",
     "MetaNoiseWrapper",
     "NoisyLabels",
+    "OUTSIDE",
+    "OpenSetNoise",
     "SecondOrderUnsupportedError",
     "SyntheticLabels",
     "add_label_noise",
+    "add_open_set_noise",
     "clean_dataset",
+    "confusion_labels",
     "find_label_issues",
     "inject_noise",
     "iterate_with_cleaning",
@@ -95,7 +112,9 @@ __all__ = [
     "nearest_neighbors",
     "neighbor_label_transfer",
     "num_perturbed",
+    "open_set_noise",
     "predict_probabilities",
+    "restrict_to_classes",
     "save_cleanlab_inputs",
     "select_fast_params",
     "with_label_columns",

@@ -41,3 +41,33 @@ def test_accuracy_benchmark_refuses_unknown_overrides():
         timeout=300,
     )
     assert result.returncode != 0 and "unknown MetaNoiseConfig field(s): inner_lrr" in result.stderr
+
+
+def test_finetune_benchmark_quick_mode(tmp_path):
+    """Pretrains both backbones (cached as safetensors), fine-tunes, writes runs.json and the chart."""
+    pytest.importorskip("matplotlib")
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "finetune_accuracy.py"),
+        "--quick",
+        "--output",
+        str(tmp_path),
+        "--cache",
+        str(tmp_path / "pretrained"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for arch in ("resnet", "vit"):
+        assert f"pretrained {arch} (" in result.stdout  # how it was made and how long it took
+    assert len(list((tmp_path / "pretrained").glob("*.safetensors"))) == 2
+    runs = json.loads((tmp_path / "runs.json").read_text())
+    assert {(r["arch"], r["setting"], r["method"]) for r in runs} == {
+        (a, s, m) for a in ("resnet", "vit") for s in ("sym40", "open30") for m in ("ce", "ema", "mlnt_fo")
+    }
+    for run in runs:
+        assert len(run["student_test"]) == len(run["mentor_val"]) == 1 and 0.0 <= run["student_test"][0] <= 1.0
+    assert {round(r["realised_rate"], 2) for r in runs if r["setting"] == "open30"} == {0.3}
+    assert "| resnet | open30 | ce_early |" in result.stdout and "| margin |" in result.stdout
+    assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 10_000
+    again = subprocess.run([*command, "--methods", "ce"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "pretrained resnet: cached" in again.stdout  # the cache is used

@@ -26,6 +26,9 @@ from noisy_meta.finetune import build_parser, main, resolve_meta_config
 from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
 from noisy_meta.finetune.models import create_model
+from noisy_meta.noise import OUTSIDE
+
+from helpers import TinyMLP, make_wrapper
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "finetune.py"
@@ -783,3 +786,82 @@ def test_an_empty_class_is_reported_before_training(tiny_mnist, tmp_path):
         "12",
     )
     assert "2 of 12 classes have no training sample (classes [10, 11])" in " ".join(result.stdout.split())
+
+
+# ------------------------------------------------------------------------------- open-set noise
+
+
+def test_open_set_noise_shrinks_the_label_space_of_every_split(tiny_mnist):
+    data = load_from_disk(str(tiny_mnist))
+    splits = prepare_splits(data, **split_args(noise="open_set", noise_rate=0.25, open_set_classes=(7, 8, 9)))
+    assert splits.num_classes == 7 and splits.class_names == [str(d) for d in range(7)]
+    in_space = sum(1 for label in data["train"]["label"] if label < 7)
+    assert len(splits.train) + len(splits.validation) == in_space  # outside images replace, not add
+    clean = np.concatenate([splits.train["clean_label"], splits.validation["clean_label"]])
+    assert np.sum(clean == OUTSIDE) == round(0.25 * in_space)
+    assert splits.noise.realised_rate == pytest.approx(0.25, abs=0.01)
+    for split in (splits.train, splits.validation):
+        assert max(split["label"]) < 7
+    test_originals = [label for label in data["test"]["label"] if label < 7]
+    assert splits.test["label"] == test_originals and len(splits.test) < len(data["test"])
+    with pytest.raises(ValueError, match="for --noise open_set only"):
+        prepare_splits(data, **split_args(open_set_classes=(9,)))
+
+
+def test_validation_does_not_score_images_from_outside_the_label_space(make_accelerator):
+    from noisy_meta.finetune.train_loop import validate
+
+    torch.manual_seed(0)
+    wrapper = make_wrapper(TinyMLP())
+    x = torch.randn(12, 6)
+    predicted = wrapper.module(x).argmax(1)
+    clean = predicted.clone()
+    clean[:4] = (predicted[:4] + 1) % 3  # 4 wrong among the scored
+    clean[8:] = OUTSIDE  # 4 outside images, whatever is predicted
+    label = torch.zeros(12, dtype=torch.long)
+    batch = {"pixel_values": x, "label": label, "clean_label": clean, "index": torch.arange(12)}
+    accuracy = validate(make_accelerator(), wrapper, [batch])
+    assert accuracy["student"] == pytest.approx(4 / 8)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--noise", "open_set"], "needs --open-set-classes"),
+        (["--noise", "symmetric", "--open-set-classes", "9"], "--open-set-classes is for --noise open_set only"),
+        (["--noise", "open_set", "--open-set-classes", "9", "--noise-rate", "1"], "needs --noise-rate below 1"),
+        (["--noise-rate", "1.5"], "--noise-rate must be in \\[0, 1\\], got 1.5"),
+    ],
+)
+def test_noise_flag_errors_come_before_any_data_is_loaded(flags, message):
+    with pytest.raises(ValueError, match=message):
+        main([*FAST, *flags, "--dataset", "/nonexistent/data", "--output-dir", "/nonexistent/never-written"])
+
+
+def test_an_open_set_run_trains_and_scores_only_in_space_images(tiny_mnist, tmp_path):
+    output = tmp_path / "open"
+    result = run_example(
+        *FAST, "--epochs", "1", "--dataset", str(tiny_mnist), "--noise", "open_set", "--open-set-classes", "8", "9",
+        "--noise-rate", "0.2", "--output-dir", str(output),
+    )  # fmt: skip
+    assert "classes [8, 9] left the label space" in result.stdout and "8 classes" in result.stdout
+    (record,) = metrics(output)
+    assert 0.0 <= record["val_student"] <= 1.0
+
+
+# ------------------------------------------------------------------------------- fine-tuning defaults
+
+
+def test_runs_from_pretrained_weights_get_the_fine_tuning_defaults():
+    parse = build_parser().parse_args
+    config, chosen = resolve_meta_config(parse(["--checkpoint", "w.safetensors", "--lr", "0.01"]), 1000)
+    assert config.inner_lr == pytest.approx(0.01) and config.num_synthetic == 3
+    assert chosen["inner_lr"] == pytest.approx(0.01) and chosen["num_synthetic"] == 3
+    config, _ = resolve_meta_config(parse(["--pretrained", "--lr", "0.04"]), 1000)
+    assert config.inner_lr == pytest.approx(0.04)
+    config, chosen = resolve_meta_config(parse(["--pretrained", "--inner-lr", "0.5", "--num-synthetic", "7"]), 1000)
+    assert (config.inner_lr, config.num_synthetic) == (0.5, 7) and "inner_lr" not in chosen  # flags win
+    config, chosen = resolve_meta_config(parse([]), 1000)  # from scratch: the library's
+    defaults = MetaNoiseConfig()
+    assert (config.inner_lr, config.num_synthetic) == (defaults.inner_lr, defaults.num_synthetic)
+    assert "inner_lr" not in chosen

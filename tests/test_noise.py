@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from noisy_meta.noise import CIFAR10_ASYMMETRIC_MAP, inject_noise, transition_matrix
+from noisy_meta.noise import (
+    CIFAR10_ASYMMETRIC_MAP,
+    OUTSIDE,
+    confusion_labels,
+    inject_noise,
+    open_set_noise,
+    transition_matrix,
+)
 
 LABELS = np.repeat(np.arange(10), 2000)
 
@@ -143,3 +150,85 @@ def test_instance_dependent_noise_on_mnist_matches_the_requested_rate_and_is_see
 def test_instance_noise_errors(kind, features, message):
     with pytest.raises(ValueError, match=message):
         inject_noise(LABELS, 10, kind, 0.2, seed=0, features=features)
+
+
+# ------------------------------------------------------------------------------- open-set noise
+
+
+def test_open_set_noise_replaces_a_fraction_of_the_images_by_outside_ones():
+    labels = np.repeat(np.arange(10), 100)  # classes 7-9 leave the space: 700 inside, 300 outside
+    noise = open_set_noise(labels, 10, [9, 7, 8], 0.3, seed=0)
+    assert noise.class_map == {c: c for c in range(7)} and noise.num_classes == 7
+    assert len(noise.rows) == 700 and np.all(np.diff(noise.rows) > 0)  # in-space size kept, input order
+    outside = noise.is_outside
+    assert outside.sum() == 210 and noise.realised_rate == pytest.approx(0.3)
+    assert np.all(labels[noise.rows[outside]] >= 7)  # outside images come from the outside classes
+    assert np.array_equal(noise.labels[~outside], labels[noise.rows[~outside]])  # in-space labels untouched
+    assert noise.labels.min() >= 0 and noise.labels.max() < 7
+    counts = np.bincount(noise.labels[outside], minlength=7)
+    assert counts.min() > 15  # random labels, spread over the space
+    again = open_set_noise(labels, 10, [7, 8, 9], 0.3, seed=0)
+    assert np.array_equal(again.rows, noise.rows) and np.array_equal(again.labels, noise.labels)
+    assert not np.array_equal(open_set_noise(labels, 10, [7, 8, 9], 0.3, seed=1).rows, noise.rows)
+
+
+def test_open_set_noise_renumbers_the_classes_left():
+    labels = np.repeat(np.arange(6), 50)
+    noise = open_set_noise(labels, 6, [0, 2], 0.2, seed=3)
+    assert noise.class_map == {1: 0, 3: 1, 4: 2, 5: 3}
+    inside = ~noise.is_outside
+    expected = np.array([noise.class_map[c] for c in labels[noise.rows[inside]]])
+    assert np.array_equal(noise.clean_labels[inside], expected) and np.array_equal(noise.labels[inside], expected)
+    assert np.all(noise.clean_labels[~inside] == OUTSIDE)
+
+
+@pytest.mark.parametrize(
+    "outside, rate, message",
+    [
+        ([8, 9], 0.3, "only 200 images; lower the rate \\(at most 0.25\\)"),
+        ([], 0.1, "at least one outside class"),
+        (list(range(9)), 0.1, "2 classes left"),
+        ([10], 0.1, "must be in \\[0, 10\\)"),
+        ([9], 1.0, "rate must be in \\[0, 1\\)"),
+    ],
+)
+def test_open_set_noise_errors(outside, rate, message):
+    with pytest.raises(ValueError, match=message):
+        open_set_noise(np.repeat(np.arange(10), 100), 10, outside, rate, seed=0)
+
+
+def test_inject_noise_points_open_set_to_its_own_function():
+    with pytest.raises(ValueError, match="use open_set_noise"):
+        inject_noise(np.arange(10) % 2, 2, "open_set", 0.2, seed=0)
+
+
+# ------------------------------------------------------------------------------- confusion noise
+
+
+def test_confusion_noise_flips_the_samples_a_model_confuses_to_the_class_it_confuses_them_with():
+    labels = np.repeat(np.arange(4), 250)
+    probs = np.eye(4)[labels] * 0.999 + 0.00025  # confident and right ...
+    probs[labels == 0] = [0.5, 0.5, 0.0, 0.0]  # ... except class 0, taken for class 1 half the time
+    noisy = confusion_labels(labels, probs, 0.2, seed=0)
+    flipped = noisy != labels
+    assert flipped.sum() == 200  # exactly round(rate * N)
+    assert np.all(labels[flipped] == 0) and np.all(noisy[flipped] == 1)
+    assert np.array_equal(confusion_labels(labels, probs, 0.2, seed=0), noisy)
+
+
+def test_confusion_noise_follows_the_wrong_class_mass():
+    labels = np.zeros(4000, dtype=np.int64)
+    probs = np.tile([0.2, 0.6, 0.2, 0.0], (4000, 1))  # wrong mass 3:1 on class 1 against class 2
+    noisy = confusion_labels(labels, probs, 0.5, seed=1)
+    flipped = noisy[noisy != 0]
+    assert flipped.size == 2000 and np.mean(flipped == 3) < 0.001  # a class with no mass stays (nearly) unused
+    assert np.mean(flipped == 1) == pytest.approx(0.75, abs=0.03)
+
+
+def test_confusion_noise_errors():
+    with pytest.raises(ValueError, match="pred_probs must be \\[N, K\\]"):
+        confusion_labels(np.zeros(3, dtype=int), np.ones((4, 2)) / 2, 0.1, seed=0)
+    with pytest.raises(ValueError, match="rate must be in"):
+        confusion_labels(np.zeros(3, dtype=int), np.ones((3, 2)) / 2, 1.5, seed=0)
+    with pytest.raises(ValueError, match="labels must be integers in \\[0, 2\\)"):
+        confusion_labels(np.array([0, 1, 2]), np.ones((3, 2)) / 2, 0.1, seed=0)

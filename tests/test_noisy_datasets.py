@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from noisy_meta.noise import inject_noise
-from noisy_meta.noisy_datasets import add_label_noise, image_features, num_classes_of, with_label_columns
+from noisy_meta.noise import OUTSIDE, inject_noise
+from noisy_meta.noisy_datasets import (
+    add_label_noise,
+    add_open_set_noise,
+    image_features,
+    num_classes_of,
+    restrict_to_classes,
+    with_label_columns,
+)
 
 
 def digits(n: int = 300, mode: str = "L") -> Dataset:
@@ -94,3 +101,25 @@ def test_num_classes_from_class_label_or_values():
 def test_errors_name_the_column_and_sample(call, message):
     with pytest.raises(ValueError, match=message):
         call(digits(30))
+
+
+def test_open_set_noise_on_a_data_set_marks_outside_images():
+    data = digits(300)  # 30 per class
+    noisy, noise = add_open_set_noise(data, [8, 9], 0.25, seed=0)
+    assert len(noisy) == 240 and noise.num_classes == 8
+    clean, labels = np.asarray(noisy["clean_label"]), np.asarray(noisy["label"])
+    outside = clean == OUTSIDE
+    assert outside.sum() == 60 and labels.min() >= 0 and labels.max() < 8
+    assert [bool(v) for v in np.asarray(noisy["is_noisy"])[outside]] == [True] * 60
+    assert np.array_equal(labels[~outside], clean[~outside]) and not any(np.asarray(noisy["is_noisy"])[~outside])
+    assert noisy["source"] == ["web"] * 240  # other columns kept
+    assert noisy["index"] == list(range(240))
+
+
+def test_restrict_to_classes_drops_and_renumbers_like_the_noise():
+    restricted = restrict_to_classes(digits(100), [0, 5])
+    assert len(restricted) == 80
+    assert restricted.features["label"].names == ["1", "2", "3", "4", "6", "7", "8", "9"]
+    original = [d for d in np.arange(100) % 10 if d not in (0, 5)]
+    mapping = {1: 0, 2: 1, 3: 2, 4: 3, 6: 4, 7: 5, 8: 6, 9: 7}
+    assert restricted["label"] == [mapping[d] for d in original]

@@ -29,6 +29,12 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "meta_first_order": True,
     "meta_num_synthetic": 5,
 }
+#: MetaNoiseConfig defaults when the run starts from pretrained weights (``--pretrained`` or
+#: ``--checkpoint``), chosen on the fine-tuning benchmark's noisy validation split
+#: (benchmarks/finetune_accuracy.py, RESULTS.md): the inner step size is the fine-tuning
+#: learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
+#: fine-tuning rate; a ViT diverged at 5x), and M synthetic sets.
+FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
 GENERAL_DEFAULTS: dict[str, Any] = {
     "model": "resnet18",
     "epochs": 10,
@@ -217,6 +223,10 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     note = "run-length dependent" if field.name in RUN_LENGTH_FIELDS else repr(default)
     if field.name == "fast_params":
         note += "; or comma-separated glob patterns such as 'layer4.*,fc.*'"
+    if field.name == "inner_lr":
+        note += f" from scratch; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
+    if field.name == "num_synthetic":
+        note += f" from scratch; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
     if field.name == "seed":
         note = "--seed"
     choices = None if field.name in _OPEN_CHOICES else field_choices(field.name) or None
@@ -232,10 +242,20 @@ def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return filled
 
 
-def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
-    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
+def check_noise_flags(args: argparse.Namespace) -> None:
+    """Refuse ``--noise`` / ``--noise-rate`` / ``--open-set-classes`` combinations before any data is loaded."""
+    if not 0.0 <= args.noise_rate <= 1.0:
+        raise ValueError(f"--noise-rate must be in [0, 1], got {args.noise_rate}")
     if args.noise == OPEN_SET and not args.open_set_classes:
         raise ValueError(f"--noise {OPEN_SET} needs --open-set-classes (the classes whose images are the outside pool)")
+    if args.noise == OPEN_SET and args.noise_rate >= 1.0:
+        raise ValueError(f"--noise {OPEN_SET} needs --noise-rate below 1 (some images must stay in the label space)")
+    if args.open_set_classes and args.noise != OPEN_SET:
+        raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {args.noise})")
+
+
+def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
+    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
     if args.iterations < 1:
         raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
     if args.max_consecutive_skips < 0:
@@ -248,11 +268,24 @@ def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
     return CleaningConfig(args.clean_criterion, threshold, args.clean_action)
 
 
+def fine_tuning_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights
+    (empty otherwise, and for the fields whose flag was given)."""
+    if not (args.pretrained or args.checkpoint):
+        return {}
+    values = {
+        "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * args.lr,
+        "num_synthetic": FINETUNE_META_DEFAULTS["num_synthetic"],
+    }
+    return {name: value for name, value in values.items() if getattr(args, "meta_" + name) is None}
+
+
 def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
-    """The `MetaNoiseConfig` of a run and the run-length dependent values chosen for it.
+    """The `MetaNoiseConfig` of a run and the defaults chosen for it (not the library's).
 
     Flags not given keep the library defaults, except the schedules, which follow
-    `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs).
+    `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
+    and, when the run starts from pretrained weights, `fine_tuning_defaults`.
     """
     values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
     values = {name: value for name, value in values.items() if value is not None}
@@ -262,5 +295,7 @@ def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[M
     values.setdefault("seed", args.seed)
     if args.no_meta:
         values["meta_weight"] = 0.0
-    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **values)
-    return config, {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
+    fine_tuning = fine_tuning_defaults(args)
+    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **values)
+    chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
+    return config, {**chosen, **fine_tuning}

@@ -41,7 +41,7 @@ from .checkpoint import (
     find_checkpoint,
     save_checkpoint,
 )
-from .cli import apply_data_set_defaults, build_parser, cleaning_config, resolve_meta_config
+from .cli import apply_data_set_defaults, build_parser, check_noise_flags, cleaning_config, resolve_meta_config
 from .data import (
     EMBEDDED,
     Splits,
@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """One training run, or ``--iterations K`` runs with data cleaning in between."""
     embedded = args.dataset == EMBEDDED
     filled = apply_data_set_defaults(args)
+    check_noise_flags(args)
     cleaning = cleaning_config(args)
     accelerator = make_accelerator(args)
     console = Console(quiet=not accelerator.is_main_process)
@@ -308,7 +309,8 @@ def _prepare(
     if mentor is not None and args.meta_mentor_update is None:
         config = config.with_overrides(mentor_update=args.iteration_mentor)
     wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
-    console.print(f"MLNT: {config}" + (f"\n  run-length defaults: {automatic}" if automatic else ""))
+    source = "run-length and fine-tuning" if args.pretrained or args.checkpoint else "run-length"
+    console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
     if args.no_meta:
         console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
     return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler)
