@@ -163,6 +163,7 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
 class Target:
     train_x: torch.Tensor
     train_y: torch.Tensor  # noisy
+    train_clean: torch.Tensor  # true labels; OUTSIDE for open-set images
     val_x: torch.Tensor
     val_y: torch.Tensor  # noisy
     test_x: torch.Tensor
@@ -185,7 +186,7 @@ def target(setting: str, seed: int) -> Target:
         pool = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
         rows = np.concatenate([rest, pool])
         noise = open_set_noise(labels[rows], 10, SOURCE_CLASSES, rate, seed)
-        rows, noisy, realised = rows[noise.rows], noise.labels, noise.realised_rate
+        rows, noisy, clean, realised = rows[noise.rows], noise.labels, noise.clean_labels, noise.realised_rate
     else:
         rows = rest
         clean = y[rows]
@@ -196,8 +197,10 @@ def target(setting: str, seed: int) -> Target:
         realised = float(np.mean(noisy != clean))
     shuffled = rng.permutation(len(rows))
     val, train = shuffled[: len(rows) // 5], shuffled[len(rows) // 5 :]
-    noisy = torch.tensor(noisy)
-    return Target(x[rows[train]], noisy[train], x[rows[val]], noisy[val], x[test], torch.tensor(y[test]), realised)
+    noisy, clean = torch.tensor(noisy), torch.tensor(clean)
+    return Target(
+        x[rows[train]], noisy[train], clean[train], x[rows[val]], noisy[val], x[test], torch.tensor(y[test]), realised
+    )
 
 
 def held_out_probabilities(images: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -332,6 +335,30 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(y)
 
 
+@torch.no_grad()
+def training_fit(model: nn.Module, data: Target) -> dict[str, float]:
+    """How a model fits its training set at the end: accuracy against the noisy and the true
+    labels, and on the mislabelled samples the share predicted as their given (memorised) or
+    true (corrected) label; open-set images have no true label and count as memorised only."""
+    was_training = model.training
+    model.eval()
+    predicted = torch.cat([model(part).argmax(1) for part in data.train_x.split(500)])
+    model.train(was_training)
+    noisy, clean = data.train_y, data.train_clean
+    wrong = noisy != clean
+    in_space = clean >= 0
+
+    def fraction(hits: torch.Tensor, where: torch.Tensor) -> float:
+        return float(hits[where].float().mean()) if where.any() else float("nan")
+
+    return {
+        "noisy_labels": fraction(predicted == noisy, torch.ones_like(wrong)),
+        "true_labels": fraction(predicted == clean, in_space),
+        "mislabelled_memorised": fraction(predicted == noisy, wrong),
+        "mislabelled_corrected": fraction(predicted == clean, wrong & in_space),
+    }
+
+
 def mlnt_config(job: Job, total: int) -> MetaNoiseConfig:
     shared = {**COMMON, "inner_lr": INNER_LR_PER_LR * job.lr}
     return MetaNoiseConfig.for_run_length(
@@ -348,6 +375,7 @@ def run(job: Job) -> dict[str, Any]:
     model = load_pretrained(Path(job.pretrained), job.arch, len(TARGET_CLASSES))
     steps_per_epoch = len(data.train_y) // job.batch_size
     total = job.epochs * steps_per_epoch
+    meta_stats: dict[str, list[float]] = {}
     if METHODS[job.method] is None:
         loop = PlainLoop(model, job.lr, total, job.method)
         step, mentor = loop.step, loop.ema.module
@@ -359,8 +387,11 @@ def run(job: Job) -> dict[str, Any]:
         wrapper = MetaNoiseWrapper(model, optimizer, config)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            wrapper.step(x, y)
+            stats = wrapper.step(x, y)
             scheduler.step()
+            if stats["meta_weight"] > 0:  # what the meta step did once it was on
+                for key in ("labels_changed", "meta_loss"):
+                    meta_stats.setdefault(key, []).append(float(stats[key]))
 
         mentor = wrapper.mentor
     curves: dict[str, list[float]] = {f"{w}_{split}": [] for w in ("student", "mentor") for split in ("val", "test")}
@@ -371,13 +402,16 @@ def run(job: Job) -> dict[str, Any]:
         for who, network in (("student", model), ("mentor", mentor)):
             curves[f"{who}_val"].append(evaluate(network, data.val_x, data.val_y))
             curves[f"{who}_test"].append(evaluate(network, data.test_x, data.test_y))
+    seconds = time.perf_counter() - started
     return {
+        "fit": {who: training_fit(network, data) for who, network in (("student", model), ("mentor", mentor))},
+        "meta_stats": {k: statistics.fmean(v) for k, v in meta_stats.items()} if meta_stats else None,
         "arch": job.arch,
         "setting": job.setting,
         "method": job.method,
         "seed": job.seed,
         "realised_rate": data.realised_rate,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "updates": total,
         "config": None if config is None else {k: getattr(config, k) for k in (*COMMON, "first_order", "fast_params")},
         **curves,
