@@ -271,6 +271,16 @@ def pretrain(arch: str, recipe: dict[str, Any], cache: Path) -> Path:
     return path
 
 
+def pretraining_note(arch: str, path: Path) -> str:
+    made = json.loads(path.with_suffix(".json").read_text())
+    recipe = made["recipe"]
+    name, kwargs = ARCHS[arch]
+    return (
+        f"`{name}`{' ' + str(kwargs) if kwargs else ''}, {recipe['epochs']} epochs {recipe['opt']} lr {recipe['lr']}, "
+        f"held-out source accuracy {100 * made['source_accuracy']:.1f}%, {made['seconds']:.0f} s"
+    )
+
+
 def load_pretrained(path: Path, arch: str, num_classes: int) -> nn.Module:
     """The cached backbone with a new, randomly initialised classifier for the target."""
     model = make_model(arch, len(SOURCE_CLASSES))
@@ -535,6 +545,8 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
             for e in (e for e in table if e["arch"] == arch and e["setting"] == setting):
                 ax.scatter(e["x_ce"], best(e), color=colours[e["row"]], label=e["row"], s=28)
             ax.set_xscale("log")
+            ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{arch}, {setting}", fontsize=9)
             ax.grid(alpha=0.3)
             if j == 0:
@@ -585,7 +597,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=str(HERE / "finetune"), help="directory for runs.json and the PNG")
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--cache", default=str(CACHE), help="directory of the pretrained backbones (safetensors)")
+    parser.add_argument("--replot", action="store_true", help="redraw the chart from <output>/runs.json; no runs")
     args = parser.parse_args(argv)
+    if args.replot:
+        results = json.loads((Path(args.output) / "runs.json").read_text())
+        plot(summarise(results, args.archs, args.settings), Path(args.output) / CHART)
+        return
     if args.quick:
         args.epochs, args.seeds = 1, [0]
         args.settings = [s for s in args.settings if s in ("sym40", "open30")] or ["sym40"]
@@ -645,6 +662,10 @@ def main(argv: list[str] | None = None) -> None:
             f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. {args.epochs} epochs, "
             f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {shared}, schedules "
             "from `MetaNoiseConfig.for_run_length`.",
+            "",
+            "Pretrained backbones (cached; clean labels, source task MNIST digits 0-4 at 16x16, 2,000 images):",
+            "",
+            *(f"- {arch}: {pretraining_note(arch, Path(path))}" for arch, path in backbones.items()),
             "",
             *lines,
             *(["", f"![accuracy against wall time]({output.relative_to(HERE)}/{CHART})"] if plotted else []),
