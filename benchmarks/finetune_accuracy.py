@@ -509,7 +509,8 @@ def markdown(table: list[dict[str, Any]], archs, settings, split: str) -> list[s
     for entry in table:
         student, mentor = (f"{v[0]:.1f} ± {v[1]:.1f}" if v else "" for v in (entry["student"], entry["mentor"]))
         where = f"| {entry['arch']} | {entry['setting']} | {entry['row']}"
-        lines.append(f"{where} | {student} | {mentor} | {entry['x_ce']:.1f} |")
+        ratio = f"{entry['x_ce']:.1f}" if math.isfinite(entry["x_ce"]) else "n/a"
+        lines.append(f"{where} | {student} | {mentor} | {ratio} |")
     lines += ["", "Best MLNT configuration against the best baseline (higher of student and mentor, means):", ""]
     lines += ["| model | setting | best baseline | best MLNT | margin |", "|---|---|---|---|---|"]
     for arch in archs:
@@ -534,6 +535,10 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install '.[bench]')")
+        return False
+    table = [e for e in table if math.isfinite(e["x_ce"])]  # the time axis needs the ce runs
+    if not table:
+        print("no cross-entropy runs to measure time against: no chart")
         return False
     archs = sorted({e["arch"] for e in table})
     settings = list(dict.fromkeys(e["setting"] for e in table))
