@@ -33,7 +33,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 #: ``--checkpoint``), chosen on the fine-tuning benchmark's noisy validation split
 #: (benchmarks/finetune_accuracy.py, RESULTS.md): the inner step size is the fine-tuning
 #: learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
-#: fine-tuning rate; a ViT diverged at 5x), and M synthetic sets.
+#: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
 FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
 GENERAL_DEFAULTS: dict[str, Any] = {
     "model": "resnet18",

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ from .train_loop import TRAIN_STATS, SkipCounter, epoch_line, predict_train_set,
 
 __all__ = ["main", "run"]
 
+#: Columns of the output when it is not a terminal (a scheduler's log file): rich's default of
+#: 80 would cut the progress line and wrap messages.
+LOG_WIDTH = 160
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Parse flags and run; returns the last epoch's metrics record."""
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_noise_flags(args)
     cleaning = cleaning_config(args)
     accelerator = make_accelerator(args)
-    console = Console(quiet=not accelerator.is_main_process)
+    console = Console(quiet=not accelerator.is_main_process, width=None if sys.stdout.isatty() else LOG_WIDTH)
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         console.print(
             f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32"
