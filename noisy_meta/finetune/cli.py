@@ -300,11 +300,15 @@ def _default_note(field: dataclasses.Field) -> str:
 
 
 def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled."""
+    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled
+    (the same on a second call: it is kept in ``args.data_set_defaults``)."""
+    if getattr(args, "data_set_defaults", None) is not None:
+        return args.data_set_defaults
     defaults = EMBEDDED_DEFAULTS if args.dataset == EMBEDDED else GENERAL_DEFAULTS
     filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
     for name, value in filled.items():
         setattr(args, name, value)
+    args.data_set_defaults = filled
     return filled
 
 

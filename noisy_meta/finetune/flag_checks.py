@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 from ..noise import OPEN_SET
-from .names import EMBEDDED, METRICS_FILE
+from .names import BAD_IMAGES_FILE, EMBEDDED, METRICS_FILE, PRED_PROBS_FILE
 
 #: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).
-RUN_ARTEFACTS = ("last", "best", "stopped", METRICS_FILE)
+RUN_ARTEFACTS = ("last", "best", "stopped", METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
 _ITERATION_DIRS = "iteration_*"
 
 
@@ -119,7 +119,7 @@ def _looks_local(dataset: str) -> bool:
         or dataset.startswith(("/", "./", "../", "~"))
         or glob.has_magic(dataset)
         or dataset.endswith(".parquet")
-        or len(re.findall("/", dataset)) > 1
+        or dataset.count("/") > 1  # a hub id is "user/name"
     )
 
 
