@@ -31,18 +31,7 @@ from ..cleaning import save_cleanlab_inputs
 from ..noise import OPEN_SET
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import (
-    BAD_IMAGES_FILE,
-    MENTOR_FILE,
-    METRICS_FILE,
-    PRED_PROBS_FILE,
-    CheckpointError,
-    MetricsLog,
-    RunState,
-    check_checkpoint,
-    find_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint, save_checkpoint
 from .cli import build_parser, cleaning_config, resolve_meta_config, validate_args
 from .data import (
     EMBEDDED,
@@ -58,6 +47,7 @@ from .distributed import check_ranks_agree, make_accelerator
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
+from .names import BAD_IMAGES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import EpochProgress, summary_table
 from .train_loop import TRAIN_STATS, SkipCounter, epoch_line, predict_train_set, train_one_epoch, validate
 
