@@ -26,7 +26,7 @@ FAST = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "32", "--e
 FAST += ["--num-synthetic", "2", "--num-neighbors", "4", "--val-fraction", "0.2"]
 
 
-def command(entry: list[str], *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def command(entry: list[str], *flags: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """Run an entry point; the result's ``elapsed`` is its wall time in seconds."""
     started = time.perf_counter()
     result = subprocess.run(
@@ -35,7 +35,7 @@ def command(entry: list[str], *flags: str, timeout: int = 300) -> subprocess.Com
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "2"},
+        env={**os.environ, "OMP_NUM_THREADS": "2", **env},
     )
     result.elapsed = time.perf_counter() - started
     return result
@@ -178,6 +178,15 @@ def test_processes_that_formed_no_group_are_stopped(monkeypatch):
     check_process_group(num_processes=2)
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_process_group(num_processes=1)
+
+
+def test_a_launch_that_cannot_form_a_process_group_is_one_line(tmp_path):
+    """One of two processes with no rendezvous address: stopped with one line, no traceback, no run."""
+    result = command(EXAMPLE, *FAST, "--output-dir", str(tmp_path / "o"), WORLD_SIZE="2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("finetune.py: error: ") and "MASTER_ADDR" in line
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
 def test_a_frozen_backbone_gets_the_shared_trunk_automatically():
