@@ -207,7 +207,7 @@ def test_inject_noise_points_open_set_to_its_own_function():
 
 def test_confusion_noise_flips_the_samples_a_model_confuses_to_the_class_it_confuses_them_with():
     labels = np.repeat(np.arange(4), 250)
-    probs = np.eye(4)[labels] * 0.999 + 0.00025  # confident and right ...
+    probs = np.eye(4)[labels]  # certain and right ...
     probs[labels == 0] = [0.5, 0.5, 0.0, 0.0]  # ... except class 0, taken for class 1 half the time
     noisy = confusion_labels(labels, probs, 0.2, seed=0)
     flipped = noisy != labels
