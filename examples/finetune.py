@@ -9,7 +9,7 @@ The whole run (data, Accelerate, the MLNT wrapper, checkpoints, progress) lives 
 `noisy_meta.finetune.trainer`; `--help` lists every flag.
 """
 
-from noisy_meta.finetune import main
+from noisy_meta.finetune import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command()

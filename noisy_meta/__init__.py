@@ -17,9 +17,7 @@ training with data cleaning: `noisy_meta.cleaning`.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .compat import SecondOrderUnsupportedError, make_twice_differentiable
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
-from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
 from .noise import (
     CIFAR10_ASYMMETRIC_MAP,
     OUTSIDE,
@@ -29,13 +27,6 @@ from .noise import (
     inject_noise,
     open_set_noise,
 )
-from .synthetic import (
-    SyntheticLabels,
-    nearest_neighbors,
-    neighbor_label_transfer,
-    num_perturbed,
-)
-from .wrapper import MetaNoiseWrapper
 
 if TYPE_CHECKING:
     from .cleaning import (
@@ -48,13 +39,22 @@ if TYPE_CHECKING:
         predict_probabilities,
         save_cleanlab_inputs,
     )
+    from .compat import SecondOrderUnsupportedError, make_twice_differentiable
+    from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
     from .noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
+    from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
+    from .wrapper import MetaNoiseWrapper
 
 __version__ = "0.1.0"
 
-#: Names imported on first use: their modules need Hugging Face ``datasets``, which
-#: ``import noisy_meta`` does not load.
+#: Names imported on first use. ``import noisy_meta`` loads neither torch nor Hugging Face
+#: ``datasets`` (only the config and the noise functions, which need numpy), so that the command
+#: line answers --help at once; the first use of any other name imports its module.
 _LAZY = {
+    **dict.fromkeys(("SecondOrderUnsupportedError", "make_twice_differentiable"), "compat"),
+    **dict.fromkeys(("kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
+    **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
+    "MetaNoiseWrapper": "wrapper",
     **dict.fromkeys(
         (
             "CleaningConfig",

@@ -7,23 +7,31 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args, get_origin, get_type_hints
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 #: The named `fast_params` modes (a sequence of strings is glob patterns instead).
 FastParamsName = Literal["all", "last_stage", "head"]
-#: What selects the parameters that get fast weights: ``"all"``, ``"last_stage"`` (timm models:
-#: the last feature stage of ``feature_info`` and everything after it, final norms and head),
-#: ``"head"`` (the timm classifier, ``model.get_classifier()``), a sequence of glob patterns matched against
-#: parameter names (``["layer4.*", "fc.*"]``), or a predicate ``(name, param) -> bool``.
-FastParamsSpec = FastParamsName | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
-#: Where the neighbour-search features come from: ``"mentor"``, ``"student"``, a frozen
-#: ``nn.Module`` (e.g. a separately trained cross-entropy network, as in the reference code),
-#: or a callable ``inputs -> features [B, D]``.
-FeatureSourceSpec = Literal["mentor", "student"] | nn.Module | Callable[[torch.Tensor], torch.Tensor]
+# ``FastParamsSpec``: what selects the parameters that get fast weights: ``"all"``,
+# ``"last_stage"`` (timm models: the last feature stage of ``feature_info`` and everything after
+# it, final norms and head), ``"head"`` (the timm classifier, ``model.get_classifier()``), a
+# sequence of glob patterns matched against parameter names (``["layer4.*", "fc.*"]``), or a
+# predicate ``(name, param) -> bool``.
+# ``FeatureSourceSpec``: where the neighbour-search features come from: ``"mentor"``,
+# ``"student"``, a frozen ``nn.Module`` (e.g. a separately trained cross-entropy network, as in
+# the reference code), or a callable ``inputs -> features [B, D]``.
+#
+# This module does not import torch at run time, so that the command line's parser (built from
+# these fields) answers --help without loading it; type checkers see the precise aliases.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    FastParamsSpec = FastParamsName | Sequence[str] | Callable[[str, nn.Parameter], bool]
+    FeatureSourceSpec = Literal["mentor", "student"] | nn.Module | Callable[[torch.Tensor], torch.Tensor]
+else:
+    FastParamsSpec = FastParamsName | Sequence[str] | Callable[..., bool]
+    FeatureSourceSpec = Literal["mentor", "student"] | Callable[..., Any]  # an nn.Module is callable
 
 MentorUpdate = Literal["ema", "frozen"]
 UpdateRule = Literal["joint", "sequential"]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import MetaNoiseConfig
-from .fast_weights import forward_with_cloned_buffers, last_stage_name
+from .fast_weights import forward_with_cloned_buffers, last_stage_name, select_fast_params
 from .features import is_timm_classifier
 from .shared_trunk import TRUNK_SAMPLES, capture_input, resumed_at, suffix_matches_model
 
@@ -129,11 +129,32 @@ class SharedTrunk(WholeModel):
 
 
 def make_scope(module: nn.Module, config: MetaNoiseConfig, fast_names: list[str]) -> WholeModel:
-    """`SharedTrunk` where the fast weights start at a timm model's head or last stage (joint rule)."""
+    """`SharedTrunk` where the fast weights start at a timm model's head or last stage (joint rule).
+
+    With ``fast_params="all"`` on a model whose trainable parameters are exactly its head (a
+    frozen backbone) or its last stage and head, the fast weights are that suffix anyway: the
+    shared trunk is used for it, so each synthetic set does not run the frozen layers again.
+    """
     spec = config.fast_params
+    if spec == "all":
+        spec = trainable_suffix(module, fast_names) or spec
     if config.update_rule != "joint" or not is_timm_classifier(module) or spec not in ("head", "last_stage"):
         return WholeModel(module, fast_names)
     start = module.get_classifier() if spec == "head" else module.get_submodule(last_stage_name(module))
     if not isinstance(start, nn.Module):
         return WholeModel(module, fast_names)
     return SharedTrunk(module, fast_names, start, start_is_last=spec == "head")
+
+
+def trainable_suffix(module: nn.Module, trainable: list[str]) -> str | None:
+    """``"head"`` or ``"last_stage"`` when ``trainable`` (parameter names) is exactly that suffix of
+    a timm model, else None."""
+    if not is_timm_classifier(module):
+        return None
+    for mode in ("head", "last_stage"):
+        try:
+            if set(select_fast_params(module, mode)) == set(trainable):
+                return mode
+        except ValueError:  # the model has no such suffix with a trainable parameter
+            continue
+    return None

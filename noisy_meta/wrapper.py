@@ -256,6 +256,14 @@ class MetaNoiseWrapper:
         return self.config.meta_weight_at(self.num_updates)
 
     @property
+    def fast_suffix(self) -> str | None:
+        """``"head"`` / ``"last_stage"`` when the fast passes start there after a shared trunk (also
+        chosen for ``fast_params="all"`` when only that suffix is trainable), else None."""
+        if not isinstance(self._scope, SharedTrunk):
+            return None
+        return "head" if self._scope.start_is_last else "last_stage"
+
+    @property
     def trunk_shared(self) -> bool | None:
         """Whether the fast passes run only the suffix after a shared trunk (``fast_params="head"`` /
         ``"last_stage"``); ``None`` until the first meta step has checked that the split is exact."""

@@ -1,10 +1,26 @@
 """Fine-tuning timm models on noisy labels with Accelerate: the code behind `examples/finetune.py`.
 
 ``python -m noisy_meta.finetune --help`` (or ``accelerate launch examples/finetune.py``) lists the
-flags; `main` runs with a list of flags, `run` with parsed arguments.
+flags. `run_command` is the command line (one-line errors, status 2); `main` runs with a list of
+flags and `run` with parsed arguments, both raising their errors. Names load on first use, so
+``--help`` does not wait for torch.
 """
 
-from .cli import build_parser, resolve_meta_config
-from .trainer import main, run
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["build_parser", "main", "resolve_meta_config", "run"]
+if TYPE_CHECKING:
+    from .cli import build_parser, resolve_meta_config, run_command
+    from .trainer import main, run
+
+_LAZY = {"build_parser": "cli", "resolve_meta_config": "cli", "run_command": "cli", "main": "trainer", "run": "trainer"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'noisy_meta.finetune' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = ["build_parser", "main", "resolve_meta_config", "run", "run_command"]

@@ -1,3 +1,3 @@
-from .trainer import main
+from .cli import run_command
 
-main()
+run_command()

@@ -30,12 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-STUDENT_FILE = "student.safetensors"
-MENTOR_FILE = "mentor.safetensors"
-METRICS_FILE = "metrics.jsonl"
-CLEANING_FILE = "cleaning.json"
-BAD_IMAGES_FILE = "bad_images.json"
-PRED_PROBS_FILE = "pred_probs.npz"
+from .names import MENTOR_FILE, STUDENT_FILE
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
@@ -231,8 +226,8 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate(self, epochs: int) -> None:
-        """Keep the records of the first ``epochs`` epochs (what a resumed run has done)."""
-        records = [r for r in self.read() if r["epoch"] < epochs]
+        """Keep the records of the first ``epochs`` epochs (what a resumed run has done; epochs count from 1)."""
+        records = [r for r in self.read() if r["epoch"] <= epochs]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 

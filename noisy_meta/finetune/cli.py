@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, get_args
+import os
+import sys
+from typing import Any, NoReturn, get_args
 
-from ..cleaning import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
+from ..cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
 from ..config import FAST_PARAM_NAMES, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..noise import NOISE_KINDS, OPEN_SET
-from .checkpoint import PRED_PROBS_FILE
-from .data import EMBEDDED
+from .flag_checks import (
+    check_flags,
+    flag_of,
+    non_negative_float,
+    non_negative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    probability,
+)
+from .names import EMBEDDED, PRED_PROBS_FILE
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
 _FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
@@ -25,7 +36,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "epochs": 8,
     "noise": "symmetric",
     "noise_rate": 0.4,
-    "no_aug": True,
+    "aug": False,
     "meta_first_order": True,
     "meta_num_synthetic": 5,
 }
@@ -40,14 +51,41 @@ GENERAL_DEFAULTS: dict[str, Any] = {
     "epochs": 10,
     "noise": "none",
     "noise_rate": 0.0,
-    "no_aug": False,
+    "aug": True,
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Fine-tune a timm model on noisily labelled images with MLNT (noisy-meta).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (status 2): the flag, the value, what is allowed."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default once, when it has one and its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if unset or "default" in text or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def program_name() -> str:
+    """What the user typed: ``finetune.py``, or ``python -m noisy_meta.finetune``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "finetune"
+    return "python -m noisy_meta.finetune" if name == "__main__.py" else name
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=prog or program_name(),
+        description="Fine-tune a timm model on noisily labelled images with MLNT (noisy-meta). Defaults marked "
+        f"'for {EMBEDDED}' apply to the embedded data set (the default --dataset); others apply everywhere.",
+        formatter_class=_Formatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -62,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start from local weights (.safetensors or torch file); a classifier of another size is replaced",
     )
-    model.add_argument("--num-classes", type=int, default=None, help="default: from the label column")
     model.add_argument(
-        "--img-size", type=int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}"
+        "--freeze-backbone",
+        action="store_true",
+        help="train the classifier only (a linear probe); the meta step then runs only the classifier per "
+        "synthetic set",
+    )
+    model.add_argument("--num-classes", type=positive_int, default=None, help="default: from the label column")
+    model.add_argument(
+        "--img-size", type=positive_int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}"
     )
 
     data = parser.add_argument_group("data (Hugging Face datasets)")
@@ -74,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"'{EMBEDDED}' (offline MNIST, built in), a save_to_disk or imagefolder directory, parquet files, "
         "or a hub id",
     )
-    data.add_argument("--train-split", default="train")
+    data.add_argument("--train-split", default="train", help="split trained on")
     data.add_argument("--val-split", default=None, help="default: carve --val-fraction of the training split")
     data.add_argument("--test-split", default="auto", help="'auto': 'test' when present; 'none' for no test split")
-    data.add_argument("--val-fraction", type=float, default=0.1)
-    data.add_argument("--image-column", default="image")
+    data.add_argument(
+        "--val-fraction", type=open_fraction, default=0.1, help="share of train held out when there is no --val-split"
+    )
+    data.add_argument("--image-column", default="image", help="column holding the images")
     data.add_argument("--label-column", default="label", help="the (noisy) label trained on")
     data.add_argument(
         "--clean-label-column", default=None, help="true labels, when the data set has them (e.g. CIFAR-10N)"
@@ -100,16 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"class indices outside the label space, for --noise {OPEN_SET} (e.g. 7 8 9 for {EMBEDDED})",
     )
     data.add_argument(
-        "--noise-rate", type=float, default=None, help=f"default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}"
+        "--noise-rate",
+        type=probability,
+        default=None,
+        help=f"in [0, 1]; default {EMBEDDED_DEFAULTS['noise_rate']} for {EMBEDDED}, else 0",
     )
     data.add_argument(
-        "--no-aug",
+        "--aug",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"no training augmentation (default on for {EMBEDDED})",
+        help=f"training augmentation (random-resized crop, flip); default off for {EMBEDDED}, else on",
     )
-    data.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
-    data.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop scale range")
+    data.add_argument("--hflip", type=probability, default=0.5, help="horizontal flip probability")
+    data.add_argument(
+        "--scale", type=positive_float, nargs=2, default=(0.08, 1.0), help="random-resized-crop scale range"
+    )
     data.add_argument(
         "--bad-images",
         choices=("refuse", "skip", "unchecked"),
@@ -118,23 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
         "start (naming them), drop them (counted and listed in <output-dir>/bad_images.json), or no scan (a bad "
         "file then stops training when it is loaded)",
     )
-    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--opt", default="sgd", help="timm.optim.create_optimizer_v2 name")
-    optim.add_argument("--lr", type=float, default=0.05)
-    optim.add_argument("--momentum", type=float, default=0.9)
-    optim.add_argument("--weight-decay", type=float, default=5e-4)
+    optim.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate")
+    optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="weight decay")
     optim.add_argument("--sched", default="cosine", help="timm.scheduler name, or 'none'")
-    optim.add_argument("--warmup-epochs", type=int, default=0)
+    optim.add_argument("--warmup-epochs", type=non_negative_int, default=0, help="learning-rate warm-up")
     optim.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"default {EMBEDDED_DEFAULTS['epochs']} for {EMBEDDED}, else {GENERAL_DEFAULTS['epochs']}",
     )
-    optim.add_argument("--batch-size", "-b", type=int, default=64, help="per process")
-    optim.add_argument("--grad-accum-steps", type=int, default=1)
+    optim.add_argument("--batch-size", "-b", type=positive_int, default=64, help="per process")
+    optim.add_argument("--grad-accum-steps", type=positive_int, default=1, help="micro-batches per optimizer update")
     optim.add_argument(
         "--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration"
     )
@@ -151,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.cleaning)")
     iterative.add_argument(
         "--iterations",
-        type=int,
+        type=positive_int,
         default=1,
         help="training runs; from the second on, the previous best mentor cleans the training data and is the mentor",
     )
@@ -164,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     iterative.add_argument(
         "--clean-threshold",
-        type=float,
+        type=probability,
         default=None,
         help="default 0 for confident_disagreement, 0.5 for given_label_prob",
     )
@@ -189,10 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output-dir", default="output/finetune")
+    output.add_argument(
+        "--output-dir", default="output/finetune", help="checkpoints and metrics; an earlier run there is kept"
+    )
+    output.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --output-dir (its checkpoints, metrics)"
+    )
     output.add_argument(
         "--max-consecutive-skips",
-        type=int,
+        type=non_negative_int,
         default=25,
         help="stop (saving the last good state in <output-dir>/stopped/) after this many consecutive non-finite "
         "updates; 0: never",
@@ -204,64 +260,99 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="continue from a checkpoint directory (no value: <output-dir>/last)",
     )
-    output.add_argument("--seed", type=int, default=0)
+    output.add_argument("--seed", type=int, default=0, help="seeds the run (data order, noise, model init)")
+    output.add_argument("--debug", action="store_true", help="show the traceback of an error in the input")
     return parser
 
 
 def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) -> None:
     flag = "--" + field.name.replace("_", "-")
     dest = "meta_" + field.name
-    default = field.default
     if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
         flag = "--meta-seed"
-    if isinstance(default, bool):
-        group.add_argument(
-            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
-        )
+    note = f"default {_default_note(field)}"
+    if isinstance(field.default, bool):
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=note)
         return
-    kind = _FIELD_TYPES.get(field.name, type(default))
-    note = "run-length dependent" if field.name in RUN_LENGTH_FIELDS else repr(default)
+    kind = _FIELD_TYPES.get(field.name, type(field.default))
     if field.name == "fast_params":
         note += "; or comma-separated glob patterns such as 'layer4.*,fc.*'"
-    if field.name == "inner_lr":
-        note += f" from scratch; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
-    if field.name == "num_synthetic":
-        note += f" from scratch; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
-    if field.name == "seed":
-        note = "--seed"
     choices = None if field.name in _OPEN_CHOICES else field_choices(field.name) or None
-    group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, help=f"default {note}")
+    metavar = None if choices else field.name.upper()
+    group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, metavar=metavar, help=note)
+
+
+def _default_note(field: dataclasses.Field) -> str:
+    """A MetaNoiseConfig field's default as the command line applies it (data set and start dependent)."""
+    if field.name == "seed":
+        return "--seed"
+    if field.name in RUN_LENGTH_FIELDS:
+        return "from the run's length (MetaNoiseConfig.for_run_length)"
+    note = repr(field.default)
+    embedded = EMBEDDED_DEFAULTS.get("meta_" + field.name)
+    if embedded is not None:
+        note += f"; {embedded!r} for {EMBEDDED}"
+    if field.name == "inner_lr":
+        note += f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
+    if field.name == "num_synthetic":
+        note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
+    return note
 
 
 def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled."""
+    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled
+    (the same on a second call: it is kept in ``args.data_set_defaults``)."""
+    if getattr(args, "data_set_defaults", None) is not None:
+        return args.data_set_defaults
     defaults = EMBEDDED_DEFAULTS if args.dataset == EMBEDDED else GENERAL_DEFAULTS
     filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
     for name, value in filled.items():
         setattr(args, name, value)
+    args.data_set_defaults = filled
     return filled
 
 
-def check_noise_flags(args: argparse.Namespace) -> None:
-    """Refuse ``--noise`` / ``--noise-rate`` / ``--open-set-classes`` combinations before any data is loaded."""
-    if not 0.0 <= args.noise_rate <= 1.0:
-        raise ValueError(f"--noise-rate must be in [0, 1], got {args.noise_rate}")
-    if args.noise == OPEN_SET and not args.open_set_classes:
-        raise ValueError(f"--noise {OPEN_SET} needs --open-set-classes (the classes whose images are the outside pool)")
-    if args.noise == OPEN_SET and args.noise_rate >= 1.0:
-        raise ValueError(f"--noise {OPEN_SET} needs --noise-rate below 1 (some images must stay in the label space)")
-    if args.open_set_classes and args.noise != OPEN_SET:
-        raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {args.noise})")
+def validate_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill the data-set defaults and check every flag, before any data or model is loaded.
+
+    Raises ValueError naming the flag; returns the defaults filled in (`apply_data_set_defaults`).
+    """
+    filled = apply_data_set_defaults(args)
+    check_flags(args)
+    cleaning_config(args)
+    try:
+        resolve_meta_config(args, total_updates=1)
+    except ValueError as error:
+        raise ValueError(flag_of(str(error), [f.name for f in dataclasses.fields(MetaNoiseConfig)])) from None
+    return filled
+
+
+def run_command(argv: list[str] | None = None) -> None:
+    """The command line: parse, check, run; a user error ends in one line and status 2.
+
+    ``--help`` and flag errors answer before torch, timm or datasets are imported. Errors in the
+    input found later (data, checkpoints) are reported the same way; ``--debug`` shows their
+    traceback. Anything else is a bug and keeps its traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    from .checkpoint import CheckpointError
+    from .trainer import run
+
+    try:
+        run(args)
+    except (ValueError, CheckpointError, OSError) as error:
+        if args.debug:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {error} (--debug shows where)\n")
 
 
 def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
-    """The `CleaningConfig` of ``--clean-*`` flags; checks ``--iterations`` (and ``--resume`` with it) too."""
-    if args.iterations < 1:
-        raise ValueError(f"--iterations must be >= 1, got {args.iterations}")
-    if args.max_consecutive_skips < 0:
-        raise ValueError(f"--max-consecutive-skips must be >= 0, got {args.max_consecutive_skips}")
-    if args.iterations > 1 and args.resume:
-        raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
+    """The `CleaningConfig` of the ``--clean-*`` flags."""
     threshold = args.clean_threshold
     if threshold is None:
         threshold = 0.5 if args.clean_criterion == "given_label_prob" else 0.0

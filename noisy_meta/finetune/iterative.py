@@ -17,10 +17,11 @@ from rich.console import Console
 
 from ..cleaning import CleaningConfig, CleaningReport, clean_dataset, save_cleanlab_inputs
 from ..noisy_datasets import INDEX, LABEL
-from .checkpoint import CLEANING_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, MetricsLog, find_checkpoint
+from .checkpoint import MetricsLog, find_checkpoint
 from .data import Splits
 from .distributed import make_accelerator
 from .models import load_mentor
+from .names import CLEANING_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import iterations_table
 from .train_loop import predict_train_set
 

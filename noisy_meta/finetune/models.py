@@ -15,6 +15,14 @@ from .checkpoint import check_body_weights, read_weights
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    model = _timm_model(args, num_classes)
+    if args.freeze_backbone:  # a linear probe: only the classifier trains
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    return model
+
+
+def _timm_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     if args.checkpoint is not None:
         if not os.path.isfile(args.checkpoint):
             raise FileNotFoundError(f"--checkpoint: no file at {args.checkpoint}")
@@ -31,7 +39,7 @@ def transforms(args: argparse.Namespace, model: torch.nn.Module) -> tuple[Any, A
     size = args.img_size
     data_config = resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model)
     train_transform = create_transform(
-        **data_config, is_training=True, no_aug=args.no_aug, hflip=args.hflip, scale=tuple(args.scale)
+        **data_config, is_training=True, no_aug=not args.aug, hflip=args.hflip, scale=tuple(args.scale)
     )
     return train_transform, create_transform(**data_config, is_training=False)
 

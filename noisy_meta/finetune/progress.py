@@ -79,7 +79,7 @@ def summary_table(records: Sequence[dict[str, Any]], best_epoch: int) -> Table:
     table.add_column("skipped", justify="right")
     for record in records:
         row = [
-            str(record["epoch"] + 1) + (" *" if record["epoch"] == best_epoch else ""),
+            str(record["epoch"]) + (" *" if record["epoch"] == best_epoch else ""),
             f"{record['train_loss']:.3f}",
             f"{100 * record['val_student']:.2f}",
             f"{100 * record['val_mentor']:.2f}",

@@ -158,7 +158,7 @@ def stop_after_skips(
 
 
 def epoch_line(record: dict[str, Any]) -> str:
-    parts = [f"epoch {record['epoch'] + 1}", f"loss {record['train_loss']:.3f}", f"w {record['meta_weight']:.2f}"]
+    parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.3f}", f"w {record['meta_weight']:.2f}"]
     for split in ("val", "test"):
         if f"{split}_student" in record:
             parts.append(

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,19 +31,8 @@ from ..cleaning import save_cleanlab_inputs
 from ..noise import OPEN_SET
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import (
-    BAD_IMAGES_FILE,
-    MENTOR_FILE,
-    METRICS_FILE,
-    PRED_PROBS_FILE,
-    CheckpointError,
-    MetricsLog,
-    RunState,
-    check_checkpoint,
-    find_checkpoint,
-    save_checkpoint,
-)
-from .cli import apply_data_set_defaults, build_parser, check_noise_flags, cleaning_config, resolve_meta_config
+from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint, save_checkpoint
+from .cli import build_parser, cleaning_config, resolve_meta_config, validate_args
 from .data import (
     EMBEDDED,
     Splits,
@@ -54,8 +44,10 @@ from .data import (
     prepare_splits,
 )
 from .distributed import check_ranks_agree, make_accelerator
+from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
+from .names import BAD_IMAGES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import EpochProgress, summary_table
 from .train_loop import TRAIN_STATS, SkipCounter, epoch_line, predict_train_set, train_one_epoch, validate
 
@@ -74,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One training run, or ``--iterations K`` runs with data cleaning in between."""
     embedded = args.dataset == EMBEDDED
-    filled = apply_data_set_defaults(args)
-    check_noise_flags(args)
+    filled = validate_args(args)
     cleaning = cleaning_config(args)
     accelerator = make_accelerator(args)
     console = Console(quiet=not accelerator.is_main_process, width=None if sys.stdout.isatty() else LOG_WIDTH)
@@ -87,7 +78,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     console.print(f"defaults for {'the embedded data' if embedded else 'this data set'}: {filled}")
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
+        if args.overwrite:
+            _remove_previous_run(console, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     splits = _load_splits(args, console, accelerator.is_main_process)
     if args.iterations == 1:
         record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
@@ -102,6 +96,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             console.print(f"best mentor's training-set probabilities for cleanlab: {output_dir / PRED_PROBS_FILE}")
     accelerator.end_training()
     return record
+
+
+def _remove_previous_run(console: Console, output_dir: Path) -> None:
+    """``--overwrite``: delete what an earlier run left in ``output_dir`` (nothing else there)."""
+    found = previous_run(output_dir)
+    for name in found:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if found:
+        console.print(f"--overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
 
 
 def _load_splits(args: argparse.Namespace, console: Console, main_process: bool) -> Splits:
@@ -231,7 +235,7 @@ def _train_run(
             training.scheduler.step(epoch + 1)
         accuracy = {name: validate(accelerator, wrapper, loader) for name, loader in training.eval_loaders.items()}
         record = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs done, as the table and the progress count them
             "train_samples": len(train_set),
             **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
             **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
@@ -316,6 +320,12 @@ def _prepare(
     wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
     source = "run-length and fine-tuning" if args.pretrained or args.checkpoint else "run-length"
     console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
+    if config.fast_params == "all" and wrapper.fast_suffix:
+        part = "classifier" if wrapper.fast_suffix == "head" else "last stage and classifier"
+        console.print(
+            f"  only the {part} can change: each synthetic set runs only that part on a shared trunk "
+            f"(as --fast-params {wrapper.fast_suffix})"
+        )
     if args.no_meta:
         console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
     return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler)
@@ -344,9 +354,9 @@ def _save_epoch(
     accelerator: Accelerator, wrapper: MetaNoiseWrapper, state: RunState, record: dict[str, Any], output_dir: Path
 ) -> None:
     """``last/`` after every epoch, ``best/`` when the validation score (student or mentor) improved."""
-    epoch = record["epoch"]
+    epoch = record["epoch"]  # 1-based: the number of epochs done
     score = max(record["val_student"], record["val_mentor"])
-    state.epoch = epoch + 1
+    state.epoch = epoch
     if score > state.best_score:
         state.best_score, state.best_epoch = score, epoch
         save_checkpoint(accelerator, output_dir / "best", wrapper.module, wrapper.mentor)

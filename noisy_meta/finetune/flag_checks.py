@@ -1,0 +1,153 @@
+"""Checks of the command line's flags that run before any data or model is loaded.
+
+Value types (`positive_int`, `probability`, ...) make argparse refuse a bad value with the flag
+named; `check_flags` refuses combinations, paths that do not exist and an output directory
+that already holds a run. Each raises ``ValueError`` (``argparse.ArgumentTypeError`` for the
+types) with one line naming the flag, the value and what is allowed. No heavy imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+from pathlib import Path
+
+from ..noise import OPEN_SET
+from .names import BAD_IMAGES_FILE, EMBEDDED, METRICS_FILE, PRED_PROBS_FILE
+
+#: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).
+RUN_ARTEFACTS = ("last", "best", "stopped", METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
+_ITERATION_DIRS = "iteration_*"
+
+
+def _number(text: str, kind: type) -> int | float:
+    try:
+        return kind(text)
+    except ValueError:
+        kind_name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {kind_name}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse conflicting flags, missing paths and an output directory holding a run (ValueError)."""
+    _check_combinations(args)
+    _check_paths(args)
+    _check_output_dir(args)
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    low, high = args.scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"--scale {low} {high}: needs 0 < low <= high <= 1")
+    if args.noise == OPEN_SET and not args.open_set_classes:
+        raise ValueError(f"--noise {OPEN_SET} needs --open-set-classes (the classes whose images are the outside pool)")
+    if args.noise == OPEN_SET and args.noise_rate >= 1.0:
+        raise ValueError(f"--noise {OPEN_SET} needs --noise-rate below 1 (some images must stay in the label space)")
+    if args.open_set_classes and args.noise != OPEN_SET:
+        raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {args.noise})")
+    if args.pretrained and args.checkpoint:
+        raise ValueError("--pretrained and --checkpoint both choose the starting weights: give one")
+    if args.overwrite and args.resume is not None:
+        raise ValueError("--overwrite starts afresh and --resume continues: give one")
+    if args.iterations > 1 and args.resume:
+        raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    dataset = args.dataset
+    if dataset != EMBEDDED and _looks_local(dataset):
+        found = glob.glob(os.path.expanduser(dataset)) if glob.has_magic(dataset) else [dataset]
+        if not found or not all(os.path.exists(os.path.expanduser(path)) for path in found):
+            raise ValueError(
+                f"--dataset {dataset}: no such file or directory (give '{EMBEDDED}', a save_to_disk or imagefolder "
+                "directory, parquet files, or a hub id such as 'user/name')"
+            )
+    if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file (a .safetensors or torch file)")
+    if args.resume and not Path(args.resume).expanduser().is_dir():
+        raise ValueError(f"--resume {args.resume}: no such checkpoint directory")
+
+
+def _looks_local(dataset: str) -> bool:
+    """A path, not a hub id: it exists, or is absolute / relative / home-based, or a glob or parquet file."""
+    return (
+        os.path.exists(dataset)
+        or dataset.startswith(("/", "./", "../", "~"))
+        or glob.has_magic(dataset)
+        or dataset.endswith(".parquet")
+        or dataset.count("/") > 1  # a hub id is "user/name"
+    )
+
+
+def _check_output_dir(args: argparse.Namespace) -> None:
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output-dir {output}: is a file, not a directory")
+    if args.resume is not None or args.overwrite:
+        return
+    found = previous_run(output)
+    if found:
+        raise ValueError(
+            f"--output-dir {output} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+            "another --output-dir for a new run, or --overwrite to replace it"
+        )
+
+
+def previous_run(output: Path) -> list[str]:
+    """What an earlier run left in ``output`` (names), empty when there is none."""
+    if not output.is_dir():
+        return []
+    names = [name for name in RUN_ARTEFACTS if (output / name).exists()]
+    return names + sorted(path.name for path in output.glob(_ITERATION_DIRS))
+
+
+def flag_of(message: str, fields: list[str]) -> str:
+    """A MetaNoiseConfig error message with its field names spelled as the flags that set them."""
+    for name in sorted(fields, key=len, reverse=True):
+        flag = "--meta-seed" if name == "seed" else "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){name}(?![\w-])", flag, message)
+    return message.replace("invalid MetaNoiseConfig: ", "")
