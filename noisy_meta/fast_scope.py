@@ -149,8 +149,8 @@ def make_scope(module: nn.Module, config: MetaNoiseConfig, fast_names: list[str]
 def trainable_suffix(module: nn.Module, trainable: list[str]) -> str | None:
     """``"head"`` or ``"last_stage"`` when ``trainable`` (parameter names) is exactly that suffix of
     a timm model, else None."""
-    if not is_timm_classifier(module):
-        return None
+    if not is_timm_classifier(module) or not isinstance(module.get_classifier(), nn.Module):
+        return None  # e.g. LeViT's classifier is a (head, distillation head) pair
     for mode in ("head", "last_stage"):
         try:
             if set(select_fast_params(module, mode)) == set(trainable):

@@ -219,3 +219,11 @@ def test_freeze_backbone_says_the_meta_step_runs_only_the_classifier(digits, tmp
     result = command(EXAMPLE, *FAST, "--dataset", str(digits), "--freeze-backbone", "--output-dir", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only the classifier can change: each synthetic set runs only that part on a shared trunk" in result.stdout
+
+
+def test_the_default_output_directory_is_ignored_by_git():
+    from noisy_meta.finetune import build_parser
+
+    default = build_parser().get_default("output_dir")
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert default.split("/")[0] + "/" in ignored
