@@ -44,7 +44,6 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -52,8 +51,10 @@ from typing import Any
 
 import datasets
 import numpy as np
+import results_file
 import torch
 import torch.nn.functional as F
+from results_file import parse_value, run_pool
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
@@ -66,7 +67,6 @@ from noisy_meta.noisy_datasets import (
 )
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "RESULTS.md"
 
 #: name -> (noise kind, rate)
 SETTINGS: dict[str, tuple[str, float]] = {
@@ -280,23 +280,18 @@ def train(
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     cost = {"mlnt_clean": 4, "mlnt_so": 3, "mlnt_fo": 2}  # relative run times, longest first (others 1)
     pending = sorted(jobs, key=lambda j: -cost.get(j.method, 1))
-    results = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        running: dict[Future, Job] = {pool.submit(run, job): job for job in pending}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                result = future.result()
-                result.pop("mentor_state", None)
-                results.append(result)
-                print(
-                    f"  {job.setting:<7} {job.method:<10} seed {job.seed}: student {100 * result['student'][-1]:5.1f} "
-                    f"mentor {100 * result['mentor'][-1]:5.1f} (best {100 * max(result['mentor']):5.1f}) "
-                    f"{result['seconds']:6.0f} s",
-                    flush=True,
-                )
+    results = run_pool(run, pending, workers, _progress_line)
+    for result in results:
+        result.pop("mentor_state", None)
     return results
+
+
+def _progress_line(job: Job, result: dict[str, Any]) -> str:
+    return (
+        f"  {job.setting:<7} {job.method:<10} seed {job.seed}: student {100 * result['student'][-1]:5.1f} "
+        f"mentor {100 * result['mentor'][-1]:5.1f} (best {100 * max(result['mentor']):5.1f}) "
+        f"{result['seconds']:6.0f} s"
+    )
 
 
 def mean_std(values: list[float]) -> str:
@@ -389,22 +384,7 @@ def plot(results: list[dict[str, Any]], setting: str, path: Path) -> bool:
 
 def write_section(lines: list[str], name: str | None = None) -> None:
     """Replace (or append) the accuracy section of RESULTS.md, or the named extra one."""
-    tag = "accuracy" if name is None else f"accuracy: {name}"
-    start, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
-    body = "\n".join([start, *lines, end])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    RESULTS.write_text(text)
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    results_file.write_section("accuracy" if name is None else f"accuracy: {name}", lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,7 +54,6 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
@@ -64,6 +63,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from results_file import parse_value, run_pool, write_section
 from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -73,7 +73,6 @@ from noisy_meta.finetune.data import embedded_mnist
 from noisy_meta.noise import confusion_labels, inject_noise, open_set_noise
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "RESULTS.md"
 CACHE = HERE / "finetune" / "pretrained"
 IMG = 16
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
@@ -431,23 +430,16 @@ def run(job: Job) -> dict[str, Any]:
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
     cost = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "mlnt_head": 2, "ema": 1.5}
     pending = sorted(jobs, key=lambda j: -cost.get(j.method, 1) * (1.5 if j.arch == "vit" else 1))
-    results = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        running: dict[Future, Job] = {pool.submit(run, job): job for job in pending}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                r = future.result()
-                results.append(r)
-                print(
-                    f"  {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
-                    f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f} "
-                    f"(noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}) "
-                    f"{r['seconds']:5.0f} s",
-                    flush=True,
-                )
-    return results
+    return run_pool(run, pending, workers, _progress_line)
+
+
+def _progress_line(job: Job, r: dict[str, Any]) -> str:
+    return (
+        f"  {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
+        f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f} "
+        f"(noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}) "
+        f"{r['seconds']:5.0f} s"
+    )
 
 
 # ------------------------------------------------------------------------------------ report
@@ -567,24 +559,6 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def write_section(lines: list[str]) -> None:
-    start, end = "<!-- finetune -->", "<!-- /finetune -->"
-    body = "\n".join([start, *lines, end])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if start in text:
-        text = text[: text.index(start)] + body + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    RESULTS.write_text(text)
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, seed 0, sym40 and clean, 3 methods")
@@ -657,6 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     shared = dict(COMMON, inner_lr=INNER_LR_PER_LR * args.lr, **dict(overrides))
     write_section(
+        "finetune",
         [
             "## Fine-tuning a pretrained model",
             "",
@@ -674,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
             "",
             *lines,
             *(["", f"![accuracy against wall time]({output.relative_to(HERE)}/{CHART})"] if plotted else []),
-        ]
+        ],
     )
 
 
