@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +36,16 @@ def make_accelerator():
     yield build
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """320 training and 100 test digits of the embedded MNIST, as a save_to_disk directory."""
+    from noisy_meta.finetune.data import embedded_mnist
+
+    data = embedded_mnist()
+    data["train"] = data["train"].select(range(320))
+    data["test"] = data["test"].select(range(100))
+    path = tmp_path_factory.mktemp("data") / "tiny-mnist"
+    data.save_to_disk(str(path))
+    return path

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from noisy_meta import MetaNoiseWrapper
-from noisy_meta.finetune.data import embedded_mnist
 from noisy_meta.finetune.distributed import check_process_group
 
 from helpers import tiny_resnet
@@ -39,17 +38,6 @@ def command(entry: list[str], *flags: str, timeout: int = 300, **env: str) -> su
     )
     result.elapsed = time.perf_counter() - started
     return result
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """160 training and 40 test digits of the embedded MNIST, as a save_to_disk directory."""
-    data = embedded_mnist()
-    data["train"] = data["train"].select(range(160))
-    data["test"] = data["test"].select(range(40))
-    path = tmp_path_factory.mktemp("data") / "digits"
-    data.save_to_disk(str(path))
-    return path
 
 
 # ------------------------------------------------------------------------------- --help
@@ -124,8 +112,8 @@ def test_a_bad_flag_is_one_line_with_status_2_before_anything_loads(flags, messa
     assert not (tmp_path / "never").exists()
 
 
-def test_an_error_in_the_data_is_one_line_and_debug_shows_the_traceback(digits, tmp_path):
-    flags = [*FAST, "--dataset", str(digits), "--label-column", "target", "--output-dir", str(tmp_path / "out")]
+def test_an_error_in_the_data_is_one_line_and_debug_shows_the_traceback(tiny_mnist, tmp_path):
+    flags = [*FAST, "--dataset", str(tiny_mnist), "--label-column", "target", "--output-dir", str(tmp_path / "out")]
     result = command(EXAMPLE, *flags)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
@@ -138,12 +126,12 @@ def test_an_error_in_the_data_is_one_line_and_debug_shows_the_traceback(digits, 
 # ------------------------------------------------------------------------------- an earlier run is kept
 
 
-def test_an_earlier_run_is_never_overwritten_silently(digits, tmp_path):
+def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
     output = tmp_path / "run"
-    first = command(EXAMPLE, *FAST, "--dataset", str(digits), "--output-dir", str(output))
+    first = command(EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--output-dir", str(output))
     assert first.returncode == 0, first.stderr[-3000:]
     before = (output / "metrics.jsonl").read_text()
-    again = command(EXAMPLE, *FAST, "--dataset", str(digits), "--no-meta", "--output-dir", str(output))
+    again = command(EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--no-meta", "--output-dir", str(output))
     assert again.returncode == 2
     assert again.stderr.strip() == (
         f"finetune.py: error: --output-dir {output} already holds a run (last, best, metrics.jsonl): pass --resume "
@@ -152,7 +140,7 @@ def test_an_earlier_run_is_never_overwritten_silently(digits, tmp_path):
     assert (output / "metrics.jsonl").read_text() == before
     (output / "notes.txt").write_text("mine")
     replaced = command(
-        EXAMPLE, *FAST, "--dataset", str(digits), "--no-meta", "--overwrite", "--output-dir", str(output)
+        EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--no-meta", "--overwrite", "--output-dir", str(output)
     )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert "--overwrite: removed the earlier run's last, best, metrics.jsonl" in replaced.stdout
@@ -215,8 +203,10 @@ def test_a_frozen_backbone_gets_the_shared_trunk_automatically():
     assert MetaNoiseWrapper(whole, torch.optim.SGD(whole.parameters(), lr=0.1), **settings).fast_suffix is None
 
 
-def test_freeze_backbone_says_the_meta_step_runs_only_the_classifier(digits, tmp_path):
-    result = command(EXAMPLE, *FAST, "--dataset", str(digits), "--freeze-backbone", "--output-dir", str(tmp_path / "o"))
+def test_freeze_backbone_says_the_meta_step_runs_only_the_classifier(tiny_mnist, tmp_path):
+    result = command(
+        EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--freeze-backbone", "--output-dir", str(tmp_path / "o")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only the classifier can change: each synthetic set runs only that part on a shared trunk" in result.stdout
 

@@ -53,17 +53,6 @@ FAST = [
 TIMING_KEYS = ("seconds", "images_per_second")
 
 
-@pytest.fixture(scope="module")
-def tiny_mnist(tmp_path_factory) -> Path:
-    """320 training and 100 test digits of the embedded MNIST, as a save_to_disk directory."""
-    data = embedded_mnist()
-    data["train"] = data["train"].select(range(320))
-    data["test"] = data["test"].select(range(100))
-    path = tmp_path_factory.mktemp("data") / "tiny-mnist"
-    data.save_to_disk(str(path))
-    return path
-
-
 def run_example(*flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
@@ -349,19 +338,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_two_process_run(tiny_mnist, tmp_path):
     output = tmp_path / "ddp"
-    result = launch(
-        EXAMPLE,
-        "--dataset",
-        str(tiny_mnist),
-        "--output-dir",
-        str(output),
-        *FAST,
-        "--epochs",
-        "1",
-        *ITERATIVE,
-        "--clean-action",
-        "relabel",
-    )
+    result = launch(EXAMPLE, *iterative_flags(tiny_mnist, output, "--clean-action", "relabel"))
     assert result.stdout.count("clean-test accuracy") == 2  # the main process prints (once per iteration)
     records = metrics(output / "iteration_1")
     assert len(records) == 1 and records[0]["updates"] == 256 // (2 * 32)  # 256 training digits over 2 ranks
@@ -371,6 +348,11 @@ def test_two_process_run(tiny_mnist, tmp_path):
 # ------------------------------------------------------------------------------- iterative training
 
 ITERATIVE = ["--noise", "symmetric", "--noise-rate", "0.4", "--iterations", "2", "--export-pred-probs"]
+
+
+def iterative_flags(data_dir: Path, output: Path, *extra: str) -> list[str]:
+    """A one-epoch, 2-iteration run of ``data_dir`` into ``output`` (FAST + ITERATIVE), then ``extra``."""
+    return ["--dataset", str(data_dir), "--output-dir", str(output), *FAST, "--epochs", "1", *ITERATIVE, *extra]
 
 
 def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) -> None:
@@ -417,18 +399,7 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
 def test_iterative_training_single_process_and_resume_keeps_finished_iterations(tiny_mnist, tmp_path):
     output = tmp_path / "iterative"
     # Only confident disagreements are removed: a one-epoch mentor must not empty the data set.
-    flags = [
-        "--dataset",
-        str(tiny_mnist),
-        "--output-dir",
-        str(output),
-        *FAST,
-        "--epochs",
-        "1",
-        *ITERATIVE,
-        "--clean-threshold",
-        "0.5",
-    ]
+    flags = iterative_flags(tiny_mnist, output, "--clean-threshold", "0.5")
     result = run_example(*flags)
     assert "iterative training" in result.stdout and "precision" in result.stdout
     check_iterative_run(tiny_mnist, output, CleaningConfig(threshold=0.5))
