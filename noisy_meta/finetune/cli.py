@@ -300,15 +300,11 @@ def _default_note(field: dataclasses.Field) -> str:
 
 
 def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled
-    (the same on a second call: it is kept in ``args.data_set_defaults``)."""
-    if getattr(args, "data_set_defaults", None) is not None:
-        return args.data_set_defaults
+    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled."""
     defaults = EMBEDDED_DEFAULTS if args.dataset == EMBEDDED else GENERAL_DEFAULTS
     filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
     for name, value in filled.items():
         setattr(args, name, value)
-    args.data_set_defaults = filled
     return filled
 
 
@@ -316,7 +312,11 @@ def validate_args(args: argparse.Namespace) -> dict[str, Any]:
     """Fill the data-set defaults and check every flag, before any data or model is loaded.
 
     Raises ValueError naming the flag; returns the defaults filled in (`apply_data_set_defaults`).
+    Arguments already checked (the command line checks them before it imports the trainer, whose
+    `run` checks again for callers in code) are not checked twice.
     """
+    if getattr(args, "data_set_defaults", None) is not None:
+        return args.data_set_defaults
     filled = apply_data_set_defaults(args)
     check_flags(args)
     cleaning_config(args)
@@ -324,6 +324,7 @@ def validate_args(args: argparse.Namespace) -> dict[str, Any]:
         resolve_meta_config(args, total_updates=1)
     except ValueError as error:
         raise ValueError(flag_of(str(error), [f.name for f in dataclasses.fields(MetaNoiseConfig)])) from None
+    args.data_set_defaults = filled
     return filled
 
 
