@@ -51,16 +51,21 @@ def test_meta_batch_fraction_is_the_meta_step_on_a_random_subset(mlp64, batch64,
         torch.testing.assert_close(p.detach(), p0 - 0.1 * g, rtol=1e-10, atol=1e-12)
 
 
-def test_meta_batch_fraction_in_your_own_loop(mlp64, batch64):
-    """`meta_backward` runs the meta step on the same subset `step` would."""
+@pytest.mark.parametrize("api", ["meta_backward", "meta_loss"])
+def test_meta_batch_fraction_in_your_own_loop(mlp64, batch64, api):
+    """`meta_backward` and `meta_loss` run the meta step on the same subset `step` would."""
     x, y = batch64
     wrapper = make_mlp_wrapper(mlp64, meta_batch_fraction=0.5)
     perturb_mentor(wrapper)
     index, labels, mentor_log_probs = subset_and_synthetic(wrapper, x, y, seed=11, size=6)
     reference = reference_meta_objective(mlp_params(mlp64), x[index], labels, mentor_log_probs, ALPHA, False)
     expected = torch.autograd.grad(reference, mlp_params(mlp64))
-    stats = wrapper.meta_backward(x, y, mlp64(x))
-    assert stats["meta_loss"] == pytest.approx(reference.item(), rel=1e-10)
+    if api == "meta_backward":
+        assert wrapper.meta_backward(x, y, mlp64(x))["meta_loss"] == pytest.approx(reference.item(), rel=1e-10)
+    else:
+        loss = wrapper.meta_loss(x, y, mlp64(x))
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-10)
+        loss.backward()
     for p, g in zip(mlp_params(mlp64), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
 
@@ -173,3 +178,55 @@ def test_fast_preset_fields_and_overrides():
 def test_invalid_affordable_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
         MetaNoiseConfig(**{field: value})
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def resolved(argv):
+    """The MetaNoiseConfig the finetune command line resolves for ``argv`` (with the data set's defaults)."""
+    from noisy_meta.finetune import build_parser, resolve_meta_config
+    from noisy_meta.finetune.cli import apply_data_set_defaults
+
+    args = build_parser().parse_args(argv)
+    return resolve_meta_config(args, total_updates=1000, filled=apply_data_set_defaults(args))
+
+
+def test_preset_fast_replaces_the_data_set_and_fine_tuning_defaults():
+    config, chosen = resolved(["--preset", "fast"])  # the embedded data set: first order, M = 5 by default
+    for name, value in FAST_PRESET.items():
+        assert getattr(config, name) == value and chosen[name] == value, name
+    config, chosen = resolved(["--preset", "fast", "--checkpoint", "w.safetensors", "--lr", "0.01"])
+    assert config.num_synthetic == FAST_PRESET["num_synthetic"] and config.inner_lr == pytest.approx(0.01)
+
+
+def test_flags_win_over_the_preset():
+    config, chosen = resolved(["--preset", "fast", "--meta-every", "2", "--first-order", "--num-synthetic", "3"])
+    assert (config.meta_every, config.first_order, config.num_synthetic) == (2, True, 3)
+    assert "meta_every" not in chosen and config.meta_batch_fraction == FAST_PRESET["meta_batch_fraction"]
+
+
+def test_preset_full_is_the_papers_meta_step():
+    config, chosen = resolved(["--preset", "full"])
+    assert (config.num_synthetic, config.first_order) == (5, True)  # the embedded data set's defaults
+    assert (config.meta_every, config.meta_batch_fraction, config.compensate_meta_every) == (1, 1.0, False)
+    config, _ = resolved(["--preset", "full", "--checkpoint", "w.safetensors"])
+    assert config.num_synthetic == 3
+
+
+def test_a_bad_preset_or_fraction_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for argv, message in (
+        (["--preset", "cheap"], "argument --preset: invalid choice: 'cheap'"),
+        (["--meta-batch-fraction", "0"], "meta-batch-fraction"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "noisy_meta.finetune", *argv, "--output-dir", str(tmp_path / "run")],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 2 and result.stdout == "", argv
+        (line,) = result.stderr.strip().splitlines()
+        assert message in line, line
