@@ -210,8 +210,8 @@ def test_preset_full_is_the_papers_meta_step():
     config, chosen = resolved(["--preset", "full"])
     assert (config.num_synthetic, config.first_order) == (5, True)  # the embedded data set's defaults
     assert (config.meta_every, config.meta_batch_fraction, config.compensate_meta_every) == (1, 1.0, False)
-    config, _ = resolved(["--preset", "full", "--checkpoint", "w.safetensors"])
-    assert config.num_synthetic == 3
+    config, _ = resolved(["--preset", "full", "--dataset", "my/images", "--checkpoint", "w.safetensors"])
+    assert (config.num_synthetic, config.first_order) == (3, False)  # the fine-tuning defaults
 
 
 def test_a_bad_preset_or_fraction_is_one_line(tmp_path):
