@@ -652,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     ran, commands = f"Wall time {minutes:.1f} min for {len(jobs)} runs.", [command.strip()]
     if args.merge and runs_file.exists():
         results = merged(json.loads(runs_file.read_text()), results)
-        ran = f"The last command: {minutes:.1f} min for {len(jobs)} runs, merged with the earlier ones ({len(results)} runs)."
+        ran = f"The last command: {minutes:.1f} min for {len(jobs)} runs, merged with the earlier ones "
+        ran += f"({len(results)} runs)."
         earlier = commands_file.read_text().splitlines() if commands_file.exists() else [DEFAULT_COMMAND]
         commands = [*earlier, command.strip()]
         args.archs = [arch for arch in ARCHS if any(r["arch"] == arch for r in results)]
