@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -307,6 +308,9 @@ def main() -> None:
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast around each iteration")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument(
+        "--section", help="write the rows to their own RESULTS.md section, titled '<model, size, batch>: SECTION'"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,6 +326,8 @@ def main() -> None:
         where = f"CPU, {torch.get_num_threads()} threads"
     precision = ", bf16 autocast" if args.amp == "bf16" else ""
     title = f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, {where}{precision}"
+    if args.section:
+        title += f": {args.section}"
     print(title, flush=True)
     parts = run_child("floor", args)
     print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
@@ -352,6 +358,8 @@ def main() -> None:
         command = "python benchmarks/speed.py " + " ".join(command_options(args))
         if args.configs != list(CONFIGS):
             command += " --configs " + " ".join(args.configs)
+        if args.section:
+            command += f" --section {shlex.quote(args.section)}"
         write_section(title, command, parts, header, rows)
 
 
