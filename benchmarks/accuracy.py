@@ -90,6 +90,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_every4": {"first_order": False, "meta_every": 4},
     "mlnt_last_stage_every4": {"first_order": False, "fast_params": "last_stage", "meta_every": 4},
     "mlnt_fast": dict(FAST_PRESET),  # the affordable preset, MetaNoiseConfig.fast
+    "mlnt_fast_every2": {**FAST_PRESET, "meta_every": 2},
 }
 TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
@@ -103,6 +104,7 @@ LABELS = {
     "mlnt_every4": "MLNT second order on every 4th update",
     "mlnt_last_stage_every4": "MLNT second order, last stage and classifier, on every 4th update",
     "mlnt_fast": "MLNT, the affordable preset (MetaNoiseConfig.fast)",
+    "mlnt_fast_every2": "the affordable preset with the meta step on every 2nd update",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.
