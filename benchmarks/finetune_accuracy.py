@@ -563,7 +563,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
     archs = sorted({e["arch"] for e in table})
     settings = list(dict.fromkeys(e["setting"] for e in table))
     fig, axes = plt.subplots(len(archs), len(settings), figsize=(3.2 * len(settings), 3.0 * len(archs)), squeeze=False)
-    colours = dict(zip(ROWS, plt.get_cmap("tab10").colors))
+    colours = dict(zip(ROWS, plt.get_cmap("tab20").colors))  # more rows than tab10 has colours
     for i, arch in enumerate(archs):
         for j, setting in enumerate(settings):
             ax = axes[i][j]
