@@ -3,11 +3,12 @@
     python benchmarks/cost_chart.py   # benchmarks/accuracy/accuracy_vs_cost.png and a table
 
 Each ``runs.json`` (default: the main table, the cheaper modes and the affordable preset) gives
-every method's final-epoch student accuracy (mean over seeds) and its seconds per run divided
-by cross-entropy's *in the same file* (so runs measured on different days are compared through
+every method's final-epoch student accuracy (mean over seeds), its gain over cross-entropy and
+its seconds per run divided by cross-entropy's, both against the cross-entropy runs *in the
+same file* (runs made on other days, other machines or torch versions are compared through
 their own cross-entropy). A method in several files is taken from the last. The table gives,
-per noisy setting, the share of full second-order MLNT's gain over cross-entropy each method
-keeps: ``(acc - acc_ce) / (acc_so - acc_ce)``.
+per noisy setting, the share of full second-order MLNT's gain each method keeps:
+``gain / gain_so``.
 """
 
 from __future__ import annotations
@@ -28,17 +29,24 @@ SETTINGS = ["sym50", "sym80", "pair40", "inst40", "clean"]
 
 
 def summarise(files: list[Path]) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(setting, method): {"acc": mean final student %, "x_ce": seconds / same-file ce, "seeds": n}}``."""
+    """``{(setting, method): {"acc": mean final student %, "gain": acc - same-file ce's, "x_ce": seconds /
+    same-file ce's, "seeds": n}}``."""
     table: dict[tuple[str, str], dict[str, float]] = {}
     for path in files:
         runs: list[dict[str, Any]] = json.loads(path.read_text())
         for setting in SETTINGS:
-            ce = [r["seconds"] for r in runs if r["setting"] == setting and r["method"] == "ce"]
+            ce = [r for r in runs if r["setting"] == setting and r["method"] == "ce"]
+            if not ce:
+                continue
+            ce_acc = statistics.fmean(100 * r["student"][-1] for r in ce)
+            ce_seconds = statistics.fmean(r["seconds"] for r in ce)
             for method in dict.fromkeys(r["method"] for r in runs if r["setting"] == setting):
                 mine = [r for r in runs if r["setting"] == setting and r["method"] == method]
+                acc = statistics.fmean(100 * r["student"][-1] for r in mine)
                 table[setting, method] = {
-                    "acc": statistics.fmean(100 * r["student"][-1] for r in mine),
-                    "x_ce": statistics.fmean(r["seconds"] for r in mine) / statistics.fmean(ce) if ce else float("nan"),
+                    "acc": acc,
+                    "gain": acc - ce_acc,
+                    "x_ce": statistics.fmean(r["seconds"] for r in mine) / ce_seconds,
                     "seeds": len(mine),
                 }
     return table
@@ -59,8 +67,7 @@ def gain_table(table: dict[tuple[str, str], dict[str, float]]) -> list[str]:
             if entry is None:
                 cells.append("")
                 continue
-            ce, so = table[setting, "ce"]["acc"], table[setting, "mlnt_so"]["acc"]
-            cells.append(f"{entry['acc']:.1f} ({100 * (entry['acc'] - ce) / (so - ce):.0f}%)")
+            cells.append(f"{entry['acc']:.1f} ({100 * entry['gain'] / table[setting, 'mlnt_so']['gain']:.0f}%)")
         clean = table.get(("clean", method))
         costs = [e["x_ce"] for (s, m), e in table.items() if m == method]
         cells.append(f"{clean['acc']:.1f}" if clean else "")
