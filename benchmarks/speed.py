@@ -332,8 +332,10 @@ def main() -> None:
     parts = run_child("floor", args)
     print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
     rows, unit = [], None
-    header = (
-        f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    width = max(30, *(len(config) for config in args.configs))
+    header = f"{'configuration':<{width}} " + " ".join(
+        f"{name:>{size}}"
+        for name, size in (("s/iter", 8), ("img/s", 8), ("x plain", 8), ("peak MiB", 9), ("floor s", 8), ("x floor", 8))
     )
     print(header, flush=True)
     for config in args.configs:
@@ -341,13 +343,13 @@ def main() -> None:
             result = {**run_child(config, args), **run_child(config, args, "memory")}
         except subprocess.CalledProcessError as error:  # report it and go on with the others
             last_line = (error.stderr or "").strip().splitlines()[-1:] or ["no output"]
-            rows.append(f"{config:<30} failed: {last_line[0][:120]}")
+            rows.append(f"{config:<{width}} failed: {last_line[0][:120]}")
             print(rows[-1], flush=True)
             continue
         unit = result["seconds"] if config == "plain" else unit
         floor = floor_seconds(parts, config)
         row = (
-            f"{config:<30} {result['seconds']:8.3f} {args.batch_size / result['seconds']:8.1f} "
+            f"{config:<{width}} {result['seconds']:8.3f} {args.batch_size / result['seconds']:8.1f} "
             f"{result['seconds'] / unit if unit else float('nan'):8.2f} "
             f"{result['peak_mib']:9.0f} {floor if floor else float('nan'):8.3f} "
             f"{result['seconds'] / floor if floor else float('nan'):8.2f}"
