@@ -67,10 +67,11 @@ class MetaNoiseWrapper:
       backward per synthetic set; ``first_order=True`` is markedly cheaper and also works with
       ops that cannot be differentiated twice.
     * Cheaper meta steps: `MetaNoiseConfig.fast` (the affordable preset: one synthetic set, on
-      every 5th update with the weight compensated) costs about twice a plain step; ``fast_params="head"`` or ``"last_stage"`` run the trunk before the
-      fast weights once per iteration (each set runs only the rest); ``meta_every=N`` runs the
-      meta step on every N-th update, ``meta_batch_fraction`` on part of the batch. What each
-      keeps of MLNT's accuracy gain is in the README.
+      every 5th update with the weight compensated) costs under twice a plain step;
+      ``fast_params="head"`` or ``"last_stage"`` run the trunk before the fast weights once per
+      iteration (each set runs only the rest); ``meta_every=N`` runs the meta step on every
+      N-th update, ``meta_batch_fraction`` on part of the batch. What each keeps of MLNT's
+      accuracy gain is in the README.
     * ``sets_per_pass > 1`` batches that many sets into one vector-Jacobian product and one
       ``vmap``'d forward: fewer, larger kernels (for GPUs) for that many graphs in memory.
     * For second order the student is switched, in place, to twice-differentiable ops where

@@ -48,7 +48,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
 #: ``--preset`` values: the affordable preset (`MetaNoiseConfig.fast`) or the paper's full meta step.
 PRESETS = ("fast", "full")
-DEFAULT_PRESET = "fast"
+DEFAULT_PRESET = "full"
 GENERAL_DEFAULTS: dict[str, Any] = {
     "model": "resnet18",
     "epochs": 10,
@@ -203,8 +203,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--preset",
         choices=PRESETS,
         default=DEFAULT_PRESET,
-        help=f"fast: MetaNoiseConfig.fast, about 2x a cross-entropy step ({_preset_text()}); full: the "
-        f"paper's meta step (M sets, whole batch, every update, ~40x). Flags below win over the preset",
+        help=f"full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
+        f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text()}), most of the gain on our "
+        "benchmarks (benchmarks/RESULTS.md). Flags below win over the preset",
     )
     for field in dataclasses.fields(MetaNoiseConfig):
         _add_field_flag(meta, field)
