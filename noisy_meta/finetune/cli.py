@@ -205,7 +205,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_PRESET,
         help=f"full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
         f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text()}), most of the gain on our "
-        "benchmarks (benchmarks/RESULTS.md). Flags below win over the preset",
+        "benchmarks (benchmarks/RESULTS.md). Flags below win over the preset. "
+        f"Default {DEFAULT_PRESET}",
     )
     for field in dataclasses.fields(MetaNoiseConfig):
         _add_field_flag(meta, field)
@@ -311,7 +312,7 @@ def _default_note(field: dataclasses.Field) -> str:
         note += f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
     if field.name == "num_synthetic":
         note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
-    if field.name in FAST_PRESET:
+    if field.name in FAST_PRESET and (FAST_PRESET[field.name] != field.default or embedded is not None):
         note += f"; {FAST_PRESET[field.name]!r} with --preset fast"
     return note
 
