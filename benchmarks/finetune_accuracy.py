@@ -655,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         ran = f"The last command: {minutes:.1f} min for {len(jobs)} runs, merged with the earlier ones "
         ran += f"({len(results)} runs)."
         earlier = commands_file.read_text().splitlines() if commands_file.exists() else [DEFAULT_COMMAND]
-        commands = [*earlier, command.strip()]
+        commands = list(dict.fromkeys([*earlier, command.strip()]))  # a command run again is listed once
         args.archs = [arch for arch in ARCHS if any(r["arch"] == arch for r in results)]
         args.settings = [setting for setting in SETTINGS if any(r["setting"] == setting for r in results)]
     runs_file.write_text(json.dumps(results, indent=1) + "\n")
