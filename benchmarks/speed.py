@@ -144,6 +144,8 @@ def wrapper_step(wrapper, inputs, targets, args: argparse.Namespace) -> None:
         wrapper.step(inputs, targets)
 
 
+#: Timed iterations of the plain step, at least (it divides every other configuration's time).
+PLAIN_REPEATS = 20
 #: The suffixes a configuration name may end with (see `parse_config`).
 SUFFIX = r"last_stage|head|batched|every\d+|sub\d+"
 
@@ -189,6 +191,8 @@ def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
     run()  # warm-up
     updates = cycle(config)
     repeats = updates if args.measure == "memory" else updates * args.repeats  # whole meta_every cycles
+    if config == "plain" and args.measure == "time":
+        repeats = max(repeats, PLAIN_REPEATS)  # every ratio's denominator: cheap, and noisy over 3 samples
     gpu = torch.device(args.device).type == "cuda"
     synchronize(args)
     if gpu:
