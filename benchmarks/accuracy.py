@@ -59,6 +59,7 @@ from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.cleaning import CleaningConfig, clean_dataset, predict_probabilities
+from noisy_meta.config import FAST_PRESET
 from noisy_meta.finetune.data import embedded_mnist
 from noisy_meta.noisy_datasets import (
     INDEX,
@@ -88,6 +89,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_last_stage": {"first_order": False, "fast_params": "last_stage"},
     "mlnt_every4": {"first_order": False, "meta_every": 4},
     "mlnt_last_stage_every4": {"first_order": False, "fast_params": "last_stage", "meta_every": 4},
+    "mlnt_fast": dict(FAST_PRESET),  # the affordable preset, MetaNoiseConfig.fast
+    "mlnt_fast_every2": {**FAST_PRESET, "meta_every": 2},
 }
 TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
@@ -100,6 +103,8 @@ LABELS = {
     "mlnt_last_stage": "MLNT second order, fast weights for the last stage (the hidden layer) and classifier",
     "mlnt_every4": "MLNT second order on every 4th update",
     "mlnt_last_stage_every4": "MLNT second order, last stage and classifier, on every 4th update",
+    "mlnt_fast": "MLNT, the affordable preset (MetaNoiseConfig.fast)",
+    "mlnt_fast_every2": "the affordable preset with the meta step on every 2nd update",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.

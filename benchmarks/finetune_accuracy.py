@@ -69,6 +69,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
+from noisy_meta.config import FAST_PRESET
 from noisy_meta.finetune.data import embedded_mnist
 from noisy_meta.noise import confusion_labels, inject_noise, open_set_noise
 
@@ -103,10 +104,23 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "mlnt_fo": {"first_order": True},
     "mlnt_head": {"first_order": False, "fast_params": "head"},
     "mlnt_last_stage": {"first_order": False, "fast_params": "last_stage"},
+    "mlnt_fast": dict(FAST_PRESET),  # the affordable preset, MetaNoiseConfig.fast
 }
 #: rows derived from the ce run
 DERIVED = {"ce_early": "ce", "ce_ema": "ce"}
-ROWS = ["ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema", "mlnt_so", "mlnt_fo", "mlnt_head", "mlnt_last_stage"]
+ROWS = [
+    "ce",
+    "ce_early",
+    "ce_ema",
+    "ce_ls",
+    "gce",
+    "ema",
+    "mlnt_so",
+    "mlnt_fo",
+    "mlnt_head",
+    "mlnt_last_stage",
+    "mlnt_fast",
+]
 #: MLNT settings shared by the MLNT methods and ``ema`` (see RESULTS.md for how they were chosen);
 #: schedules from `MetaNoiseConfig.for_run_length`.
 #: The inner step size is this multiple of the fine-tuning learning rate (the ViT diverges at 5x).
@@ -427,8 +441,22 @@ def run(job: Job) -> dict[str, Any]:
     }
 
 
+#: The command of the full table (the earlier runs of a --merge made before commands were recorded).
+DEFAULT_COMMAND = "python benchmarks/finetune_accuracy.py"
+
+
+def merged(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` with ``new`` added, a new run replacing one of the same model, setting, method and seed."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r["arch"], r["setting"], r["method"], r["seed"]
+
+    replaced = {key(r) for r in new}
+    return [r for r in earlier if key(r) not in replaced] + new
+
+
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    cost = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "mlnt_head": 2, "ema": 1.5}
+    cost = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "mlnt_fast": 2, "mlnt_head": 2, "ema": 1.5}
     pending = sorted(jobs, key=lambda j: -cost.get(j.method, 1) * (1.5 if j.arch == "vit" else 1))
     return run_pool(run, pending, workers, _progress_line)
 
@@ -535,7 +563,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
     archs = sorted({e["arch"] for e in table})
     settings = list(dict.fromkeys(e["setting"] for e in table))
     fig, axes = plt.subplots(len(archs), len(settings), figsize=(3.2 * len(settings), 3.0 * len(archs)), squeeze=False)
-    colours = dict(zip(ROWS, plt.get_cmap("tab10").colors))
+    colours = dict(zip(ROWS, plt.get_cmap("tab20").colors))  # more rows than tab10 has colours
     for i, arch in enumerate(archs):
         for j, setting in enumerate(settings):
             ax = axes[i][j]
@@ -577,6 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--cache", default=str(CACHE), help="directory of the pretrained backbones (safetensors)")
     parser.add_argument("--replot", action="store_true", help="redraw the chart from <output>/runs.json; no runs")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these runs to <output>/runs.json (replacing the same model, setting, method and seed) and "
+        "report the whole of it, e.g. a new method beside the full table",
+    )
     args = parser.parse_args(argv)
     if args.replot:
         results = json.loads((Path(args.output) / "runs.json").read_text())
@@ -613,7 +647,20 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.perf_counter() - started) / 60
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / ("tune.json" if args.tune else "runs.json")).write_text(json.dumps(results, indent=1) + "\n")
+    runs_file = output / ("tune.json" if args.tune else "runs.json")
+    commands_file = output / "commands.txt"  # the commands whose runs runs.json holds
+    ran, commands = f"Wall time {minutes:.1f} min for {len(jobs)} runs.", [command.strip()]
+    if args.merge and runs_file.exists():
+        results = merged(json.loads(runs_file.read_text()), results)
+        ran = f"The last command: {minutes:.1f} min for {len(jobs)} runs, merged with the earlier ones "
+        ran += f"({len(results)} runs)."
+        earlier = commands_file.read_text().splitlines() if commands_file.exists() else [DEFAULT_COMMAND]
+        commands = list(dict.fromkeys([*earlier, command.strip()]))  # a command run again is listed once
+        args.archs = [arch for arch in ARCHS if any(r["arch"] == arch for r in results)]
+        args.settings = [setting for setting in SETTINGS if any(r["setting"] == setting for r in results)]
+    runs_file.write_text(json.dumps(results, indent=1) + "\n")
+    if not args.tune:
+        commands_file.write_text("\n".join(commands) + "\n")
     split = "val" if args.tune else "test"
     table = summarise(results, args.archs, args.settings, split)
     lines = markdown(table, args.archs, args.settings, split)
@@ -636,10 +683,10 @@ def main(argv: list[str] | None = None) -> None:
             "## Fine-tuning a pretrained model",
             "",
             "```bash",
-            command.strip(),
+            *commands,
             "```",
             "",
-            f"Machine: {machine}. Wall time {minutes:.1f} min for {len(jobs)} runs. {args.epochs} epochs, "
+            f"Machine: {machine}. {ran} {args.epochs} epochs, "
             f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {shared}, schedules "
             "from `MetaNoiseConfig.for_run_length`.",
             "",

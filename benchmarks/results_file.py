@@ -40,7 +40,11 @@ def write_section(tag: str, lines: list[str]) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set FIELD=VALUE`` value: JSON where it parses (numbers, booleans, lists), else the string."""
+    """A ``--set FIELD=VALUE`` value: JSON where it parses (numbers, booleans, lists), Python's
+    ``True`` / ``False`` / ``None``, else the string."""
+    python = {"True": True, "False": False, "None": None}
+    if text in python:
+        return python[text]
     try:
         return json.loads(text)
     except json.JSONDecodeError:

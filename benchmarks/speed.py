@@ -36,11 +36,13 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 NUM_SYNTHETIC = (1, 5, 10)
@@ -104,7 +106,7 @@ def iteration_for(config: str, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
-    from noisy_meta import MetaNoiseWrapper
+    from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 
     model, inputs, targets = build(args)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -118,10 +120,10 @@ def iteration_for(config: str, args: argparse.Namespace):
             optimizer.step()
 
         return plain
-    match = re.fullmatch(r"(first_order|second_order|reference)_M(\d+)(?:_(last_stage|head|every4|batched))?", config)
-    if match is None:
-        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)} (any M)")
-    kind, m, mode = match.group(1), int(match.group(2)), match.group(3)
+    if config == "fast":
+        wrapper = MetaNoiseWrapper(model, optimizer, MetaNoiseConfig.fast(ramp_start=0, ramp_end=0, seed=0))
+        return lambda: wrapper_step(wrapper, inputs, targets, args)
+    kind, m, options = parse_config(config)
     if kind == "reference":
         from reference_mlnt import ReferenceMLNT
 
@@ -133,19 +135,52 @@ def iteration_for(config: str, args: argparse.Namespace):
 
         return reference_step
     settings = dict(num_synthetic=m, first_order=kind == "first_order", ramp_start=0, ramp_end=0, seed=0)
-    if mode in ("last_stage", "head"):
-        settings["fast_params"] = mode
-    if mode == "every4":
-        settings["meta_every"] = 4
-    if mode == "batched":
-        settings["sets_per_pass"] = m
-    wrapper = MetaNoiseWrapper(model, optimizer, **settings)
+    wrapper = MetaNoiseWrapper(model, optimizer, **settings, **options)
+    return lambda: wrapper_step(wrapper, inputs, targets, args)
 
-    def mlnt_step():
-        with autocast(args):
-            wrapper.step(inputs, targets)
 
-    return mlnt_step
+def wrapper_step(wrapper, inputs, targets, args: argparse.Namespace) -> None:
+    with autocast(args):
+        wrapper.step(inputs, targets)
+
+
+#: Timed iterations of the plain step, at least (it divides every other configuration's time).
+PLAIN_REPEATS = 20
+#: The suffixes a configuration name may end with (see `parse_config`).
+SUFFIX = r"last_stage|head|batched|every\d+|sub\d+"
+
+
+def parse_config(config: str) -> tuple[str, int, dict[str, Any]]:
+    """``(kind, M, MetaNoiseConfig overrides)`` of a configuration name such as ``second_order_M1_every4_sub50``.
+
+    Suffixes: ``_last_stage`` / ``_head`` (``fast_params``), ``_every<N>`` (``meta_every``),
+    ``_sub<P>`` (``meta_batch_fraction`` P%), ``_batched`` (``sets_per_pass=M``).
+    """
+    match = re.fullmatch(rf"(first_order|second_order|reference)_M(\d+)((?:_(?:{SUFFIX}))*)", config)
+    if match is None:
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)} (any M, any suffixes)")
+    kind, m, options = match.group(1), int(match.group(2)), {}
+    for suffix in re.findall(SUFFIX, match.group(3)):
+        if suffix in ("last_stage", "head"):
+            options["fast_params"] = suffix
+        elif suffix == "batched":
+            options["sets_per_pass"] = m
+        elif suffix.startswith("every"):
+            options["meta_every"] = int(suffix[len("every") :])
+        else:
+            options["meta_batch_fraction"] = int(suffix[len("sub") :]) / 100
+    return kind, m, options
+
+
+def cycle(config: str) -> int:
+    """Updates in one ``meta_every`` cycle of ``config`` (timed together, then averaged)."""
+    if config == "fast":
+        from noisy_meta.config import FAST_PRESET
+
+        return FAST_PRESET["meta_every"]
+    if config in ("plain",) or config.startswith("reference"):
+        return 1
+    return parse_config(config)[2].get("meta_every", 1)
 
 
 def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
@@ -154,10 +189,10 @@ def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
 
     run = iteration_for(config, args)
     run()  # warm-up
-    if args.measure == "memory":
-        repeats = 4 if config.endswith("every4") else 1  # one whole meta_every cycle
-    else:
-        repeats = 4 * args.repeats if config.endswith("every4") else args.repeats
+    updates = cycle(config)
+    repeats = updates if args.measure == "memory" else updates * args.repeats  # whole meta_every cycles
+    if config == "plain" and args.measure == "time":
+        repeats = max(repeats, PLAIN_REPEATS)  # every ratio's denominator: cheap, and noisy over 3 samples
     gpu = torch.device(args.device).type == "cuda"
     synchronize(args)
     if gpu:
@@ -174,7 +209,7 @@ def time_config(config: str, args: argparse.Namespace) -> dict[str, float]:
     if args.measure == "memory":
         peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_mib()
         return {"peak_mib": peak - before}
-    return {"seconds": statistics.fmean(times) if config.endswith("every4") else statistics.median(times)}
+    return {"seconds": statistics.fmean(times) if updates > 1 else statistics.median(times)}
 
 
 def time_floor_parts(args: argparse.Namespace) -> dict[str, float]:
@@ -277,6 +312,9 @@ def main() -> None:
     parser.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast around each iteration")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), help="a subset of the configurations")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument(
+        "--section", help="write the rows to their own RESULTS.md section, titled '<model, size, batch>: SECTION'"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -292,12 +330,16 @@ def main() -> None:
         where = f"CPU, {torch.get_num_threads()} threads"
     precision = ", bf16 autocast" if args.amp == "bf16" else ""
     title = f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, {where}{precision}"
+    if args.section:
+        title += f": {args.section}"
     print(title, flush=True)
     parts = run_child("floor", args)
     print("floor parts (s): " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()), flush=True)
     rows, unit = [], None
-    header = (
-        f"{'configuration':<30} {'s/iter':>8} {'img/s':>8} {'x plain':>8} {'peak MiB':>9} {'floor s':>8} {'x floor':>8}"
+    width = max(30, *(len(config) for config in args.configs))
+    header = f"{'configuration':<{width}} " + " ".join(
+        f"{name:>{size}}"
+        for name, size in (("s/iter", 8), ("img/s", 8), ("x plain", 8), ("peak MiB", 9), ("floor s", 8), ("x floor", 8))
     )
     print(header, flush=True)
     for config in args.configs:
@@ -305,13 +347,13 @@ def main() -> None:
             result = {**run_child(config, args), **run_child(config, args, "memory")}
         except subprocess.CalledProcessError as error:  # report it and go on with the others
             last_line = (error.stderr or "").strip().splitlines()[-1:] or ["no output"]
-            rows.append(f"{config:<30} failed: {last_line[0][:120]}")
+            rows.append(f"{config:<{width}} failed: {last_line[0][:120]}")
             print(rows[-1], flush=True)
             continue
         unit = result["seconds"] if config == "plain" else unit
         floor = floor_seconds(parts, config)
         row = (
-            f"{config:<30} {result['seconds']:8.3f} {args.batch_size / result['seconds']:8.1f} "
+            f"{config:<{width}} {result['seconds']:8.3f} {args.batch_size / result['seconds']:8.1f} "
             f"{result['seconds'] / unit if unit else float('nan'):8.2f} "
             f"{result['peak_mib']:9.0f} {floor if floor else float('nan'):8.3f} "
             f"{result['seconds'] / floor if floor else float('nan'):8.2f}"
@@ -322,6 +364,8 @@ def main() -> None:
         command = "python benchmarks/speed.py " + " ".join(command_options(args))
         if args.configs != list(CONFIGS):
             command += " --configs " + " ".join(args.configs)
+        if args.section:
+            command += f" --section {shlex.quote(args.section)}"
         write_section(title, command, parts, header, rows)
 
 

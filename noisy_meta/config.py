@@ -75,8 +75,23 @@ class MetaNoiseConfig:
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others
             keep their value in the fast forward but still receive the meta-gradient.
         meta_every: run the meta step on every N-th update only (the others are plain
-            cross-entropy updates); 1 runs it on every update. The meta gradient is not
-            rescaled, so the meta loss's average weight is ``meta_weight / meta_every``.
+            cross-entropy updates); 1 runs it on every update. Cost falls about N-fold. The
+            meta gradient is not rescaled unless ``compensate_meta_every``, so the meta
+            loss's average weight is ``meta_weight / meta_every``.
+        compensate_meta_every: multiply the meta weight by ``meta_every`` on the updates that
+            run the meta step, so that its average weight over updates stays ``meta_weight``
+            (what `fast` uses). Without it ``meta_every`` also weakens the meta loss.
+        meta_batch_fraction: the fraction of the batch the meta step runs on: a random
+            subset (drawn with the synthetic labels' generator) of
+            ``max(num_neighbors + 1, round(fraction * B))`` samples, at most the batch, gets
+            the mentor's predictions, the neighbour search, the synthetic labels and the
+            fast-weight passes; the cross-entropy still uses the whole batch. The meta step's
+            cost falls about in proportion on a CPU (less on a GPU with small batches), and
+            its fast passes normalise with the subset's BatchNorm statistics. ``1.0`` (the
+            default, the paper) uses the whole batch and draws nothing. The inner gradient of
+            a subset is noisier: at ``inner_lr`` 1.0 half of a 128-sample batch made our
+            from-scratch benchmark erratic (a seed in three lost 8-15 points), 32 or 16
+            samples diverged; pair a fraction below 1 with a smaller ``inner_lr``.
         sets_per_pass: how many synthetic sets are processed together. 1 (the default) runs
             them one after the other with one set's graph in memory, so memory does not grow
             with M. A larger value computes that many sets' inner gradients in one batched
@@ -125,6 +140,8 @@ class MetaNoiseConfig:
     first_order: bool = False
     fast_params: FastParamsSpec = "all"
     meta_every: int = 1
+    compensate_meta_every: bool = False
+    meta_batch_fraction: float = 1.0
     sets_per_pass: int = 1
     meta_weight: float = 1.0
     ramp_start: int = 500
@@ -155,8 +172,11 @@ class MetaNoiseConfig:
             yield f"inner_lr must be a finite number > 0, got {self.inner_lr!r}"
         if not _is_real(self.meta_weight) or self.meta_weight < 0:
             yield f"meta_weight must be a finite number >= 0, got {self.meta_weight!r}"
-        if not isinstance(self.first_order, bool):
-            yield f"first_order must be a bool, got {self.first_order!r}"
+        for name in ("first_order", "compensate_meta_every"):
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name} must be a bool, got {getattr(self, name)!r}"
+        if not _is_real(self.meta_batch_fraction) or not 0 < self.meta_batch_fraction <= 1:
+            yield f"meta_batch_fraction must be in (0, 1], got {self.meta_batch_fraction!r}"
         for name in ("ramp_start", "ramp_end"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -200,19 +220,45 @@ class MetaNoiseConfig:
         """
         return cls().with_overrides(**{**run_length_schedule(total_updates), **overrides})
 
+    @classmethod
+    def fast(cls, **overrides: Any) -> MetaNoiseConfig:
+        """The affordable preset: about twice the cost of a cross-entropy step (see `FAST_PRESET`).
+
+        ``overrides`` win over the preset. To make a config of your own cheap instead, use
+        ``config.with_overrides(**FAST_PRESET)``.
+        """
+        return cls().with_overrides(**{**FAST_PRESET, **overrides})
+
     def meta_weight_at(self, step: int) -> float:
         """Meta-loss weight ``w`` for the update with index ``step`` (0-based)."""
         if step < self.ramp_start or step % self.meta_every:
             return 0.0
+        weight = self.meta_weight * (self.meta_every if self.compensate_meta_every else 1)
         if step >= self.ramp_end:
-            return float(self.meta_weight)
+            return float(weight)
         u = (step - self.ramp_start) / (self.ramp_end - self.ramp_start)
-        return float(self.meta_weight * math.exp(-5.0 * (1.0 - u) ** 2))
+        return float(weight * math.exp(-5.0 * (1.0 - u) ** 2))
+
+    def meta_batch_size(self, batch_size: int) -> int:
+        """Samples the meta step runs on for a batch of ``batch_size`` (see ``meta_batch_fraction``)."""
+        wanted = math.floor(self.meta_batch_fraction * batch_size + 0.5)
+        return min(batch_size, max(self.num_neighbors + 1, wanted))
 
     def mentor_decay_at(self, step: int) -> float:
         """EMA decay of the mentor for the update with index ``step`` (0-based)."""
         return float(self.mentor_decay_ramp if step < self.ramp_end else self.mentor_decay)
 
+
+#: The affordable preset (`MetaNoiseConfig.fast`): one synthetic set, second order, on the
+#: whole batch, on every 5th update with the meta weight compensated (5x on those updates).
+#: Measured in benchmarks/RESULTS.md ("The affordable preset").
+FAST_PRESET: dict[str, Any] = {
+    "num_synthetic": 1,
+    "first_order": False,
+    "meta_every": 5,
+    "compensate_meta_every": True,
+    "meta_batch_fraction": 1.0,
+}
 
 #: The fields `MetaNoiseConfig.for_run_length` sets from the run length.
 RUN_LENGTH_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")

@@ -17,7 +17,7 @@ meta step run on (`FastPass`): which module, on which input, with which paramete
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +33,10 @@ from .shared_trunk import TRUNK_SAMPLES, capture_input, resumed_at, suffix_match
 class FastPass:
     """What each synthetic set's fast-weight forward runs: ``module(inputs)`` with ``names`` stepped.
 
-    ``logits`` is the output whose graph the inner gradients use; ``None`` means the suffix is
-    run once more (buffers untouched) when the pass is opened. ``trunk_leaf``: the detached
-    trunk output the suffix starts from, where the meta-gradient is collected.
+    ``logits`` is the output whose graph the inner gradients use; ``None`` means ``module``
+    runs once more (buffers untouched) when the pass is opened. ``trunk_leaf``: the detached
+    trunk output the suffix starts from, where the meta-gradient is collected; with
+    ``resume_at``, ``module`` is resumed at that submodule with it (`resumed_at`).
     """
 
     module: nn.Module
@@ -43,17 +44,28 @@ class FastPass:
     names: list[str]
     logits: torch.Tensor | None = None
     trunk_leaf: torch.Tensor | None = None
-    resume: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    resume_at: nn.Module | None = None
 
     @contextlib.contextmanager
     def open(self) -> Iterator[torch.Tensor]:
         """Inside, fast forwards of ``module`` run the suffix only; yields the inner-step logits."""
-        with self.resume():
+        resume = contextlib.nullcontext()
+        if self.resume_at is not None:
+            resume = resumed_at(self.module, self.resume_at, self.trunk_leaf)
+        with resume:
             if self.logits is None:
                 self.logits = forward_with_cloned_buffers(
                     self.module, dict(self.module.named_parameters()), self.inputs
                 )
             yield self.logits
+
+    def subset(self, index: torch.Tensor) -> FastPass:
+        """The same pass on the samples ``index`` only (its logits computed afresh when opened)."""
+        if self.trunk_leaf is None:
+            return FastPass(self.module, self.inputs[index], self.names)
+        leaf = self.trunk_leaf.detach()[index].requires_grad_()
+        inputs = leaf if self.inputs is self.trunk_leaf else self.inputs
+        return FastPass(self.module, inputs, self.names, trunk_leaf=leaf, resume_at=self.resume_at)
 
 
 @dataclass
@@ -67,6 +79,11 @@ class StudentForward:
     def through(self, trunk_grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The ``(trunk output, meta-gradient at it)`` pair to send back with the cross-entropy."""
         return None if self.trunk is None else (self.trunk, trunk_grad)
+
+    def subset(self, index: torch.Tensor) -> StudentForward:
+        """The meta step's view of the samples ``index`` (``meta_batch_fraction < 1``)."""
+        trunk = None if self.trunk is None else self.trunk[index]
+        return StudentForward(self.logits[index], self.fast.subset(index), trunk)
 
 
 class WholeModel:
@@ -113,13 +130,7 @@ class SharedTrunk(WholeModel):
             names = [name for name, p in self.start.named_parameters() if p.requires_grad]
             fast = FastPass(self.start, leaf, names, trunk_leaf=leaf)
         else:
-            fast = FastPass(
-                self.module,
-                inputs[:TRUNK_SAMPLES],
-                self.fast_names,
-                trunk_leaf=leaf,
-                resume=lambda: resumed_at(self.module, self.start, leaf),
-            )
+            fast = FastPass(self.module, inputs[:TRUNK_SAMPLES], self.fast_names, trunk_leaf=leaf, resume_at=self.start)
         return StudentForward(logits, fast, trunk=captured.value)
 
     def _verified(self, inputs: torch.Tensor) -> bool:

@@ -46,11 +46,12 @@ class MetaTargets:
 
 @dataclass
 class MetaResult:
-    """The meta loss ``J`` of one batch (detached), the fraction of labels changed, the gradient at the trunk."""
+    """The meta loss ``J`` of one batch (detached), the fraction of labels changed, and (shared trunk
+    only) the ``(trunk output, meta-gradient at it)`` pair to send back with the cross-entropy."""
 
     loss: torch.Tensor
     changed: torch.Tensor
-    trunk_grad: torch.Tensor | None = None
+    through: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def off(cls, device: torch.device) -> MetaResult:
@@ -102,6 +103,7 @@ class MetaObjective:
         """Add ``weight * grad J`` to the gradient, one pass of sets at a time (memory flat in M)."""
         if weight == 0.0:
             return MetaResult.off(student.logits.device)
+        inputs, labels, student = self.meta_batch(inputs, labels, student)
         targets = self.targets(inputs, labels)
         fast = student.fast
         num_sets = targets.labels.shape[0]
@@ -114,7 +116,7 @@ class MetaObjective:
                 if fast.trunk_leaf is not None:
                     trunk_grad = grad if trunk_grad is None else trunk_grad + grad
                 total = losses.detach().sum() if total is None else total + losses.detach().sum()
-        return MetaResult(total / max(num_sets, 1), targets.changed, trunk_grad)
+        return MetaResult(total / max(num_sets, 1), targets.changed, student.through(trunk_grad))
 
     def loss(
         self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward, weight: float, grad_scale: float
@@ -122,11 +124,24 @@ class MetaObjective:
         """``weight * J`` as one differentiable scalar (all M graphs alive until its backward)."""
         if weight == 0.0:
             return student.logits.new_zeros(()).float()
+        inputs, labels, student = self.meta_batch(inputs, labels, student)
         targets = self.targets(inputs, labels)
         fast = student.fast
         with fast.open() as logits, explain_double_backward_errors():
             losses = torch.cat(list(self._losses(fast, logits, targets, grad_scale)))
         return losses.mean() * weight
+
+    def meta_batch(
+        self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward
+    ) -> tuple[torch.Tensor, torch.Tensor, StudentForward]:
+        """The samples the meta step runs on: a random subset when ``meta_batch_fraction < 1``."""
+        batch_size = labels.shape[0]
+        size = self.config.meta_batch_size(batch_size)
+        if size == batch_size:
+            return inputs, labels, student
+        draws = torch.rand(batch_size, generator=self.generator(labels.device), device=labels.device)
+        index = draws.argsort()[:size]
+        return inputs[index], labels[index], student.subset(index)
 
     def _losses(
         self, fast: FastPass, logits: torch.Tensor, targets: MetaTargets, grad_scale: float

@@ -75,7 +75,7 @@ def joint_update(stages: Stages, inputs: torch.Tensor, targets: torch.Tensor, we
         student = stages.scope.forward(inputs, meta=weight > 0.0)
         ce_loss = stages.cross_entropy(student.logits, targets)
         meta = stages.meta.backward(inputs, targets, student, weight, grads)
-        grads.add(ce_loss, through=student.through(meta.trunk_grad))
+        grads.add(ce_loss, through=meta.through)
     if not grads.sync:
         grads.hold()
         return Outcome(ce_loss, meta, stepped=False, complete=True)

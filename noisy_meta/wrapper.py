@@ -66,9 +66,12 @@ class MetaNoiseWrapper:
     * The second-order meta-gradient (the paper's maths) costs roughly one extra double
       backward per synthetic set; ``first_order=True`` is markedly cheaper and also works with
       ops that cannot be differentiated twice.
-    * Cheaper meta steps: ``fast_params="head"`` or ``"last_stage"`` run the trunk before the
-      fast weights once per iteration (each set runs only the rest); ``meta_every=N`` runs the
-      meta step on every N-th update. They keep less of MLNT's accuracy gain (see the README).
+    * Cheaper meta steps: `MetaNoiseConfig.fast` (the affordable preset: one synthetic set, on
+      every 5th update with the weight compensated) costs under twice a plain step;
+      ``fast_params="head"`` or ``"last_stage"`` run the trunk before the fast weights once per
+      iteration (each set runs only the rest); ``meta_every=N`` runs the meta step on every
+      N-th update, ``meta_batch_fraction`` on part of the batch. What each keeps of MLNT's
+      accuracy gain is in the README.
     * ``sets_per_pass > 1`` batches that many sets into one vector-Jacobian product and one
       ``vmap``'d forward: fewer, larger kernels (for GPUs) for that many graphs in memory.
     * For second order the student is switched, in place, to twice-differentiable ops where

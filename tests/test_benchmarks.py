@@ -69,5 +69,52 @@ def test_finetune_benchmark_quick_mode(tmp_path):
     assert {round(r["realised_rate"], 2) for r in runs if r["setting"] == "open30"} == {0.3}
     assert "| resnet | open30 | ce_early |" in result.stdout and "| margin |" in result.stdout
     assert (tmp_path / "accuracy_vs_time.png").stat().st_size > 10_000
-    again = subprocess.run([*command, "--methods", "ce"], capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*command, "--methods", "ce", "--merge"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "pretrained resnet: cached" in again.stdout  # the cache is used
+    merged = json.loads((tmp_path / "runs.json").read_text())  # the ce runs replaced, the others kept
+    assert sorted((r["arch"], r["setting"], r["method"]) for r in merged) == sorted(
+        (r["arch"], r["setting"], r["method"]) for r in runs
+    )
+    assert len((tmp_path / "commands.txt").read_text().splitlines()) == 2
+
+
+def benchmark_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_speed_configuration_names():
+    speed = benchmark_module("speed")
+    assert speed.parse_config("second_order_M1_every4_sub50") == (
+        "second_order",
+        1,
+        {"meta_every": 4, "meta_batch_fraction": 0.5},
+    )
+    assert speed.parse_config("first_order_M10_last_stage") == ("first_order", 10, {"fast_params": "last_stage"})
+    assert speed.parse_config("second_order_M5_batched") == ("second_order", 5, {"sets_per_pass": 5})
+    assert speed.cycle("plain") == speed.cycle("reference_M5") == speed.cycle("second_order_M1") == 1
+    assert speed.cycle("second_order_M1_every3") == 3
+    from noisy_meta.config import FAST_PRESET
+
+    assert speed.cycle("fast") == FAST_PRESET["meta_every"]
+    with pytest.raises(SystemExit, match="unknown configuration 'second_order_M1_every'"):
+        speed.parse_config("second_order_M1_every")
+
+
+def test_cost_chart_gain_kept(tmp_path):
+    """Gains and costs against the cross-entropy runs of the same file; the share of second order's gain."""
+    cost_chart = benchmark_module("cost_chart")
+
+    def runs(method, accuracy, seconds):
+        return [{"setting": "sym50", "method": method, "student": [accuracy], "seconds": seconds}] * 2
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(runs("ce", 0.80, 10) + runs("mlnt_so", 0.90, 100)))
+    new.write_text(json.dumps(runs("ce", 0.82, 20) + runs("mlnt_fast", 0.90, 30)))
+    table = cost_chart.summarise([old, new])
+    assert table["sym50", "mlnt_fast"]["gain"] == pytest.approx(8.0) and table["sym50", "mlnt_fast"]["x_ce"] == 1.5
+    lines = cost_chart.gain_table(table)
+    assert "| mlnt_fast | 90.0 (80%) |" in "\n".join(lines)

@@ -9,7 +9,7 @@ import sys
 from typing import Any, NoReturn, get_args
 
 from ..cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
-from ..config import FAST_PARAM_NAMES, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
+from ..config import FAST_PARAM_NAMES, FAST_PRESET, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..noise import NOISE_KINDS, OPEN_SET
 from .flag_checks import (
     check_flags,
@@ -46,6 +46,9 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 #: learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
 #: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
 FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
+#: ``--preset`` values: the affordable preset (`MetaNoiseConfig.fast`) or the paper's full meta step.
+PRESETS = ("fast", "full")
+DEFAULT_PRESET = "full"
 GENERAL_DEFAULTS: dict[str, Any] = {
     "model": "resnet18",
     "epochs": 10,
@@ -196,6 +199,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="cross-entropy baseline in the same pipeline (meta weight 0; the EMA mentor is still tracked)",
     )
+    meta.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=DEFAULT_PRESET,
+        help=f"full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
+        f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text()}), most of the gain on our "
+        "benchmarks (benchmarks/RESULTS.md). Flags below win over the preset. "
+        f"Default {DEFAULT_PRESET}",
+    )
     for field in dataclasses.fields(MetaNoiseConfig):
         _add_field_flag(meta, field)
 
@@ -282,6 +294,10 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, metavar=metavar, help=note)
 
 
+def _preset_text() -> str:
+    return ", ".join(f"{name.replace('_', '-')} {value}" for name, value in FAST_PRESET.items())
+
+
 def _default_note(field: dataclasses.Field) -> str:
     """A MetaNoiseConfig field's default as the command line applies it (data set and start dependent)."""
     if field.name == "seed":
@@ -296,6 +312,8 @@ def _default_note(field: dataclasses.Field) -> str:
         note += f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
     if field.name == "num_synthetic":
         note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
+    if field.name in FAST_PRESET and (FAST_PRESET[field.name] != field.default or embedded is not None):
+        note += f"; {FAST_PRESET[field.name]!r} with --preset fast"
     return note
 
 
@@ -321,7 +339,7 @@ def validate_args(args: argparse.Namespace) -> dict[str, Any]:
     check_flags(args)
     cleaning_config(args)
     try:
-        resolve_meta_config(args, total_updates=1)
+        resolve_meta_config(args, total_updates=1, filled=filled)
     except ValueError as error:
         raise ValueError(flag_of(str(error), [f.name for f in dataclasses.fields(MetaNoiseConfig)])) from None
     args.data_set_defaults = filled
@@ -372,22 +390,34 @@ def fine_tuning_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in values.items() if getattr(args, "meta_" + name) is None}
 
 
-def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
+def resolve_meta_config(
+    args: argparse.Namespace, total_updates: int, filled: dict[str, Any] | None = None
+) -> tuple[MetaNoiseConfig, dict[str, Any]]:
     """The `MetaNoiseConfig` of a run and the defaults chosen for it (not the library's).
 
     Flags not given keep the library defaults, except the schedules, which follow
     `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
-    and, when the run starts from pretrained weights, `fine_tuning_defaults`.
+    when the run starts from pretrained weights `fine_tuning_defaults`, and with
+    ``--preset fast`` the fields of `FAST_PRESET`, which win over the data set's and the
+    fine-tuning defaults (``filled``: the data-set defaults `apply_data_set_defaults` filled in;
+    by default those `validate_args` recorded).
     """
+    if filled is None:
+        filled = getattr(args, "data_set_defaults", None) or {}
     values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
     values = {name: value for name, value in values.items() if value is not None}
+    preset = {}
+    if getattr(args, "preset", "full") == "fast":
+        given = {name for name in values if "meta_" + name not in filled}
+        preset = {name: value for name, value in FAST_PRESET.items() if name not in given}
+        values = {name: value for name, value in values.items() if name not in preset}
     fast_params = values.get("fast_params")
     if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
         values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
     values.setdefault("seed", args.seed)
     if args.no_meta:
         values["meta_weight"] = 0.0
-    fine_tuning = fine_tuning_defaults(args)
-    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **values)
+    fine_tuning = {name: v for name, v in fine_tuning_defaults(args).items() if name not in preset}
+    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **preset, **values)
     chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
-    return config, {**chosen, **fine_tuning}
+    return config, {**chosen, **fine_tuning, **preset}

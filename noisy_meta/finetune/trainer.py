@@ -318,7 +318,12 @@ def _prepare(
     if mentor is not None and args.meta_mentor_update is None:
         config = config.with_overrides(mentor_update=args.iteration_mentor)
     wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
-    source = "run-length and fine-tuning" if args.pretrained or args.checkpoint else "run-length"
+    sources = ["run-length"]
+    if args.pretrained or args.checkpoint:
+        sources.append("fine-tuning")
+    if args.preset == "fast":
+        sources.append("--preset fast")
+    source = ", ".join(sources)
     console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
     if config.fast_params == "all" and wrapper.fast_suffix:
         part = "classifier" if wrapper.fast_suffix == "head" else "last stage and classifier"
