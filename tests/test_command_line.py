@@ -154,6 +154,35 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     path.write_text("")
     result = command(EXAMPLE, "--output-dir", str(path))
     assert result.returncode == 2 and f"--output-dir {path}: is a file, not a directory" in result.stderr
+    result = command(EXAMPLE, "--output-dir", str(path / "run"))
+    assert result.returncode == 2 and f"--output-dir {path / 'run'}: {path} is a file, not a directory" in result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/1").is_dir() or os.access("/proc/1", os.W_OK), reason="needs Linux's /proc")
+def test_an_output_dir_that_cannot_be_created_is_one_line():
+    result = command(EXAMPLE, "--output-dir", "/proc/1/run")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "--output-dir /proc/1/run: cannot write there" in line
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(28, "No space left on device")])
+def test_an_unwritable_output_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch, error):
+    """The write check probes the directory and leaves nothing behind, also when the probe fails."""
+    from noisy_meta.finetune.flag_checks import check_writable
+
+    target = tmp_path / "new" / "run"
+
+    def failing_write(self, data):
+        raise error
+
+    monkeypatch.setattr(Path, "write_bytes", failing_write)
+    with pytest.raises(ValueError, match=f"--output-dir {target}: cannot write there \\({error.strerror}\\)"):
+        check_writable(target)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    check_writable(target)  # writable: checked, and still nothing left behind
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------- processes and frozen backbones
@@ -209,6 +238,20 @@ def test_freeze_backbone_says_the_meta_step_runs_only_the_classifier(tiny_mnist,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "only the classifier can change: each synthetic set runs only that part on a shared trunk" in result.stdout
+
+
+def test_a_log_file_gets_plain_progress_lines(tiny_mnist, tmp_path):
+    """Output to a file (not a terminal): a progress line every --log-interval batches, not only at the
+    epoch's end. The run also uses the fast preset, and says which fields it set."""
+    flags = [*FAST, "--dataset", str(tiny_mnist), "--log-interval", "3", "--preset", "fast"]
+    result = command(EXAMPLE, *flags, "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch 1/1 batch ")]
+    assert [line.split()[3] for line in lines] == ["3/8", "6/8", "8/8"]  # 256 training images, batches of 32
+    for line in lines:
+        for part in ("loss ", " ce ", " meta ", " w ", " img/s", " elapsed 0:", " eta 0:"):
+            assert part in line, line
+    assert "--preset fast defaults:" in result.stdout and "'meta_every': 5" in result.stdout
 
 
 def test_the_default_output_directory_is_ignored_by_git():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -559,7 +560,7 @@ def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
 # ------------------------------------------------------------------------------- a crash during a save
 
 
-@pytest.mark.parametrize("crash_point", ["while writing", "between the renames"])
+@pytest.mark.parametrize("crash_point", ["while writing", "between the renames", "disk full"])
 def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
     tiny_mnist, tmp_path, monkeypatch, crash_point, make_accelerator
 ):
@@ -573,6 +574,9 @@ def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
     real_save_weights, real_swap = checkpoint.save_weights, checkpoint._swap_in
 
     def crashing_save_weights(module, path):
+        if len(saves) == 4 and crash_point == "disk full":
+            real_save_weights(module, path)  # a partial copy, then the write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
         if len(saves) == 4:  # epoch 2's first save (student and mentor of "best" and "last" in epoch 1)
             raise KeyboardInterrupt("simulated kill while writing")
         saves.append(path)
@@ -585,16 +589,21 @@ def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
             raise KeyboardInterrupt("simulated kill between the renames")
         real_swap(staging, directory)
 
-    if crash_point == "while writing":
-        monkeypatch.setattr(checkpoint, "save_weights", crashing_save_weights)
-    else:
+    if crash_point == "between the renames":
         monkeypatch.setattr(checkpoint, "_swap_in", crashing_swap)
+    else:
+        monkeypatch.setattr(checkpoint, "save_weights", crashing_save_weights)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt, match="simulated kill"):
-        main([*flags, "--output-dir", str(interrupted)])
+    if crash_point == "disk full":  # a clear error; the partial copy removed, the previous checkpoint kept
+        with pytest.raises(OSError, match=r"writing the checkpoint .* failed .*No space left.*previous checkpoint"):
+            main([*flags, "--output-dir", str(interrupted)])
+        assert not list(interrupted.glob("*.tmp")) and (interrupted / "last").is_dir()
+    else:
+        with pytest.raises(KeyboardInterrupt, match="simulated kill"):
+            main([*flags, "--output-dir", str(interrupted)])
+        leftover = "*.tmp" if crash_point == "while writing" else "*.old"  # of "best" or "last"
+        assert list(interrupted.glob(leftover)), "the simulated kill hit no save"
     monkeypatch.undo()
-    leftover = "*.tmp" if crash_point == "while writing" else "*.old"  # of "best" or "last"
-    assert list(interrupted.glob(leftover)), "the simulated kill hit no save"
 
     main([*flags, "--output-dir", str(interrupted), "--resume"])
     assert without_timings(metrics(interrupted)) == without_timings(metrics(reference))

@@ -48,16 +48,26 @@ def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(accelerator: Any, directory: Path, student: nn.Module, mentor: nn.Module) -> None:
-    """Accelerate's full state plus plain student / mentor weights in ``directory`` (replaced whole)."""
+    """Accelerate's full state plus plain student / mentor weights in ``directory`` (replaced whole).
+
+    A write that fails (a full disk, a lost mount) raises an OSError saying so; the checkpoint
+    ``directory`` held before is left as it was and the partial copy is removed.
+    """
     staging = directory.with_name(directory.name + ".tmp")
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    try:
+        accelerator.save_state(str(staging))
+        if accelerator.is_main_process:
+            save_weights(student, staging / STUDENT_FILE)
+            save_weights(mentor, staging / MENTOR_FILE)
+            _fsync_tree(staging)  # on disk before it replaces anything
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "the previous checkpoint there is intact" if directory.exists() else "no earlier checkpoint there"
+        raise OSError(error.errno, f"writing the checkpoint {directory} failed ({error}); {kept}") from error
     if accelerator.is_main_process:
-        save_weights(student, staging / STUDENT_FILE)
-        save_weights(mentor, staging / MENTOR_FILE)
-        _fsync_tree(staging)  # on disk before it replaces anything
         _swap_in(staging, directory)
     accelerator.wait_for_everyone()
 

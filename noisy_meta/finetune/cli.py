@@ -259,6 +259,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run already in --output-dir (its checkpoints, metrics)"
     )
     output.add_argument(
+        "--log-interval",
+        type=positive_int,
+        default=50,
+        help="when the output is not a terminal (a log file), print a progress line every this many batches",
+    )
+    output.add_argument(
         "--max-consecutive-skips",
         type=non_negative_int,
         default=25,

@@ -124,9 +124,12 @@ def _looks_local(dataset: str) -> bool:
 
 
 def _check_output_dir(args: argparse.Namespace) -> None:
-    output = Path(args.output_dir)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output-dir {output}: is a file, not a directory")
+    output = Path(args.output_dir).expanduser()
+    blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == output else f"{blocking} is a file"
+        raise ValueError(f"--output-dir {output}: {where}, not a directory")
+    check_writable(output)
     if args.resume is not None or args.overwrite:
         return
     found = previous_run(output)
@@ -135,6 +138,29 @@ def _check_output_dir(args: argparse.Namespace) -> None:
             f"--output-dir {output} already holds a run ({', '.join(found)}): pass --resume to continue it, "
             "another --output-dir for a new run, or --overwrite to replace it"
         )
+
+
+def check_writable(output: Path) -> None:
+    """Refuse (ValueError) an output directory the run could not write to, before training starts.
+
+    Creates the directory (and missing parents) and a probe file in it, then removes what it
+    created: a read-only file system, a missing permission or a quota fails here, in a second,
+    not at the first checkpoint an epoch later.
+    """
+    created = [path for path in (output, *output.parents) if not path.exists()]
+    probe = output / ".noisy-meta-write-check"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"--output-dir {output}: cannot write there ({error.strerror or error})") from None
+    finally:
+        for path in created:  # deepest first: leave no trace of the check
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def previous_run(output: Path) -> list[str]:

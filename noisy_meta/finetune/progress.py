@@ -19,19 +19,29 @@ from rich.table import Table
 
 
 class EpochProgress:
-    """A live bar per epoch with loss, CE, meta loss, meta weight and throughput; silent if not ``enabled``."""
+    """Progress of an epoch: loss, CE, meta loss, meta weight, throughput; silent if not ``enabled``.
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    On a terminal, a live bar. Otherwise (a job scheduler's log file, a pipe) a live bar shows
+    nothing until the epoch ends, so a plain line is printed every ``log_interval`` batches
+    and after the last: batches done, loss, meta weight, img/s, elapsed time and ETA.
+    """
+
+    def __init__(self, console: Console, enabled: bool, log_interval: int = 50) -> None:
         self.console = console
         self.enabled = enabled
+        self.log_interval = log_interval
         self._progress: Progress | None = None
         self._task = None
         self._started = 0.0
         self._images = 0
+        self._plain: dict[str, int] | None = None
 
     def start(self, epoch: int, num_epochs: int, total_batches: int) -> None:
         self._started, self._images = time.perf_counter(), 0
         if not self.enabled:
+            return
+        if not self.console.is_terminal:
+            self._plain = {"epoch": epoch + 1, "epochs": num_epochs, "done": 0, "total": total_batches}
             return
         self._progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{num_epochs}"),
@@ -49,22 +59,42 @@ class EpochProgress:
 
     def update(self, stats: dict[str, float], batch_images: int) -> None:
         self._images += batch_images
-        if self._progress is None:
-            return
         text = (
             f"loss {stats['loss']:.3f} ce {stats['ce_loss']:.3f} meta {stats['meta_loss']:.4f} "
             f"w {stats['meta_weight']:.2f} {self.throughput:.0f} img/s"
         )
-        self._progress.update(self._task, advance=1, stats=text)
+        if self._plain is not None:
+            self._plain["done"] += 1
+            done, total = self._plain["done"], self._plain["total"]
+            if done % self.log_interval == 0 or done == total:
+                self.console.print(self._plain_line(text), highlight=False, soft_wrap=True)
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, stats=text)
+
+    def _plain_line(self, stats: str) -> str:
+        plain = self._plain
+        elapsed = time.perf_counter() - self._started
+        remaining = elapsed / plain["done"] * (plain["total"] - plain["done"])
+        return (
+            f"epoch {plain['epoch']}/{plain['epochs']} batch {plain['done']}/{plain['total']} {stats} "
+            f"elapsed {_clock(elapsed)} eta {_clock(remaining)}"
+        )
 
     @property
     def throughput(self) -> float:
         return self._images / max(time.perf_counter() - self._started, 1e-9)
 
     def stop(self) -> None:
+        self._plain = None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def summary_table(records: Sequence[dict[str, Any]], best_epoch: int) -> Table:

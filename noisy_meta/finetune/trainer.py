@@ -221,7 +221,7 @@ def _train_run(
         log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
     accelerator.wait_for_everyone()
 
-    progress = EpochProgress(console, enabled=accelerator.is_main_process)
+    progress = EpochProgress(console, enabled=accelerator.is_main_process, log_interval=args.log_interval)
     skips = SkipCounter(args.max_consecutive_skips)
     record: dict[str, Any] = {}
     for epoch in range(state.epoch, args.epochs):
