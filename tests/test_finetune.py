@@ -84,6 +84,8 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         "first_order": (None, True),
         "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")),
         "meta_every": ("2", 2),
+        "compensate_meta_every": (None, True),
+        "meta_batch_fraction": ("0.5", 0.5),
         "sets_per_pass": ("5", 5),
         "meta_weight": ("2.0", 2.0),
         "ramp_start": ("7", 7),
