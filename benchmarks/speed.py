@@ -21,6 +21,15 @@ second order ``F + Fn + B + M (Bc + F + D)``, first order ``F + Fn + B + M (2B +
         --configs plain second_order_M5 second_order_M5_last_stage second_order_M5_head second_order_M5_every4
         # the accuracy benchmark's model, batch and M: the cost side of its cheaper-modes table
 
+    python benchmarks/speed.py --configs plain fast second_order_M1_every4_sub50 --section 'affordable modes'
+        # the affordable preset and its neighbours, in a RESULTS.md section of their own
+
+Configuration names: ``plain``; ``fast`` (``MetaNoiseConfig.fast()``); ``<order>_M<m>`` with
+order ``first_order``, ``second_order`` or ``reference`` and any of the suffixes
+``_last_stage`` / ``_head`` (``fast_params``), ``_every<N>`` (``meta_every``), ``_sub<P>``
+(``meta_batch_fraction`` P%) and ``_batched``. A configuration with ``meta_every`` N is timed
+over whole cycles of N updates (their mean), the plain step over at least 20 iterations.
+
 ``_batched`` configurations run all M sets in one pass (``sets_per_pass=M``: one batched
 vector-Jacobian product for the inner gradients, one ``vmap`` for the fast forwards); the
 others one set at a time. On a GPU, peak memory is ``torch.cuda.max_memory_allocated``.
@@ -178,7 +187,7 @@ def cycle(config: str) -> int:
         from noisy_meta.config import FAST_PRESET
 
         return FAST_PRESET["meta_every"]
-    if config in ("plain",) or config.startswith("reference"):
+    if config == "plain" or config.startswith("reference"):
         return 1
     return parse_config(config)[2].get("meta_every", 1)
 

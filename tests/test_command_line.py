@@ -163,12 +163,12 @@ def test_an_output_dir_that_cannot_be_created_is_one_line():
     result = command(EXAMPLE, "--output-dir", "/proc/1/run")
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
-    assert "--output-dir /proc/1/run: cannot write there" in line
+    assert "--output-dir /proc/1/run: cannot write in /proc/1" in line
 
 
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(28, "No space left on device")])
 def test_an_unwritable_output_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch, error):
-    """The write check probes the directory and leaves nothing behind, also when the probe fails."""
+    """The write check probes where the run will write and leaves nothing behind."""
     from noisy_meta.finetune.flag_checks import check_writable
 
     target = tmp_path / "new" / "run"
@@ -177,12 +177,14 @@ def test_an_unwritable_output_dir_is_refused_and_left_as_it_was(tmp_path, monkey
         raise error
 
     monkeypatch.setattr(Path, "write_bytes", failing_write)
+    with pytest.raises(ValueError, match=f"--output-dir {target}: cannot write in {tmp_path} \\({error.strerror}\\)"):
+        check_writable(target)
+    target.mkdir(parents=True)
     with pytest.raises(ValueError, match=f"--output-dir {target}: cannot write there \\({error.strerror}\\)"):
         check_writable(target)
-    assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
-    check_writable(target)  # writable: checked, and still nothing left behind
-    assert list(tmp_path.iterdir()) == []
+    check_writable(target)  # writable: checked, and nothing left behind
+    assert list(target.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["new"]
 
 
 # ------------------------------------------------------------------------------- processes and frozen backbones

@@ -143,24 +143,19 @@ def _check_output_dir(args: argparse.Namespace) -> None:
 def check_writable(output: Path) -> None:
     """Refuse (ValueError) an output directory the run could not write to, before training starts.
 
-    Creates the directory (and missing parents) and a probe file in it, then removes what it
-    created: a read-only file system, a missing permission or a quota fails here, in a second,
-    not at the first checkpoint an epoch later.
+    Writes and removes a probe file in ``output``, or in its nearest existing parent when it does
+    not exist yet (where the run would create it): a read-only file system, a missing
+    permission or a quota fails here, in a second, not at the first checkpoint an epoch later.
+    Nothing is created; the probe's name is unique to the process (every rank checks).
     """
-    created = [path for path in (output, *output.parents) if not path.exists()]
-    probe = output / ".noisy-meta-write-check"
+    existing = next(path for path in (output, *output.parents) if path.exists())
+    probe = existing / f".noisy-meta-write-check-{os.getpid()}"
     try:
-        output.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"--output-dir {output}: cannot write there ({error.strerror or error})") from None
-    finally:
-        for path in created:  # deepest first: leave no trace of the check
-            try:
-                path.rmdir()
-            except OSError:
-                break
+        where = "there" if existing == output else f"in {existing}"
+        raise ValueError(f"--output-dir {output}: cannot write {where} ({error.strerror or error})") from None
 
 
 def previous_run(output: Path) -> list[str]:
