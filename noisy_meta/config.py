@@ -90,7 +90,7 @@ class MetaNoiseConfig:
             its fast passes normalise with the subset's BatchNorm statistics. ``1.0`` (the
             default, the paper) uses the whole batch and draws nothing. The inner gradient of
             a subset is noisier: at ``inner_lr`` 1.0 half of a 128-sample batch made our
-            from-scratch benchmark erratic (a seed in three lost 8-15 points), 32 or 16
+            from-scratch benchmark erratic (a seed in three lost 6-16 points), 32 or 16
             samples diverged; pair a fraction below 1 with a smaller ``inner_lr``.
         sets_per_pass: how many synthetic sets are processed together. 1 (the default) runs
             them one after the other with one set's graph in memory, so memory does not grow
