@@ -1,6 +1,6 @@
 """Does memory grow over a long run? Resident memory of the wrapper over thousands of updates.
 
-    python benchmarks/memory_growth.py                    # 5,000 updates, a small timm ResNet
+    python benchmarks/memory_growth.py                    # 3,000 updates, a small timm ResNet (9 min, 2 cores)
     python benchmarks/memory_growth.py --updates 20000 --preset fast
 
 Runs `MetaNoiseWrapper.step` on a small timm ResNet (second order, M = 2, the meta step from
@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--updates", type=int, default=5000, help="measured updates (after the warm-up)")
+    parser.add_argument("--updates", type=int, default=3000, help="measured updates (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--every", type=int, default=100, help="sample the resident set every N updates")
     parser.add_argument("--batch-size", type=int, default=16)
