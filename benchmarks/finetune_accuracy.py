@@ -4,6 +4,7 @@ user would run instead, every run starting from the same pretrained timm backbon
     python benchmarks/finetune_accuracy.py           # the full table (3 seeds), RESULTS.md + PNG
     python benchmarks/finetune_accuracy.py --quick   # smoke run: 1 epoch, 1 seed, 2 settings
     python benchmarks/finetune_accuracy.py --tune --seeds 0 --settings sym40 --methods mlnt_fo --set inner_lr=0.5
+    python benchmarks/finetune_accuracy.py --methods ce mlnt_fast --merge   # a method added to the full table
 
 Pretrained backbones, offline (no hub weights here): timm's ``test_resnet`` and a small
 ``vit_tiny_patch16_224`` (16x16 inputs, patch 4, width 96, depth 4) are pretrained with clean
@@ -34,7 +35,8 @@ learning rate), batch and epochs:
 - ``gce``: generalised cross-entropy (Zhang & Sabuncu 2018, q = 0.7);
 - ``ema``: EMA-mentor consistency without the meta step (``num_synthetic=0``);
 - ``mlnt_so`` / ``mlnt_fo``: MLNT second / first order; ``mlnt_head`` and ``mlnt_last_stage``:
-  second order with fast weights for the classifier only / the last stage and classifier.
+  second order with fast weights for the classifier only / the last stage and classifier;
+  ``mlnt_fast``: the affordable preset (`MetaNoiseConfig.fast`).
 
 Reported: clean-test accuracy of the student and of the mentor (for the MLNT methods and
 ``ema``; for ``ce``, its ``ModelEmaV3``) at the final epoch, mean ± std over seeds; wall time
