@@ -86,6 +86,18 @@ def test_a_rank_that_fails_alone_takes_the_others_down_instead_of_hanging():
     assert seconds < 180  # (the subprocess timeout of 240 s would have raised on a hang)
 
 
+def test_a_stalled_rank_stops_the_run_after_the_rank_timeout(tiny_mnist, tmp_path):
+    """Rank 1 stops answering at the first validation: rank 0 gives up after --rank-timeout, in one line."""
+    flags = ["--dataset", str(tiny_mnist), "--model", "test_resnet", "--img-size", "32", "--batch-size", "32"]
+    flags += ["--epochs", "1", "--first-order", "--num-synthetic", "2", "--num-neighbors", "4", "--val-fraction", "0.2"]
+    flags += ["--rank-timeout", "5", "--output-dir", str(tmp_path / "run")]
+    result, seconds = launch_expecting_failure(TESTS / "ddp_stall_worker.py", *flags)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 0 of 2: another rank stopped answering for --rank-timeout 5 s or went away" in output, output[-3000:]
+    assert seconds < 180  # the stalled rank sleeps an hour
+
+
 def test_ranks_holding_different_weights_are_detected():
     result, _ = launch_expecting_failure(TESTS / "ddp_fault_worker.py", "diverge")
     output = result.stdout + result.stderr

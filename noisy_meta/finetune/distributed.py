@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import InitProcessGroupKwargs
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator; with several processes a collective waits at most ``--rank-timeout`` seconds."""
     accelerator = Accelerator(
         cpu=cpu_only_processes(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.rank_timeout))],
     )
     check_process_group(accelerator.num_processes)
     return accelerator
