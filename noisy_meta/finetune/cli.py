@@ -173,13 +173,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "file then stops training when it is loaded)",
     )
     data.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    data.add_argument(
-        "--rank-timeout",
-        type=positive_float,
-        default=600.0,
-        help="with several processes: seconds a rank waits for the others in a collective before the run stops "
-        "with a message (a rank that died or stalled)",
-    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--opt", default="sgd", help="timm.optim.create_optimizer_v2 name")
@@ -270,6 +263,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=positive_int,
         default=50,
         help="when the output is not a terminal (a log file), print a progress line every this many batches",
+    )
+    output.add_argument(
+        "--rank-timeout",
+        type=positive_float,
+        default=600.0,
+        help="with several processes: seconds a rank waits for the others in a collective before the run stops "
+        "with a message (a rank that died or stalled)",
     )
     output.add_argument(
         "--max-consecutive-skips",
@@ -373,6 +373,7 @@ def run_command(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     from .checkpoint import CheckpointError
+    from .distributed import is_lost_rank, lost_rank_message
     from .trainer import run
 
     try:
@@ -385,27 +386,6 @@ def run_command(argv: list[str] | None = None) -> None:
         if args.debug or not is_lost_rank(error):
             raise
         parser.exit(2, f"{parser.prog}: error: {lost_rank_message(error, args)}\n")
-
-
-#: What gloo / NCCL say when a collective's peer stopped answering or went away.
-_LOST_RANK_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Watchdog")
-
-
-def is_lost_rank(error: RuntimeError) -> bool:
-    """Whether ``error`` is a collective that gave up on another rank (timeout or closed connection)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(sign in str(error) for sign in _LOST_RANK_SIGNS)
-
-
-def lost_rank_message(error: RuntimeError, args: argparse.Namespace) -> str:
-    """One line for a run that stopped because another rank died or stalled: which rank says so, and how to go on."""
-    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
-    first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    last = os.path.join(args.output_dir, "last")
-    after = f"--resume continues from {last}/" if os.path.isdir(last) else "no checkpoint had been written yet"
-    return (
-        f"rank {rank} of {world}: another rank stopped answering for --rank-timeout {args.rank_timeout:g} s or went "
-        f"away ({first_line}); stopping, {after}"
-    )
 
 
 def cleaning_config(args: argparse.Namespace) -> CleaningConfig:

@@ -34,7 +34,7 @@ def check_process_group(num_processes: int) -> None:
 
     Each would then train its own copy of the model on all the data and print everything.
     """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and num_processes == 1:
         raise ValueError(
             f"launched as one of {launched} processes (WORLD_SIZE={launched}), but they did not form a process "
@@ -44,9 +44,35 @@ def check_process_group(num_processes: int) -> None:
         )
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (``WORLD_SIZE``; 1 when launched plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+#: What gloo / NCCL say when a collective's peer stopped answering or went away.
+_LOST_RANK_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer", "Watchdog")
+
+
+def is_lost_rank(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective that gave up on another rank (timeout or closed connection)."""
+    return launched_processes() > 1 and any(sign in str(error) for sign in _LOST_RANK_SIGNS)
+
+
+def lost_rank_message(error: RuntimeError, args: argparse.Namespace) -> str:
+    """One line for a run that stopped because another rank died or stalled: which rank says so, and how to go on."""
+    rank, world = os.environ.get("RANK", "?"), launched_processes()
+    first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    last = os.path.join(args.output_dir, "last")
+    after = f"--resume continues from {last}/" if os.path.isdir(last) else "no checkpoint had been written yet"
+    return (
+        f"rank {rank} of {world}: another rank stopped answering for --rank-timeout {args.rank_timeout:g} s or went "
+        f"away ({first_line}); stopping, {after}"
+    )
+
+
 def cpu_only_processes() -> bool:
     """Run on CPU processes (gloo) when launched with several processes on a machine with no accelerator."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     has_accelerator = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
     return world_size > 1 and not has_accelerator
 
