@@ -17,19 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).parent
-
-
-def resident_kib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 1024
+from speed import FREED_MEMORY_VISIBLE, resident_mib
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -51,7 +44,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         targets = torch.randint(0, 10, (args.batch_size,), generator=generator)
         wrapper.step(inputs, targets)
         if update >= args.warmup and (update - args.warmup) % args.every == 0:
-            samples.append((update - args.warmup, resident_kib()))
+            samples.append((update - args.warmup, 1024 * resident_mib()))  # KiB
     seconds = time.perf_counter() - started
     xs, ys = [x for x, _ in samples], [y for _, y in samples]
     slope = statistics.linear_regression(xs, ys).slope * 1000  # KiB per 1,000 updates
@@ -77,7 +70,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.child:  # the allocator setting must be in place before the process starts
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        env = {**os.environ, **FREED_MEMORY_VISIBLE}
         sys.exit(subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child"], env=env).returncode)
     import torch
 

@@ -64,6 +64,10 @@ CONFIGS = (
 )
 
 
+#: glibc serves blocks of 64 KiB and more straight from mmap, so freed tensors leave the resident set.
+FREED_MEMORY_VISIBLE = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def resident_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
@@ -288,7 +292,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(name: str, args: argparse.Namespace, measure: str = "time") -> dict[str, float]:
     command = [sys.executable, __file__, *command_options(args), "--child", name, "--measure", measure]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else dict(os.environ)
+    env = {**os.environ, **FREED_MEMORY_VISIBLE} if measure == "memory" else dict(os.environ)
     output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(output.strip().splitlines()[-1])
 

@@ -59,17 +59,19 @@ class EpochProgress:
 
     def update(self, stats: dict[str, float], batch_images: int) -> None:
         self._images += batch_images
-        text = (
-            f"loss {stats['loss']:.3f} ce {stats['ce_loss']:.3f} meta {stats['meta_loss']:.4f} "
-            f"w {stats['meta_weight']:.2f} {self.throughput:.0f} img/s"
-        )
         if self._plain is not None:
             self._plain["done"] += 1
             done, total = self._plain["done"], self._plain["total"]
             if done % self.log_interval == 0 or done == total:
-                self.console.print(self._plain_line(text), highlight=False, soft_wrap=True)
+                self.console.print(self._plain_line(self._stats_text(stats)), highlight=False, soft_wrap=True)
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, stats=text)
+            self._progress.update(self._task, advance=1, stats=self._stats_text(stats))
+
+    def _stats_text(self, stats: dict[str, float]) -> str:
+        return (
+            f"loss {stats['loss']:.3f} ce {stats['ce_loss']:.3f} meta {stats['meta_loss']:.4f} "
+            f"w {stats['meta_weight']:.2f} {self.throughput:.0f} img/s"
+        )
 
     def _plain_line(self, stats: str) -> str:
         plain = self._plain
