@@ -2,8 +2,12 @@
 
 Layout of ``<output-dir>``::
 
-    last/   every epoch      student.safetensors, mentor.safetensors + Accelerate's state
+    last/   the newest state student.safetensors, mentor.safetensors, position.json
+                             + Accelerate's state; written after every epoch, every
+                             --checkpoint-every updates and when a signal stops the run
     best/   best epoch       the same
+    checkpoints/update_<n>/  with --keep-checkpoints K > 1: the K - 1 checkpoints ``last/``
+                             held before, named by their update count
     metrics.jsonl            one JSON object per epoch
     pred_probs.npz           with --export-pred-probs: the best mentor's training-set
                              probabilities (labels, pred_probs, index) for cleanlab
@@ -16,6 +20,8 @@ on also ``cleaning.json`` (the cleaning report) and ``pred_probs.npz`` (what it 
 ``accelerator.save_state`` keeps optimizer, scheduler, GradScaler, RNG and the wrapper's
 state, so ``--resume`` continues exactly. A directory is written under a temporary name,
 fsynced, and then renamed, so an interrupted save leaves the previous checkpoint intact.
+``position.json`` says where in the run a checkpoint was taken (epochs done, batches of the
+next epoch done, updates, and why it was written).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .names import MENTOR_FILE, STUDENT_FILE
+from .names import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
 
 def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
@@ -47,11 +54,21 @@ def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
     save_file(tensors, os.fspath(path), metadata={"format": "pt"})
 
 
-def save_checkpoint(accelerator: Any, directory: Path, student: nn.Module, mentor: nn.Module) -> None:
+def save_checkpoint(
+    accelerator: Any,
+    directory: Path,
+    student: nn.Module,
+    mentor: nn.Module,
+    position: dict[str, Any] | None = None,
+    keep: int = 1,
+) -> None:
     """Accelerate's full state plus plain student / mentor weights in ``directory`` (replaced whole).
 
-    A write that fails (a full disk, a lost mount) raises an OSError saying so; the checkpoint
-    ``directory`` held before is left as it was and the partial copy is removed.
+    ``position`` (epochs, batches, updates, reason) goes to ``position.json``. With ``keep`` > 1
+    the checkpoint ``directory`` held before moves to ``checkpoints/update_<n>/`` beside it,
+    and only the ``keep - 1`` newest of those stay. A write that fails (a full disk, a lost
+    mount) raises an OSError saying so; the checkpoint ``directory`` held before is left as it
+    was and the partial copy is removed.
     """
     staging = directory.with_name(directory.name + ".tmp")
     if accelerator.is_main_process and staging.exists():
@@ -62,21 +79,23 @@ def save_checkpoint(accelerator: Any, directory: Path, student: nn.Module, mento
         if accelerator.is_main_process:
             save_weights(student, staging / STUDENT_FILE)
             save_weights(mentor, staging / MENTOR_FILE)
+            if position is not None:
+                (staging / POSITION_FILE).write_text(json.dumps(position) + "\n")
             _fsync_tree(staging)  # on disk before it replaces anything
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         kept = "the previous checkpoint there is intact" if directory.exists() else "no earlier checkpoint there"
         raise OSError(error.errno, f"writing the checkpoint {directory} failed ({error}); {kept}") from error
     if accelerator.is_main_process:
-        _swap_in(staging, directory)
+        _swap_in(staging, directory, keep)
     accelerator.wait_for_everyone()
 
 
-def _swap_in(staging: Path, directory: Path) -> None:
+def _swap_in(staging: Path, directory: Path, keep: int = 1) -> None:
     """Replace ``directory`` by ``staging``: at every moment one complete checkpoint exists.
 
     ``directory`` first becomes ``<name>.old`` (which `find_checkpoint` falls back to), then
-    ``staging`` takes its name, then the old copy is removed.
+    ``staging`` takes its name, then the old copy is removed (or kept, see `_retire`).
     """
     previous = directory.with_name(directory.name + ".old")
     if directory.exists():
@@ -86,7 +105,33 @@ def _swap_in(staging: Path, directory: Path) -> None:
     staging.rename(directory)
     _fsync_directory(directory.parent)
     if previous.exists():
-        shutil.rmtree(previous)
+        _retire(previous, keep) if keep > 1 else shutil.rmtree(previous)
+
+
+def _retire(previous: Path, keep: int) -> None:
+    """Move a replaced checkpoint to ``checkpoints/update_<n>/``; keep the ``keep - 1`` newest there."""
+    history = previous.parent / HISTORY_DIR
+    history.mkdir(exist_ok=True)
+    updates = read_position(previous).get("updates")
+    target = history / f"update_{updates if updates is not None else 0}"
+    if target.exists():  # from a run that went further before it was resumed from an earlier checkpoint
+        shutil.rmtree(target)
+    previous.rename(target)
+    kept = sorted(history.glob("update_*"), key=_update_count)
+    for stale in kept[: max(len(kept) - (keep - 1), 0)]:
+        shutil.rmtree(stale)
+    _fsync_directory(history)
+
+
+def _update_count(directory: Path) -> int:
+    suffix = directory.name.removeprefix("update_")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def read_position(directory: Path) -> dict[str, Any]:
+    """The ``position.json`` of a checkpoint (empty for checkpoints written before it existed)."""
+    path = directory / POSITION_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -241,18 +286,45 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-class RunState:
-    """Epoch counter and best score, checkpointed with ``accelerator.register_for_checkpointing``."""
+@dataclass
+class SkipCounter:
+    """Consecutive updates skipped for a non-finite loss or gradient; ``limit`` 0 never stops."""
 
-    def __init__(self) -> None:
+    limit: int
+    consecutive: int = 0
+
+
+class RunState:
+    """Where the run is, checkpointed with ``accelerator.register_for_checkpointing``.
+
+    ``epoch`` counts the epochs done, ``batch`` the batches of the next epoch done (0 at an
+    epoch's end), ``totals`` that epoch's running sums of the training statistics so far and
+    ``skips`` the non-finite updates in a row: with them a checkpoint taken mid-epoch resumes
+    at the next batch with the epoch's figures as if never interrupted.
+    """
+
+    def __init__(self, max_consecutive_skips: int = 0) -> None:
         self.epoch = 0
+        self.batch = 0
+        self.totals: dict[str, float] = {}
+        self.skips = SkipCounter(max_consecutive_skips)
         self.best_score = float("-inf")
         self.best_epoch = -1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "totals": dict(self.totals),
+            "consecutive_skips": self.skips.consecutive,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
+        self.batch = int(state.get("batch", 0))  # checkpoints of earlier versions: epoch ends only
+        self.totals = {key: float(value) for key, value in state.get("totals", {}).items()}
+        self.skips.consecutive = int(state.get("consecutive_skips", 0))
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])

@@ -259,6 +259,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run already in --output-dir (its checkpoints, metrics)"
     )
     output.add_argument(
+        "--checkpoint-every",
+        type=non_negative_int,
+        default=0,
+        metavar="UPDATES",
+        help="also write last/ every this many updates, mid-epoch (--resume continues from the next batch); "
+        "0: at epoch ends only",
+    )
+    output.add_argument(
+        "--keep-checkpoints",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="keep the K newest checkpoints: last/ and the K - 1 it replaced, in checkpoints/update_<n>/",
+    )
+    output.add_argument(
         "--log-interval",
         type=positive_int,
         default=50,
@@ -364,7 +379,8 @@ def run_command(argv: list[str] | None = None) -> None:
 
     ``--help`` and flag errors answer before torch, timm or datasets are imported. Errors in the
     input found later (data, checkpoints) are reported the same way; ``--debug`` shows their
-    traceback. Anything else is a bug and keeps its traceback.
+    traceback. A run stopped by SIGTERM / SIGINT after its checkpoint says how to resume and
+    exits with status 75 (`EXIT_STOPPED`). Anything else is a bug and keeps its traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -374,10 +390,13 @@ def run_command(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     from .checkpoint import CheckpointError
     from .distributed import is_lost_rank, lost_rank_message
+    from .preemption import EXIT_STOPPED, RunStopped
     from .trainer import run
 
     try:
         run(args)
+    except RunStopped as stopped:
+        parser.exit(EXIT_STOPPED, f"{parser.prog}: {stopped}\n")
     except (ValueError, CheckpointError, OSError) as error:
         if args.debug:
             raise

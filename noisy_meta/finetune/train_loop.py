@@ -10,7 +10,6 @@ cleanlab export), through `noisy_meta.cleaning.iter_probabilities`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,24 +22,17 @@ from ..cleaning import iter_probabilities
 from ..noise import OUTSIDE
 from ..noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import save_checkpoint
+from .checkpoint import RunState, save_checkpoint
 from .data import CLEAN_COLUMN, attach_transform, collate
 from .models import transforms
 from .progress import EpochProgress
+from .run_checkpoints import RunCheckpoints
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 #: The running means `train_one_epoch` reports.
 TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
-
-
-@dataclass
-class SkipCounter:
-    """Consecutive updates skipped for a non-finite loss or gradient; ``limit`` 0 never stops."""
-
-    limit: int
-    consecutive: int = 0
 
 
 def train_one_epoch(
@@ -50,28 +42,38 @@ def train_one_epoch(
     accelerator: Accelerator,
     scheduler: Any | None,
     progress: EpochProgress,
-    skips: SkipCounter,
-    output_dir: Path,
+    state: RunState,
+    checkpoints: RunCheckpoints,
 ) -> dict[str, float]:
-    """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight."""
+    """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight.
+
+    A run resumed mid-epoch (``state.batch`` > 0) skips the batches done without loading them
+    and carries on with the epoch's running sums from the checkpoint.
+    """
     wrapper.module.train()
-    totals = dict.fromkeys(TRAIN_STATS, 0.0)
+    done = state.batch
+    state.totals = dict(state.totals) if done else dict.fromkeys(TRAIN_STATS, 0.0)
+    batches = accelerator.skip_first_batches(loader, done) if done else loader
     stats: dict[str, float] = {}
-    for batch in loader:
+    for position, batch in enumerate(batches, done + 1):
         with accelerator.accumulate(wrapper.model):
             stats = wrapper.step(batch["pixel_values"], batch["label"])
+        for key in TRAIN_STATS:
+            state.totals[key] += stats[key]
+        state.batch = position
         if accelerator.sync_gradients:  # every rank sees the same skip decision
             if scheduler is not None:
                 scheduler.step_update(num_updates=wrapper.num_updates)
+            skips = state.skips
             skips.consecutive = skips.consecutive + 1 if stats["skipped"] else 0
             if skips.limit and skips.consecutive >= skips.limit:
                 progress.stop()
-                stop_after_skips(accelerator, wrapper, output_dir, skips.consecutive, epoch)
-        for key in totals:
-            totals[key] += stats[key]
+                stop_after_skips(accelerator, wrapper, checkpoints.output_dir, skips.consecutive, epoch)
+            checkpoints.after_update(last_batch=position == len(loader))
         progress.update(stats, batch["label"].shape[0] * accelerator.num_processes)
     progress.stop()
-    return {**{key: value / len(loader) for key, value in totals.items()}, "meta_weight": stats["meta_weight"]}
+    means = {key: value / len(loader) for key, value in state.totals.items()}
+    return {**means, "meta_weight": stats["meta_weight"]}
 
 
 @torch.no_grad()
@@ -143,15 +145,15 @@ def stop_after_skips(
     """Save the last good state in ``<output-dir>/stopped/`` and stop the run.
 
     Skipped updates leave parameters, optimizer state and mentor untouched, so the state now
-    is the one after the last good update. ``last/`` keeps the previous epoch's checkpoint,
-    from which ``--resume`` continues exactly.
+    is the one after the last good update. ``last/`` keeps the checkpoint before it (the
+    previous epoch's, or a ``--checkpoint-every`` one), from which ``--resume`` continues exactly.
     """
     stopped = output_dir / "stopped"
     save_checkpoint(accelerator, stopped, wrapper.module, wrapper.mentor)
     raise NonFiniteTrainingError(
         f"{skips} consecutive updates were skipped because the loss or a gradient was not finite "
         f"(epoch {epoch + 1}, after {wrapper.num_updates} good updates; {wrapper.num_skipped} skipped in all). "
-        f"The last good weights are in {stopped}/ and {output_dir / 'last'}/ holds the end of the previous epoch. "
+        f"The last good weights are in {stopped}/ and {output_dir / 'last'}/ holds the checkpoint before them. "
         "Lower --lr or --inner-lr, add --clip-grad, look for non-finite inputs, or use bf16 rather than fp16; "
         "--max-consecutive-skips sets the limit (0: never stop)."
     )

@@ -31,7 +31,7 @@ from ..cleaning import save_cleanlab_inputs
 from ..noise import OPEN_SET
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint
 from .cli import build_parser, cleaning_config, resolve_meta_config, validate_args
 from .data import (
     EMBEDDED,
@@ -48,8 +48,11 @@ from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
 from .names import BAD_IMAGES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
+from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
-from .train_loop import TRAIN_STATS, SkipCounter, epoch_line, predict_train_set, train_one_epoch, validate
+from .run_checkpoints import RunCheckpoints
+from .seeded_augmentation import SeededAugmentation
+from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
 __all__ = ["main", "run"]
 
@@ -191,6 +194,7 @@ class Training:
     train_loader: DataLoader
     eval_loaders: dict[str, DataLoader]
     scheduler: Any | None
+    augmentation: SeededAugmentation
 
 
 def _train_run(
@@ -212,7 +216,7 @@ def _train_run(
         output_dir.mkdir(parents=True, exist_ok=True)
     training = _prepare(args, accelerator, console, splits, train_set, mentor)
     wrapper = training.wrapper
-    state = RunState()
+    state = RunState(args.max_consecutive_skips)
     accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
     if args.resume is not None if resume is None else resume:
         _resume(args, accelerator, console, wrapper, state, output_dir)
@@ -222,28 +226,32 @@ def _train_run(
     accelerator.wait_for_everyone()
 
     progress = EpochProgress(console, enabled=accelerator.is_main_process, log_interval=args.log_interval)
-    skips = SkipCounter(args.max_consecutive_skips)
     record: dict[str, Any] = {}
-    for epoch in range(state.epoch, args.epochs):
-        training.train_loader.set_epoch(epoch)
-        started = time.perf_counter()
-        progress.start(epoch, args.epochs, len(training.train_loader))
-        train_stats = train_one_epoch(
-            epoch, wrapper, training.train_loader, accelerator, training.scheduler, progress, skips, output_dir
+    with StopSignals() as signals:
+        checkpoints = RunCheckpoints(
+            accelerator, wrapper, state, output_dir, args.checkpoint_every, args.keep_checkpoints, signals
         )
-        if training.scheduler is not None:
-            training.scheduler.step(epoch + 1)
-        accuracy = {name: validate(accelerator, wrapper, loader) for name, loader in training.eval_loaders.items()}
-        record = {
-            "epoch": epoch + 1,  # epochs done, as the table and the progress count them
-            "train_samples": len(train_set),
-            **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
-            **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
-        }
-        console.print(epoch_line(record))
-        if accelerator.is_main_process:  # before the checkpoint: a resume drops records it has not reached
-            log.append(record)
-        _save_epoch(accelerator, wrapper, state, record, output_dir)
+        for epoch in range(state.epoch, args.epochs):
+            training.train_loader.set_epoch(epoch)
+            training.augmentation.epoch = epoch
+            started = time.perf_counter()
+            progress.start(epoch, args.epochs, len(training.train_loader), done=state.batch)
+            train_stats = train_one_epoch(
+                epoch, wrapper, training.train_loader, accelerator, training.scheduler, progress, state, checkpoints
+            )
+            if training.scheduler is not None:
+                training.scheduler.step(epoch + 1)
+            accuracy = {name: validate(accelerator, wrapper, loader) for name, loader in training.eval_loaders.items()}
+            record = {
+                "epoch": epoch + 1,  # epochs done, as the table and the progress count them
+                "train_samples": len(train_set),
+                **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
+                **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
+            }
+            console.print(epoch_line(record))
+            if accelerator.is_main_process:  # before the checkpoint: a resume drops records it has not reached
+                log.append(record)
+            checkpoints.after_epoch(record)
 
     if accelerator.is_main_process:
         records = log.read()
@@ -278,13 +286,18 @@ def _prepare(
     """Model, loaders, optimizer and schedule prepared by Accelerate, and the MLNT wrapper around them."""
     model = create_model(args, splits.num_classes)
     train_transform, eval_transform = transforms(args, model)
+    augmentation = SeededAugmentation(train_transform, args.seed)
     train_loader = DataLoader(
-        attach_transform(train_set, train_transform),
+        attach_transform(train_set, augmentation),
         batch_size=args.batch_size,
         shuffle=True,
         drop_last=True,
         collate_fn=collate,
         num_workers=args.workers,
+        # The order comes from --seed and the epoch (Accelerate's seedable sampler), the crops from
+        # `augmentation`; a generator of its own keeps the loader's draw of a worker seed off the
+        # global RNG, which a run resumed mid-epoch restores exactly.
+        generator=torch.Generator(),
     )
     eval_loaders = {
         name: DataLoader(
@@ -333,7 +346,7 @@ def _prepare(
         )
     if args.no_meta:
         console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
-    return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler)
+    return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler, augmentation)
 
 
 def _resume(
@@ -352,17 +365,5 @@ def _resume(
     except Exception as error:
         raise CheckpointError(f"--resume: could not restore {resume_dir}: {error}") from error
     check_ranks_agree(accelerator, wrapper.module, wrapper.mentor)
-    console.print(f"resumed from {resume_dir} after epoch {state.epoch}")
-
-
-def _save_epoch(
-    accelerator: Accelerator, wrapper: MetaNoiseWrapper, state: RunState, record: dict[str, Any], output_dir: Path
-) -> None:
-    """``last/`` after every epoch, ``best/`` when the validation score (student or mentor) improved."""
-    epoch = record["epoch"]  # 1-based: the number of epochs done
-    score = max(record["val_student"], record["val_mentor"])
-    state.epoch = epoch
-    if score > state.best_score:
-        state.best_score, state.best_epoch = score, epoch
-        save_checkpoint(accelerator, output_dir / "best", wrapper.module, wrapper.mentor)
-    save_checkpoint(accelerator, output_dir / "last", wrapper.module, wrapper.mentor)
+    where = f"epoch {state.epoch + 1}, batch {state.batch + 1}" if state.batch else f"the end of epoch {state.epoch}"
+    console.print(f"resumed from {resume_dir} at {where} (after update {wrapper.num_updates})")
