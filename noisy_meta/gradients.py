@@ -112,6 +112,8 @@ class GradientUpdate:
         if ok and runtime.scaler is None:  # a GradScaler checks the gradients itself
             checks = [p.grad.isfinite().all() for p in self.params if p.grad is not None]
             ok = not checks or bool(torch.stack(checks).all())
+        if not ok:  # fp16: an overflow in the inner step shows as a non-finite meta loss
+            runtime.back_off()
         applied = ok and runtime.optimizer_step()
         self.zero()
         self.accumulating = False

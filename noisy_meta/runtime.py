@@ -158,6 +158,17 @@ class TrainingRuntime:
             self.scaler.update()
         return not self.scaler.get_scale() < before
 
+    def back_off(self) -> None:
+        """An update skipped before the optimizer step (a non-finite loss): lower the GradScaler's scale.
+
+        The scaler lowers its scale when it finds inf/NaN *gradients*; an inner fast-weight
+        gradient that overflowed at this scale makes the meta *loss* non-finite instead, and
+        the update is skipped before the scaler sees it. Without this the scale would stay
+        where it overflowed and every later update would be skipped too. No-op without fp16.
+        """
+        if self.scaler is not None:
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+
     @torch.no_grad()
     def sync_buffers(self, module: nn.Module, mode: str) -> None:
         """Make floating-point buffers (BatchNorm statistics) equal on all ranks.

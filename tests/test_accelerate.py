@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -101,6 +102,42 @@ def test_an_overflowing_fp16_step_is_skipped_and_lowers_the_scale():
     assert_states_equal(state(model), before)  # parameters and BatchNorm buffers
     assert_states_equal(state(wrapper.mentor), mentor_before)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_an_fp16_run_skips_the_updates_that_overflow_lowers_the_scale_and_carries_on(first_order):
+    """CPU autocast in float16 with a GradScaler that starts too high.
+
+    At a large scale the scaled inner gradient overflows and the meta loss comes out NaN (and
+    in second order the double backward, which carries the scale twice, overflows too): each
+    such update is skipped with student and mentor untouched, counted, and lowers the scale,
+    until the scale fits and training carries on. Before, a NaN meta loss skipped the update
+    without lowering the scale, so every later update was skipped as well.
+    """
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    start = 2.0**18
+    scaler = torch.amp.GradScaler("cpu", init_scale=start, growth_interval=1000)
+    wrapper = MetaNoiseWrapper(model, sgd(model), scaler=scaler, **settings(first_order=first_order))
+    skipped, seen = [], set()
+    handle = model.conv1.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    for seed in range(14):
+        before, mentor_before, scale = state(model), state(wrapper.mentor), scaler.get_scale()
+        with torch.autocast("cpu", dtype=torch.float16):
+            stats = wrapper.step(*image_batch(seed, size=32))
+        skipped.append(bool(stats["skipped"]))
+        if skipped[-1]:
+            assert_states_equal(state(model), before)
+            assert_states_equal(state(wrapper.mentor), mentor_before)
+            assert scaler.get_scale() == scale / 2
+        else:
+            assert stats["meta_weight"] > 0 and all(map(math.isfinite, stats.values()))
+    handle.remove()
+    assert seen == {torch.float16}
+    assert skipped[0] and wrapper.num_skipped == sum(skipped) and wrapper.num_updates == len(skipped) - sum(skipped)
+    assert not any(skipped[-3:]), skipped  # it carries on once the scale fits
+    assert scaler.get_scale() < start
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -96,6 +97,25 @@ def test_a_stalled_rank_stops_the_run_after_the_rank_timeout(tiny_mnist, tmp_pat
     assert result.returncode != 0
     assert "rank 0 of 2: another rank stopped answering for --rank-timeout 5 s or went away" in output, output[-3000:]
     assert seconds < 180  # the stalled rank sleeps an hour
+
+
+def test_a_killed_rank_stops_the_other_within_the_rank_timeout(tiny_mnist, tmp_path):
+    """Rank 1 dies (SIGKILL) at the first validation: rank 0 stops too, well within --rank-timeout."""
+    flags = ["--dataset", str(tiny_mnist), "--model", "test_resnet", "--img-size", "32", "--batch-size", "32"]
+    flags += ["--epochs", "1", "--first-order", "--num-synthetic", "2", "--num-neighbors", "4", "--val-fraction", "0.2"]
+    flags += ["--rank-timeout", "60", "--output-dir", str(tmp_path / "run")]
+    command = launch_command(TESTS / "ddp_stall_worker.py", *flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_FAULT": "kill"}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    seconds = time.monotonic() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    # The launcher names the rank that died; rank 0 either gives up on the closed connection with
+    # our one line (naming the checkpoint to resume from) or is ended by the launcher first.
+    root_cause = output.rpartition("Root Cause")[2]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", root_cause), output[-3000:]
+    assert seconds < 60, seconds  # within --rank-timeout: nobody waited for it
 
 
 def test_ranks_holding_different_weights_are_detected():

@@ -6,11 +6,8 @@ import dataclasses
 import errno
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -296,37 +293,6 @@ def test_no_meta_is_the_cross_entropy_baseline(tiny_mnist, tmp_path):
     output = tmp_path / "baseline"
     run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--no-meta")
     assert all(r["meta_weight"] == 0.0 and r["train_meta_loss"] == 0.0 for r in metrics(output))
-
-
-def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_mnist, tmp_path):
-    flags = ["--dataset", str(tiny_mnist), *FAST, "--epochs", "3", "--seed", "3"]
-    reference = tmp_path / "reference"
-    run_example(*flags, "--output-dir", str(reference))
-
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), *flags, "--output-dir", str(interrupted)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (interrupted / "last" / "student.safetensors").exists() and process.poll() is None:
-        assert time.time() < deadline, "the run wrote no checkpoint"
-        time.sleep(0.05)
-    delay = random.uniform(0.0, 0.5)  # a different step of epoch 2 each time (an epoch takes seconds)
-    time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(metrics(interrupted)) < 3, f"killed too late to test anything (after {delay:.2f} s)"
-    run_example(*flags, "--output-dir", str(interrupted), "--resume")
-
-    assert without_timings(metrics(interrupted)) == without_timings(metrics(reference))
-    for name in ("student.safetensors", "mentor.safetensors"):
-        resumed, uninterrupted = load_file(str(interrupted / "last" / name)), load_file(str(reference / "last" / name))
-        for key, value in uninterrupted.items():
-            assert torch.equal(resumed[key], value), (name, key)
-    optimizer = [torch.load(run / "last" / "optimizer.bin", weights_only=False) for run in (interrupted, reference)]
-    assert all(torch.equal(a, b) for a, b in zip(flat_tensors(optimizer[0]), flat_tensors(optimizer[1]), strict=True))
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
@@ -738,15 +704,6 @@ def test_undecodable_images_are_found_before_instance_noise_decodes_them(
                 "0.4",
             ]
         )
-
-
-def test_two_process_resume_continues_with_ranks_in_agreement(tiny_mnist, tmp_path):
-    """After `--resume` every rank's weights are compared (`check_ranks_agree`); the run goes on."""
-    output = tmp_path / "ddp-resume"
-    flags = ["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST]
-    launch(EXAMPLE, *flags, "--epochs", "1")
-    result = launch(EXAMPLE, *flags, "--epochs", "2", "--resume")
-    assert "resumed from" in result.stdout and [r["epoch"] for r in metrics(output)] == [1, 2]
 
 
 def test_an_empty_class_is_reported_before_training(tiny_mnist, tmp_path):
