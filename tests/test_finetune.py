@@ -550,12 +550,12 @@ def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
         saves.append(path)
         real_save_weights(module, path)
 
-    def crashing_swap(staging, directory):
+    def crashing_swap(staging, directory, keep=1):
         saves.append(directory)
         if len(saves) == 4:  # a later epoch's swap: the old copy is set aside, then the process dies
             directory.rename(directory.with_name(directory.name + ".old"))
             raise KeyboardInterrupt("simulated kill between the renames")
-        real_swap(staging, directory)
+        real_swap(staging, directory, keep)
 
     if crash_point == "between the renames":
         monkeypatch.setattr(checkpoint, "_swap_in", crashing_swap)
