@@ -198,18 +198,11 @@ class TrainingRuntime:
 
     def shared_seed(self, seed: int | None, device: torch.device) -> int:
         """``seed``, or one drawn from PyTorch's global RNG; rank 0's on every rank."""
-        if seed is None:
-            seed = int(torch.randint(2**62, (1,)).item())
-        if self.process_group is not None:
-            value = torch.tensor([seed], dtype=torch.int64, device=device)
-            self.broadcast_from_first_rank(value)
-            seed = int(value.item())
-        return seed
+        return shared_seed(seed, device, self.process_group)
 
     def broadcast_from_first_rank(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` in place with the first rank's copy."""
-        source = dist.get_process_group_ranks(self.process_group)[0]
-        dist.broadcast(tensor, src=source, group=self.process_group)
+        broadcast_from_first_rank(tensor, self.process_group)
 
     @staticmethod
     def _flat_collective(tensors: list[torch.Tensor], collective) -> list[torch.Tensor]:
@@ -224,3 +217,25 @@ class TrainingRuntime:
             for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices])):
                 results[i] = chunk.view_as(tensors[i])
         return results
+
+
+def shared_seed(seed: int | None, device: torch.device, group: Any | None) -> int:
+    """``seed``, or one drawn from PyTorch's global RNG; the first rank's of ``group`` (None: this process's)."""
+    if seed is None:
+        seed = int(torch.randint(2**62, (1,)).item())
+    if group is not None:
+        value = torch.tensor([seed], dtype=torch.int64, device=device)
+        broadcast_from_first_rank(value, group)
+        seed = int(value.item())
+    return seed
+
+
+def broadcast_from_first_rank(tensor: torch.Tensor, group: Any) -> None:
+    """Overwrite ``tensor`` in place with the copy of ``group``'s first rank."""
+    dist.broadcast(tensor, src=dist.get_process_group_ranks(group)[0], group=group)
+
+
+def world_group() -> Any | None:
+    """The default process group when several processes run, else None."""
+    running = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.group.WORLD if running else None

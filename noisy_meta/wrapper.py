@@ -25,14 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_batch, check_outputs
-from .compat import make_twice_differentiable, second_order_context, unwrap_model
-from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
-from .fast_scope import SharedTrunk, make_scope
-from .fast_weights import select_fast_params
+from .compat import second_order_context
+from .config import MetaNoiseConfig
+from .fast_scope import SharedTrunk
 from .gradients import GradientUpdate
-from .mentor import Mentor
-from .meta_objective import MetaObjective
+from .meta_parts import MetaParts, has_library_schedule, resolve_config
 from .runtime import TrainingRuntime
 from .update_rules import UPDATE_RULES, Stages
 
@@ -115,17 +112,12 @@ class MetaNoiseWrapper:
         total_updates: int | None = None,
         **overrides: Any,
     ) -> None:
-        config = MetaNoiseConfig() if config is None else config
-        if not isinstance(config, MetaNoiseConfig):
-            raise TypeError(f"config must be a MetaNoiseConfig, got {type(config).__name__}")
-        if total_updates is not None:
-            overrides = {**_schedule_for(config, total_updates), **overrides}
+        self.config = config = resolve_config(config, total_updates, overrides)
+        self._short_run_unknown = total_updates is None and has_library_schedule(config)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.config = config = config.with_overrides(**overrides) if overrides else config
-        self._short_run_unknown = total_updates is None and _has_library_schedule(config)
         self.runtime = TrainingRuntime(model, optimizer, accelerator, scaler)
         if config.update_rule == "sequential" and self.runtime.accumulation_steps > 1:
             raise ValueError(
@@ -133,20 +125,10 @@ class MetaNoiseWrapper:
                 "gradients over batches; use update_rule='joint' with gradient accumulation"
             )
         self.model, self.optimizer = model, optimizer
-        self.module = module = unwrap_model(model)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        self._num_classes = getattr(module, "num_classes", None)
-        fast_names = select_fast_params(module, config.fast_params)  # before anything changes the model
-        self._mentor = Mentor(module, config, mentor)
-        # After the mentor copy, so the mentor keeps the faster (fused) ops for its no-grad passes.
-        self.compat_changes: list[str] = [] if config.first_order else make_twice_differentiable(module)
-        self._meta = MetaObjective(
-            config, module, self._mentor, self.runtime.shared_seed(config.seed, params[0].device)
-        )
-        self._scope = make_scope(module, config, fast_names)
-        self._grads = GradientUpdate(params, self.runtime, config.clip_grad)
+        self._parts = parts = MetaParts.build(model, config, self.runtime.shared_seed, mentor)
+        self.module, self._mentor, self._meta, self._scope = parts.module, parts.mentor, parts.objective, parts.scope
+        self.compat_changes: list[str] = parts.compat_changes
+        self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad)
         self._stages = Stages(self._scope, self._meta, self._grads, self.forward_context, self._check_outputs)
         self._update_rule = UPDATE_RULES[config.update_rule]
         self.num_updates = 0
@@ -289,26 +271,12 @@ class MetaNoiseWrapper:
         self._meta.load_state_dict(state)
 
     def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return check_batch(inputs, targets, self.config, self._num_classes)
+        return self._parts.check_batch(inputs, targets, self.config)
 
     def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        check_outputs(outputs, targets, self._num_classes)
+        self._parts.check_outputs(outputs, targets)
 
 
 #: `update_mentor` warns once at this update when the meta step is still off under the
 #: library's long-run schedule and the wrapper was not told the run length.
 SHORT_RUN_WARNING_AFTER = 100
-
-
-def _schedule_for(config: MetaNoiseConfig, total_updates: int) -> dict[str, Any]:
-    """`run_length_schedule` for the schedule fields ``config`` leaves at the library defaults."""
-    schedule = run_length_schedule(total_updates)
-    return {name: value for name, value in schedule.items() if _at_library_default(config, name)}
-
-
-def _has_library_schedule(config: MetaNoiseConfig) -> bool:
-    return config.meta_weight > 0 and all(_at_library_default(config, name) for name in RUN_LENGTH_FIELDS)
-
-
-def _at_library_default(config: MetaNoiseConfig, name: str) -> bool:
-    return getattr(config, name) == MetaNoiseConfig.__dataclass_fields__[name].default

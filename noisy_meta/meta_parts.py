@@ -1,0 +1,90 @@
+"""What every way of running MLNT builds around a student: the config, the mentor, the meta objective.
+
+`MetaNoiseWrapper` (which also owns the optimizer step) and `noisy_meta.timm.MetaNoiseTask`
+(which leaves the backward and the step to timm's ``train.py``) build the same pieces in the
+same order with `MetaParts.build`, and resolve their configuration with `resolve_config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checks import check_batch, check_outputs
+from .compat import make_twice_differentiable, unwrap_model
+from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
+from .fast_scope import WholeModel, make_scope
+from .fast_weights import select_fast_params
+from .mentor import Mentor
+from .meta_objective import MetaObjective
+
+
+def resolve_config(
+    config: MetaNoiseConfig | None, total_updates: int | None, overrides: dict[str, Any]
+) -> MetaNoiseConfig:
+    """``config`` (default: the library's) with the run-length schedule for ``total_updates`` on the
+    schedule fields it leaves at the library defaults, then ``overrides``."""
+    config = MetaNoiseConfig() if config is None else config
+    if not isinstance(config, MetaNoiseConfig):
+        raise TypeError(f"config must be a MetaNoiseConfig, got {type(config).__name__}")
+    if total_updates is not None:
+        schedule = run_length_schedule(total_updates)
+        overrides = {**{k: v for k, v in schedule.items() if at_library_default(config, k)}, **overrides}
+    return config.with_overrides(**overrides) if overrides else config
+
+
+def has_library_schedule(config: MetaNoiseConfig) -> bool:
+    """Whether the meta step is on and every schedule field is the library's long-run default."""
+    return config.meta_weight > 0 and all(at_library_default(config, name) for name in RUN_LENGTH_FIELDS)
+
+
+def at_library_default(config: MetaNoiseConfig, name: str) -> bool:
+    return getattr(config, name) == MetaNoiseConfig.__dataclass_fields__[name].default
+
+
+@dataclass
+class MetaParts:
+    """The student (unwrapped), its mentor, the meta objective and the fast-weight scope."""
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    mentor: Mentor
+    objective: MetaObjective
+    scope: WholeModel
+    compat_changes: list[str]
+    num_classes: int | None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        config: MetaNoiseConfig,
+        shared_seed: Callable[[int | None, torch.device], int],
+        mentor: nn.Module | None = None,
+    ) -> MetaParts:
+        """Build the pieces for ``model`` (possibly DDP-wrapped or compiled).
+
+        ``shared_seed(seed, device)`` gives the synthetic labels' seed, the same on every rank.
+        The fast parameters are chosen before anything changes the model; the mentor is copied
+        before the student is made twice differentiable, so it keeps the faster fused ops.
+        """
+        module = unwrap_model(model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        fast_names = select_fast_params(module, config.fast_params)
+        teacher = Mentor(module, config, mentor)
+        changes = [] if config.first_order else make_twice_differentiable(module)
+        objective = MetaObjective(config, module, teacher, shared_seed(config.seed, params[0].device))
+        scope = make_scope(module, config, fast_names)
+        return cls(module, params, teacher, objective, scope, changes, getattr(module, "num_classes", None))
+
+    def check_batch(self, inputs: torch.Tensor, targets: torch.Tensor, config: MetaNoiseConfig) -> torch.Tensor:
+        return check_batch(inputs, targets, config, self.num_classes)
+
+    def check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        check_outputs(outputs, targets, self.num_classes)
