@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset
 from rich.console import Console
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -40,6 +40,7 @@ from .data import (
     collate,
     drop_bad_images,
     find_bad_images,
+    load_eval_splits,
     load_image_dataset,
     prepare_splits,
 )
@@ -52,6 +53,7 @@ from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
 from .run_checkpoints import RunCheckpoints
 from .seeded_augmentation import SeededAugmentation
+from .stream import StreamLoader, open_stream
 from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
 __all__ = ["main", "run"]
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _remove_previous_run(console, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    splits = _load_splits(args, console, accelerator.is_main_process)
+    splits = _load_splits(args, console, accelerator)
     if args.iterations == 1:
         record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
     else:
@@ -111,8 +113,11 @@ def _remove_previous_run(console: Console, output_dir: Path) -> None:
         console.print(f"--overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
 
 
-def _load_splits(args: argparse.Namespace, console: Console, main_process: bool) -> Splits:
+def _load_splits(args: argparse.Namespace, console: Console, accelerator: Accelerator) -> Splits:
+    main_process = accelerator.is_main_process
     noise, noise_rate = args.noise, args.noise_rate
+    if args.streaming:
+        return _load_stream_splits(args, console, accelerator)
     data = load_image_dataset(args.dataset)
     test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
     names = [s for s in (args.train_split, args.val_split, test_split) if s in data]
@@ -153,6 +158,54 @@ def _load_splits(args: argparse.Namespace, console: Console, main_process: bool)
     return splits
 
 
+def _load_stream_splits(args: argparse.Namespace, console: Console, accelerator: Accelerator) -> Splits:
+    """``--streaming``: this rank's training stream; validation and test loaded whole (they are small).
+
+    Labels are taken as given (the flag checks refused noise injection); the number of
+    classes comes from ``--num-classes``, or the stream's class-label feature.
+    """
+    stream, rows, shards = open_stream(
+        args.dataset, args.train_split, accelerator.process_index, accelerator.num_processes
+    )
+    for column in filter(None, (args.image_column, args.label_column, args.clean_label_column)):
+        if stream.features is not None and column not in stream.features:
+            raise ValueError(f"column {column!r} not in the training stream; it has {list(stream.features)}")
+    feature = stream.features[args.label_column] if stream.features is not None else None
+    num_classes = args.num_classes or getattr(feature, "num_classes", None)
+    if num_classes is None:
+        raise ValueError(
+            "--streaming: the label column is not a class label, and a stream cannot be scanned for its range: "
+            "pass --num-classes"
+        )
+    test_split = {"auto": None, "none": None}.get(args.test_split, args.test_split)
+    data = load_eval_splits(args.dataset, [s for s in (args.val_split, test_split) if s])
+    if test_split is None and args.test_split == "auto" and "test" in data:
+        test_split = "test"
+    data = _handle_bad_images(args, console, data, list(data), accelerator.is_main_process)
+    evaluation = prepare_splits(
+        data,
+        train_split=args.val_split,  # the evaluation splits' columns are resolved as a training split's would be
+        val_split=args.val_split,
+        test_split=test_split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        clean_label_column=args.clean_label_column,
+        num_classes=num_classes,
+        noise="none",
+        noise_rate=0.0,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    own = shards % accelerator.num_processes == 0
+    sharing = "each process its own" if own else "every process reads all, keeps every n-th image"
+    console.print(
+        f"train: a stream of {rows} images in {shards} shards ({sharing}), shuffle buffer {args.shuffle_buffer}; "
+        f"validation {len(evaluation.validation)}, test {len(evaluation.test) if evaluation.test is not None else 0}; "
+        f"{num_classes} classes"
+    )
+    return dataclasses.replace(evaluation, train=stream, train_rows=rows)
+
+
 def _handle_bad_images(
     args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str], main_process: bool
 ) -> DatasetDict:
@@ -191,7 +244,7 @@ class Training:
 
     wrapper: MetaNoiseWrapper
     optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
+    train_loader: DataLoader | StreamLoader
     eval_loaders: dict[str, DataLoader]
     scheduler: Any | None
     augmentation: SeededAugmentation
@@ -244,7 +297,7 @@ def _train_run(
             accuracy = {name: validate(accelerator, wrapper, loader) for name, loader in training.eval_loaders.items()}
             record = {
                 "epoch": epoch + 1,  # epochs done, as the table and the progress count them
-                "train_samples": len(train_set),
+                "train_samples": _train_size(training.train_loader, train_set),
                 **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
                 **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
             }
@@ -287,18 +340,7 @@ def _prepare(
     model = create_model(args, splits.num_classes)
     train_transform, eval_transform = transforms(args, model)
     augmentation = SeededAugmentation(train_transform, args.seed)
-    train_loader = DataLoader(
-        attach_transform(train_set, augmentation),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate,
-        num_workers=args.workers,
-        # The order comes from --seed and the epoch (Accelerate's seedable sampler), the crops from
-        # `augmentation`; a generator of its own keeps the loader's draw of a worker seed off the
-        # global RNG, which a run resumed mid-epoch restores exactly.
-        generator=torch.Generator(),
-    )
+    train_loader = _train_loader(args, accelerator, splits, train_set, augmentation)
     eval_loaders = {
         name: DataLoader(
             attach_transform(split, eval_transform),
@@ -310,13 +352,19 @@ def _prepare(
         if split is not None
     }
     if len(train_loader) == 0:
-        raise ValueError(f"the training split ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
+        raise ValueError(
+            f"the training split ({_train_size(train_loader, train_set)} samples) is smaller than one batch "
+            f"({args.batch_size}) per process"
+        )
     optimizer = create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
     )
-    model, optimizer, train_loader, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
+    if isinstance(train_loader, StreamLoader):  # each rank reads its own shards: not Accelerate's to split
+        model, optimizer, *loaders = accelerator.prepare(model, optimizer, *eval_loaders.values())
+    else:
+        model, optimizer, train_loader, *loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders.values()
+        )
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)  # the last window syncs early
     scheduler = None
     if args.sched != "none":
@@ -347,6 +395,45 @@ def _prepare(
     if args.no_meta:
         console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
     return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler, augmentation)
+
+
+def _train_loader(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    splits: Splits,
+    train_set: Dataset | IterableDataset,
+    augmentation: SeededAugmentation,
+) -> DataLoader | StreamLoader:
+    """The training batches: a shuffled `DataLoader`, or with ``--streaming`` this rank's `StreamLoader`."""
+    if isinstance(train_set, IterableDataset):
+        return StreamLoader(
+            train_set,
+            splits.train_rows,
+            augmentation,
+            args.batch_size,
+            args.seed,
+            args.shuffle_buffer,
+            accelerator,
+            args.image_column,
+            args.label_column,
+            args.clean_label_column,
+        )
+    return DataLoader(
+        attach_transform(train_set, augmentation),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.workers,
+        # The order comes from --seed and the epoch (Accelerate's seedable sampler), the crops from
+        # `augmentation`; a generator of its own keeps the loader's draw of a worker seed off the
+        # global RNG, which a run resumed mid-epoch restores exactly.
+        generator=torch.Generator(),
+    )
+
+
+def _train_size(loader: DataLoader | StreamLoader, train_set: Dataset | IterableDataset) -> int:
+    return loader.rows if isinstance(loader, StreamLoader) else len(train_set)
 
 
 def _resume(
