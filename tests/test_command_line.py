@@ -100,6 +100,9 @@ def test_help_names_the_program_and_shows_each_default_once(entry, prog):
         (["--num-synthetic", "-1"], "--num-synthetic must be an integer >= 0"),
         (["--mentor-decay", "1.5"], "--mentor-decay must be in [0, 1), got 1.5"),
         (["--clean-criterion", "given_label_prob", "--clean-threshold", "0"], "threshold must be a number in (0, 1]"),
+        (["--streaming"], "--streaming cannot be combined with --dataset mnist-5k, --noise symmetric: a stream is"),
+        (["--streaming", "--dataset", ".", "--workers", "2"], "--streaming cannot be combined with --workers 2"),
+        (["--streaming", "--dataset", "."], "--streaming needs --val-split"),
     ],
 )
 def test_a_bad_flag_is_one_line_with_status_2_before_anything_loads(flags, message, tmp_path):

@@ -173,6 +173,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "file then stops training when it is loaded)",
     )
     data.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="read the training split as a stream (local parquet files or a save_to_disk directory; each rank "
+        "its own shards; labels as given; needs --val-split)",
+    )
+    data.add_argument(
+        "--shuffle-buffer",
+        type=positive_int,
+        default=1000,
+        metavar="IMAGES",
+        help="with --streaming: images in the shuffle buffer",
+    )
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--opt", default="sgd", help="timm.optim.create_optimizer_v2 name")

@@ -69,33 +69,57 @@ def load_image_dataset(source: str) -> DatasetDict:
     if source == EMBEDDED:
         return embedded_mnist()
     if os.path.isdir(source):
-        if os.path.exists(os.path.join(source, "dataset_dict.json")) or os.path.exists(
-            os.path.join(source, "dataset_info.json")
-        ):
+        if is_saved_to_disk(source):
             loaded = load_from_disk(source)
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-        parquet = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
-        if parquet:
-            return _parquet(parquet, source)
-        return load_dataset("imagefolder", data_dir=source)
+        splits = parquet_files_by_split(source)
+        return load_dataset("parquet", data_files=splits) if splits else load_dataset("imagefolder", data_dir=source)
     if source.endswith(".parquet") or any(ch in source for ch in "*?["):
-        files = sorted(glob.glob(source))
-        if not files:
+        splits = parquet_files_by_split(source)
+        if not splits:
             raise FileNotFoundError(f"no parquet files match {source!r}")
-        return _parquet(files, source)
+        return load_dataset("parquet", data_files=splits)
     if os.path.exists(source):
         raise ValueError(f"{source!r} is a file but not a .parquet file; pass a directory, parquet files or a hub id")
     return load_dataset(source)
 
 
-def _parquet(files: list[str], root: str) -> DatasetDict:
-    """Parquet files; a file whose name (or directory) names a split goes to that split."""
+def is_saved_to_disk(path: str) -> bool:
+    """Whether ``path`` is a directory written by ``save_to_disk``."""
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("dataset_dict.json", "dataset_info.json")
+    )
+
+
+def load_eval_splits(source: str, names: list[str]) -> DatasetDict:
+    """The splits ``names`` of ``source`` (parquet files or a save_to_disk directory) and a ``test`` split
+    if it has one, leaving its training split unread (``--streaming`` reads that as a stream)."""
+    if is_saved_to_disk(source):
+        loaded = load_from_disk(source)  # memory-mapped: nothing is read until used
+        return DatasetDict({name: loaded[name] for name in loaded if name in names or name == "test"})
+    files = parquet_files_by_split(source)
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise ValueError(f"no {missing[0]!r} split in {source}; it has {sorted(files)}")
+    return load_dataset("parquet", data_files={name: files[name] for name in files if name in names or name == "test"})
+
+
+def parquet_files_by_split(source: str) -> dict[str, list[str]]:
+    """The parquet files of ``source`` (a directory, a file or a glob) by split; empty if none.
+
+    A file whose name (or directory, below ``source``) names a split goes to that split
+    (``train``, ``validation``, ``val``, ``test``), any other to ``train``.
+    """
+    if os.path.isdir(source):
+        files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
+    else:
+        files = sorted(glob.glob(source))
     splits: dict[str, list[str]] = {}
     for path in files:
-        relative = os.path.relpath(path, root) if os.path.isdir(root) else os.path.basename(path)
+        relative = os.path.relpath(path, source) if os.path.isdir(source) else os.path.basename(path)
         split = next((s for s in ("train", "validation", "val", "test") if s in relative.lower()), "train")
         splits.setdefault(split, []).append(path)
-    return load_dataset("parquet", data_files=splits)
+    return splits
 
 
 @dataclass
@@ -109,6 +133,8 @@ class Splits:
     class_names: list[str] | None
     validation_is_clean: bool
     noise: NoisyLabels | OpenSetNoise | None
+    #: With ``--streaming``: ``train`` is this rank's stream and this the images in the whole split.
+    train_rows: int | None = None
 
 
 def prepare_splits(

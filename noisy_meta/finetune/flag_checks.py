@@ -75,6 +75,7 @@ def open_fraction(text: str) -> float:
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse conflicting flags, missing paths and an output directory holding a run (ValueError)."""
     _check_combinations(args)
+    _check_streaming(args)
     _check_paths(args)
     _check_output_dir(args)
 
@@ -95,6 +96,30 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ValueError("--overwrite starts afresh and --resume continues: give one")
     if args.iterations > 1 and args.resume:
         raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
+
+
+def _check_streaming(args: argparse.Namespace) -> None:
+    """``--streaming`` reads the training split once per epoch, in order: refuse what needs it whole."""
+    if not args.streaming:
+        return
+    needs_whole = {
+        f"--dataset {EMBEDDED}": args.dataset == EMBEDDED,
+        f"--noise {args.noise}": args.noise != "none",
+        f"--iterations {args.iterations}": args.iterations > 1,
+        "--export-pred-probs": args.export_pred_probs,
+        "--bad-images skip": args.bad_images == "skip",
+        f"--grad-accum-steps {args.grad_accum_steps}": args.grad_accum_steps > 1,
+        f"--workers {args.workers}": args.workers > 0,
+    }
+    refused = [flag for flag, given in needs_whole.items() if given]
+    if refused:
+        raise ValueError(
+            f"--streaming cannot be combined with {', '.join(refused)}: a stream is read once per epoch, in order, in "
+            "the main process (labels as given, no cleaning, no scan of the training images, whole accumulation "
+            "windows); load the data set whole instead, or leave those out"
+        )
+    if args.val_split is None:
+        raise ValueError("--streaming needs --val-split: a validation split cannot be carved out of a stream")
 
 
 def _check_paths(args: argparse.Namespace) -> None:

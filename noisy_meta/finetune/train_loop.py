@@ -27,6 +27,7 @@ from .data import CLEAN_COLUMN, attach_transform, collate
 from .models import transforms
 from .progress import EpochProgress
 from .run_checkpoints import RunCheckpoints
+from .stream import StreamLoader
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -38,7 +39,7 @@ TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
 def train_one_epoch(
     epoch: int,
     wrapper: MetaNoiseWrapper,
-    loader: DataLoader,
+    loader: DataLoader | StreamLoader,
     accelerator: Accelerator,
     scheduler: Any | None,
     progress: EpochProgress,
@@ -48,12 +49,16 @@ def train_one_epoch(
     """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight.
 
     A run resumed mid-epoch (``state.batch`` > 0) skips the batches done without loading them
-    and carries on with the epoch's running sums from the checkpoint.
+    and carries on with the epoch's running sums from the checkpoint. A stream's epoch ends
+    when the stream does (its length is an estimate).
     """
     wrapper.module.train()
     done = state.batch
     state.totals = dict(state.totals) if done else dict.fromkeys(TRAIN_STATS, 0.0)
-    batches = accelerator.skip_first_batches(loader, done) if done else loader
+    if isinstance(loader, StreamLoader):
+        batches = loader.batches(done)
+    else:
+        batches = accelerator.skip_first_batches(loader, done) if done else loader
     stats: dict[str, float] = {}
     for position, batch in enumerate(batches, done + 1):
         with accelerator.accumulate(wrapper.model):
@@ -72,8 +77,8 @@ def train_one_epoch(
             checkpoints.after_update(last_batch=position == len(loader))
         progress.update(stats, batch["label"].shape[0] * accelerator.num_processes)
     progress.stop()
-    means = {key: value / len(loader) for key, value in state.totals.items()}
-    return {**means, "meta_weight": stats["meta_weight"]}
+    means = {key: value / max(state.batch, 1) for key, value in state.totals.items()}
+    return {**means, "meta_weight": stats.get("meta_weight", wrapper.meta_weight)}
 
 
 @torch.no_grad()

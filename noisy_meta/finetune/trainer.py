@@ -7,8 +7,6 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import shutil
 import sys
@@ -17,18 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, IterableDataset
 from rich.console import Console
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from ..cleaning import save_cleanlab_inputs
-from ..noise import OPEN_SET
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint
@@ -38,20 +34,18 @@ from .data import (
     Splits,
     attach_transform,
     collate,
-    drop_bad_images,
-    find_bad_images,
-    load_image_dataset,
-    prepare_splits,
 )
 from .distributed import check_ranks_agree, make_accelerator
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
-from .names import BAD_IMAGES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
+from .names import MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
 from .run_checkpoints import RunCheckpoints
+from .run_data import load_splits
 from .seeded_augmentation import SeededAugmentation
+from .stream import StreamLoader
 from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
 __all__ = ["main", "run"]
@@ -85,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _remove_previous_run(console, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    splits = _load_splits(args, console, accelerator.is_main_process)
+    splits = load_splits(args, console, accelerator)
     if args.iterations == 1:
         record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
     else:
@@ -111,87 +105,13 @@ def _remove_previous_run(console: Console, output_dir: Path) -> None:
         console.print(f"--overwrite: removed the earlier run's {', '.join(found)} from {output_dir}")
 
 
-def _load_splits(args: argparse.Namespace, console: Console, main_process: bool) -> Splits:
-    noise, noise_rate = args.noise, args.noise_rate
-    data = load_image_dataset(args.dataset)
-    test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
-    names = [s for s in (args.train_split, args.val_split, test_split) if s in data]
-    data = _handle_bad_images(args, console, data, names, main_process)
-    splits = prepare_splits(
-        data,
-        train_split=args.train_split,
-        val_split=args.val_split,
-        test_split=test_split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        clean_label_column=args.clean_label_column,
-        num_classes=args.num_classes,
-        noise=noise,
-        noise_rate=noise_rate,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        open_set_classes=tuple(args.open_set_classes or ()),
-    )
-    counts = np.bincount(np.asarray(splits.train[LABEL], dtype=np.int64), minlength=splits.num_classes)
-    empty = np.flatnonzero(counts == 0).tolist()
-    if empty:
-        console.print(
-            f"[yellow]warning:[/] {len(empty)} of {splits.num_classes} classes have no training sample "
-            f"(classes {empty[:20]}{' ...' if len(empty) > 20 else ''}): the model can never learn them; "
-            "check --num-classes and the label column"
-        )
-    if splits.noise is not None:
-        console.print(
-            f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised"
-            + (f"; classes {sorted(args.open_set_classes)} left the label space" if noise == OPEN_SET else "")
-        )
-    console.print(
-        f"train {len(splits.train)}, validation {len(splits.validation)} (scored against "
-        f"{'clean' if splits.validation_is_clean else 'the given'} labels), "
-        f"test {len(splits.test) if splits.test is not None else 0}; {splits.num_classes} classes"
-    )
-    return splits
-
-
-def _handle_bad_images(
-    args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str], main_process: bool
-) -> DatasetDict:
-    """Scan the splits used for images that do not decode; refuse them, or drop them counted and listed.
-
-    Runs on the data as loaded, before noise injection (instance noise decodes every image).
-    """
-    if args.bad_images == "unchecked":
-        return data
-    bad = [b for name in names for b in find_bad_images(data[name], name, args.image_column)]
-    if not bad:
-        return data
-    listing = "; ".join(f"{b.split} sample {b.index} ({b.path or 'in memory'}): {b.error}" for b in bad[:5])
-    if args.bad_images == "refuse":
-        raise ValueError(
-            f"{len(bad)} image(s) do not decode: {listing}{' ...' if len(bad) > 5 else ''}. Fix or remove the "
-            "files, or pass --bad-images skip to train without them (they are counted and listed)"
-        )
-    output_dir = Path(args.output_dir)
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
-    console.print(
-        f"[yellow]skipped {len(bad)} image(s) that do not decode[/] "
-        f"(listed in {output_dir / BAD_IMAGES_FILE}): {listing}"
-    )
-    cleaned = DatasetDict(data)
-    for name in names:
-        cleaned[name] = drop_bad_images(data[name], [b for b in bad if b.split == name])
-    return cleaned
-
-
 @dataclass
 class Training:
     """What one run trains with, prepared by Accelerate."""
 
     wrapper: MetaNoiseWrapper
     optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
+    train_loader: DataLoader | StreamLoader
     eval_loaders: dict[str, DataLoader]
     scheduler: Any | None
     augmentation: SeededAugmentation
@@ -244,7 +164,7 @@ def _train_run(
             accuracy = {name: validate(accelerator, wrapper, loader) for name, loader in training.eval_loaders.items()}
             record = {
                 "epoch": epoch + 1,  # epochs done, as the table and the progress count them
-                "train_samples": len(train_set),
+                "train_samples": _train_size(training.train_loader, train_set),
                 **_training_record(training, train_stats, progress.throughput, time.perf_counter() - started),
                 **{f"{split}_{who}": value for split, result in accuracy.items() for who, value in result.items()},
             }
@@ -287,18 +207,7 @@ def _prepare(
     model = create_model(args, splits.num_classes)
     train_transform, eval_transform = transforms(args, model)
     augmentation = SeededAugmentation(train_transform, args.seed)
-    train_loader = DataLoader(
-        attach_transform(train_set, augmentation),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collate,
-        num_workers=args.workers,
-        # The order comes from --seed and the epoch (Accelerate's seedable sampler), the crops from
-        # `augmentation`; a generator of its own keeps the loader's draw of a worker seed off the
-        # global RNG, which a run resumed mid-epoch restores exactly.
-        generator=torch.Generator(),
-    )
+    train_loader = _train_loader(args, accelerator, splits, train_set, augmentation)
     eval_loaders = {
         name: DataLoader(
             attach_transform(split, eval_transform),
@@ -310,13 +219,19 @@ def _prepare(
         if split is not None
     }
     if len(train_loader) == 0:
-        raise ValueError(f"the training split ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
+        raise ValueError(
+            f"the training split ({_train_size(train_loader, train_set)} samples) is smaller than one batch "
+            f"({args.batch_size}) per process"
+        )
     optimizer = create_optimizer_v2(
         model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
     )
-    model, optimizer, train_loader, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values()
-    )
+    if isinstance(train_loader, StreamLoader):  # each rank reads its own shards: not Accelerate's to split
+        model, optimizer, *loaders = accelerator.prepare(model, optimizer, *eval_loaders.values())
+    else:
+        model, optimizer, train_loader, *loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders.values()
+        )
     updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)  # the last window syncs early
     scheduler = None
     if args.sched != "none":
@@ -347,6 +262,45 @@ def _prepare(
     if args.no_meta:
         console.print("--no-meta: cross-entropy baseline (meta weight 0; the EMA mentor is still tracked)")
     return Training(wrapper, optimizer, train_loader, dict(zip(eval_loaders, loaders)), scheduler, augmentation)
+
+
+def _train_loader(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    splits: Splits,
+    train_set: Dataset | IterableDataset,
+    augmentation: SeededAugmentation,
+) -> DataLoader | StreamLoader:
+    """The training batches: a shuffled `DataLoader`, or with ``--streaming`` this rank's `StreamLoader`."""
+    if isinstance(train_set, IterableDataset):
+        return StreamLoader(
+            train_set,
+            splits.train_rows,
+            augmentation,
+            args.batch_size,
+            args.seed,
+            args.shuffle_buffer,
+            accelerator,
+            args.image_column,
+            args.label_column,
+            args.clean_label_column,
+        )
+    return DataLoader(
+        attach_transform(train_set, augmentation),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        num_workers=args.workers,
+        # The order comes from --seed and the epoch (Accelerate's seedable sampler), the crops from
+        # `augmentation`; a generator of its own keeps the loader's draw of a worker seed off the
+        # global RNG, which a run resumed mid-epoch restores exactly.
+        generator=torch.Generator(),
+    )
+
+
+def _train_size(loader: DataLoader | StreamLoader, train_set: Dataset | IterableDataset) -> int:
+    return loader.rows if isinstance(loader, StreamLoader) else len(train_set)
 
 
 def _resume(
