@@ -64,8 +64,11 @@ class RunCheckpoints:
         if self.every > 0 and updates % self.every == 0 and updates != self._saved_at:
             self._save_last(f"every {self.every} updates")
 
-    def after_epoch(self, record: dict[str, Any]) -> None:
-        """``last/`` after every epoch, ``best/`` when the validation score (student or mentor) improved."""
+    def after_epoch(self, record: dict[str, Any], final: bool = False) -> None:
+        """``last/`` after every epoch, ``best/`` when the validation score (student or mentor) improved.
+
+        A stop requested during the epoch ends the run here, unless it was the ``final`` one.
+        """
         epoch = record["epoch"]  # 1-based: the number of epochs done
         score = max(record["val_student"], record["val_mentor"])
         state = self.state
@@ -75,7 +78,7 @@ class RunCheckpoints:
             self._save("best", "best epoch")
         self._save_last("epoch end")
         stop = self.signals.agreed(self.accelerator)
-        if stop is not None:
+        if stop is not None and not final:
             raise RunStopped(stop, self.output_dir / "last", self.wrapper.num_updates)
 
     def _save_last(self, reason: str) -> Path:

@@ -171,7 +171,7 @@ def _train_run(
             console.print(epoch_line(record))
             if accelerator.is_main_process:  # before the checkpoint: a resume drops records it has not reached
                 log.append(record)
-            checkpoints.after_epoch(record)
+            checkpoints.after_epoch(record, final=epoch + 1 == args.epochs)
 
     if accelerator.is_main_process:
         records = log.read()
