@@ -20,38 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import launch_command
+from test_finetune import FAST, flat_tensors, metrics, without_timings
 
 from noisy_meta.finetune.preemption import EXIT_STOPPED, StopSignals
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "signal_worker.py"
-FLAGS = [
-    "--model",
-    "test_resnet",
-    "--img-size",
-    "32",
-    "--aug",
-    "--batch-size",
-    "32",
-    "--epochs",
-    "2",
-    "--first-order",
-    "--num-synthetic",
-    "2",
-    "--num-neighbors",
-    "4",
-    "--val-fraction",
-    "0.2",
-    "--seed",
-    "7",
-    "--checkpoint-every",
-    "3",
-    "--keep-checkpoints",
-    "2",
-]
+FLAGS = [*FAST, "--aug", "--seed", "7", "--checkpoint-every", "3", "--keep-checkpoints", "2"]
 #: 256 training digits in batches of 32: updates per epoch with one and with two processes.
 UPDATES_PER_EPOCH = {1: 8, 2: 4}
-TIMING_KEYS = ("seconds", "images_per_second")
 
 
 def run(data: Path, output: Path, *extra: str, processes: int = 1, signal_at: str | None = None, stamp=None):
@@ -78,27 +55,13 @@ def position(output: Path) -> dict:
 
 def assert_same_run(resumed: Path, reference: Path) -> None:
     """Metrics (but timings), student, mentor, Accelerate's model copy and optimizer state are bitwise equal."""
-    records = [
-        [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in path.read_text().splitlines()]
-        for path in (resumed / "metrics.jsonl", reference / "metrics.jsonl")
-    ]
-    assert records[0] == records[1]
+    assert without_timings(metrics(resumed)) == without_timings(metrics(reference))
     for name in ("student.safetensors", "mentor.safetensors", "model.safetensors"):
         ours, theirs = load_file(str(resumed / "last" / name)), load_file(str(reference / "last" / name))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items()), name
     optimizers = [torch.load(run / "last" / "optimizer.bin", weights_only=False) for run in (resumed, reference)]
     for ours, theirs in zip(*(flat_tensors(state) for state in optimizers), strict=True):
         assert torch.equal(ours, theirs)
-
-
-def flat_tensors(state) -> list[torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for key in sorted(state, key=str) for t in flat_tensors(state[key])]
-    if isinstance(state, (list, tuple)):
-        return [t for item in state for t in flat_tensors(item)]
-    return []
 
 
 def newest_checkpoint(update: int, processes: int, every: int = 3) -> int:
