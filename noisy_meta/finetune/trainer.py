@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if accelerator.is_main_process:
             save_cleanlab_inputs(output_dir / PRED_PROBS_FILE, splits.train[LABEL], probs, splits.train[INDEX])
             console.print(f"best mentor's training-set probabilities for cleanlab: {output_dir / PRED_PROBS_FILE}")
+    accelerator.wait_for_everyone()  # every rank done (the main one wrote the summary) before the group goes
     accelerator.end_training()
     return record
 
