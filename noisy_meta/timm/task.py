@@ -118,7 +118,7 @@ class MetaNoiseTask(TrainingTask):
             raise ValueError(
                 f"MetaNoiseTask needs one class index per image (targets [B] of integers), got {target.dtype} "
                 f"{list(target.shape)}: mixup / cutmix soft targets cannot be used for neighbour label "
-                "transfer; run without --mixup / --cutmix / --smoothing targets"
+                "transfer; run without --mixup / --cutmix (label smoothing in the criterion is fine)"
             )
         parts, config = self._parts, self.config
         target = parts.check_batch(input, target, config)
