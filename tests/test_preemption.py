@@ -150,20 +150,6 @@ def test_two_processes_killed_mid_epoch_resume_bitwise(tiny_mnist, tmp_path, two
     assert_same_run(output, two_process_reference)
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_update(tiny_mnist, tmp_path):
-    """Only rank 1 is signalled; the ranks agree, both write their part of one checkpoint and stop."""
-    signalled_at = 2
-    output = tmp_path / "stopped-2"
-    result = run(tiny_mnist, output, processes=2, signal_at=f"{signalled_at}:TERM:1")
-    assert result.returncode != 0
-    assert result.stderr.count("stopped by SIGTERM after update 3") == 2, result.stdout[-3000:] + result.stderr[-3000:]
-    assert position(output)["updates"] == 3 and position(output)["batch"] == 3
-    assert {p.name for p in (output / "last").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
-
-
 # ------------------------------------------------------------------------------- the signal handler
 
 
