@@ -8,7 +8,8 @@ Wrap a model and its optimizer::
 
 or keep your own loop with `MetaNoiseWrapper.meta_backward` and `MetaNoiseWrapper.update_mentor`.
 With Accelerate pass ``accelerator=`` (mixed precision, DDP, accumulation); `noisy_meta.finetune`
-is the complete command-line fine-tuning run (``accelerate launch examples/finetune.py``).
+is the complete command-line fine-tuning run (``accelerate launch examples/finetune.py``);
+`noisy_meta.timm.MetaNoiseTask` runs MLNT inside timm's own ``train.py`` (a ``TrainingTask``).
 Noisy data sets: `add_label_noise` / `add_open_set_noise` / `with_label_columns` (Hugging Face
 datasets), `inject_noise` / `open_set_noise` / `confusion_labels` on label arrays; iterative
 training with data cleaning: `noisy_meta.cleaning`.
