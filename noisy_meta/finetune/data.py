@@ -91,17 +91,15 @@ def is_saved_to_disk(path: str) -> bool:
     )
 
 
-def load_eval_splits(source: str, names: list[str]) -> DatasetDict:
-    """The splits ``names`` of ``source`` (parquet files or a save_to_disk directory) and a ``test`` split
-    if it has one, leaving its training split unread (``--streaming`` reads that as a stream)."""
+def load_eval_splits(source: str, train_split: str) -> DatasetDict:
+    """Every split of ``source`` (parquet files or a save_to_disk directory) but ``train_split``,
+    which is left unread (``--streaming`` reads it as a stream)."""
     if is_saved_to_disk(source):
         loaded = load_from_disk(source)  # memory-mapped: nothing is read until used
-        return DatasetDict({name: loaded[name] for name in loaded if name in names or name == "test"})
-    files = parquet_files_by_split(source)
-    missing = [name for name in names if name not in files]
-    if missing:
-        raise ValueError(f"no {missing[0]!r} split in {source}; it has {sorted(files)}")
-    return load_dataset("parquet", data_files={name: files[name] for name in files if name in names or name == "test"})
+        splits = loaded.items() if isinstance(loaded, DatasetDict) else ()  # one Dataset: a training split only
+        return DatasetDict({name: split for name, split in splits if name != train_split})
+    files = {name: paths for name, paths in parquet_files_by_split(source).items() if name != train_split}
+    return load_dataset("parquet", data_files=files) if files else DatasetDict()
 
 
 def parquet_files_by_split(source: str) -> dict[str, list[str]]:

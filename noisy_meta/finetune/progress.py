@@ -42,8 +42,7 @@ class EpochProgress:
         if not self.enabled:
             return
         if not self.console.is_terminal:
-            self._plain = {"epoch": epoch + 1, "epochs": num_epochs, "total": total_batches}
-            self._plain |= {"first": done, "done": done}
+            self._plain = dict(epoch=epoch + 1, epochs=num_epochs, total=total_batches, first=done, done=done)
             return
         self._progress = Progress(
             TextColumn(f"epoch {epoch + 1}/{num_epochs}"),

@@ -28,14 +28,13 @@ __all__ = ["load_splits"]
 
 
 def load_splits(args: argparse.Namespace, console: Console, accelerator: Accelerator) -> Splits:
-    main_process = accelerator.is_main_process
-    noise, noise_rate = args.noise, args.noise_rate
     if args.streaming:
         return _stream_splits(args, console, accelerator)
+    noise, noise_rate = args.noise, args.noise_rate
     data = load_image_dataset(args.dataset)
-    test_split = {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
+    test_split = _test_split(args, data)
     names = [s for s in (args.train_split, args.val_split, test_split) if s in data]
-    data = _handle_bad_images(args, console, data, names, main_process)
+    data = _handle_bad_images(args, console, data, names, accelerator.is_main_process)
     splits = prepare_splits(
         data,
         train_split=args.train_split,
@@ -91,11 +90,12 @@ def _stream_splits(args: argparse.Namespace, console: Console, accelerator: Acce
             "--streaming: the label column is not a class label, and a stream cannot be scanned for its range: "
             "pass --num-classes"
         )
-    test_split = {"auto": None, "none": None}.get(args.test_split, args.test_split)
-    data = load_eval_splits(args.dataset, [s for s in (args.val_split, test_split) if s])
-    if test_split is None and args.test_split == "auto" and "test" in data:
-        test_split = "test"
-    data = _handle_bad_images(args, console, data, list(data), accelerator.is_main_process)
+    data = load_eval_splits(args.dataset, args.train_split)
+    if args.val_split not in data:
+        raise ValueError(f"--val-split {args.val_split!r} not in {args.dataset}; it has {sorted(data)}")
+    test_split = _test_split(args, data)
+    names = [s for s in (args.val_split, test_split) if s in data]
+    data = _handle_bad_images(args, console, data, names, accelerator.is_main_process)
     evaluation = prepare_splits(
         data,
         train_split=args.val_split,  # the evaluation splits' columns are resolved as a training split's would be
@@ -118,6 +118,11 @@ def _stream_splits(args: argparse.Namespace, console: Console, accelerator: Acce
         f"{num_classes} classes"
     )
     return dataclasses.replace(evaluation, train=stream, train_rows=rows)
+
+
+def _test_split(args: argparse.Namespace, data: DatasetDict) -> str | None:
+    """``--test-split``: ``auto`` is ``test`` when the data set has one, ``none`` none."""
+    return {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
 
 
 def _handle_bad_images(
