@@ -33,6 +33,12 @@ else:
     FastParamsSpec = FastParamsName | Sequence[str] | Callable[..., bool]
     FeatureSourceSpec = Literal["mentor", "student"] | Callable[..., Any]  # an nn.Module is callable
 
+#: How the fast-weight step is sized (`noisy_meta.fast_weights.InnerStep`).
+InnerStepKind = Literal["sgd", "normalized", "relative"]
+#: The losses on the given labels known by name (`noisy_meta.losses`); a callable is accepted too.
+CriterionName = Literal["cross_entropy", "label_smoothing", "gce", "sce"]
+CriterionSpec = CriterionName | Callable[..., Any]
+
 MentorUpdate = Literal["ema", "frozen"]
 UpdateRule = Literal["joint", "sequential"]
 DistBN = Literal["reduce", "broadcast"]
@@ -68,8 +74,17 @@ class MetaNoiseConfig:
             models give their pooled pre-logits features; other models their outputs.
 
     Fast weights and the meta-gradient
-        inner_lr: alpha, the step size of the fast-weight SGD step ``theta - alpha * grad``.
-            The reference uses 0.02 on Clothing1M, CIFAR re-implementations 0.2.
+        inner_step: how the fast-weight step is sized (`noisy_meta.fast_weights.InnerStep`):
+            ``"sgd"`` (the paper: ``theta - inner_lr * g``), ``"normalized"`` (the fast
+            weights move by the radius ``inner_radius`` along ``g / ||g||``, one norm over all
+            fast parameters) or ``"relative"`` (each tensor moves by ``inner_radius`` times its
+            own norm along its ``g_t / ||g_t||``: scale-free, the same setting for any model).
+            The SGD step's length ``inner_lr * ||g||`` depends on the architecture and the data,
+            so no one ``inner_lr`` holds across models.
+        inner_lr: alpha, the step size of the SGD step (``inner_step="sgd"``). The reference
+            uses 0.02 on Clothing1M, CIFAR re-implementations 0.2.
+        inner_radius: the size of the ``"normalized"`` step (an L2 length in parameter space)
+            or of the ``"relative"`` step (a fraction of each tensor's norm).
         first_order: drop the second-order term (detach the inner gradient). Cheaper, and
             works with ops that have no double backward.
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others
@@ -102,6 +117,14 @@ class MetaNoiseConfig:
             is meant for GPUs, where one set's passes leave the device idle; on a 2-core CPU
             it measured slower (see benchmarks/RESULTS.md). The model must work under
             ``vmap`` (timm models do).
+
+    The conventional loss
+        criterion: the loss on the given labels, ``(logits, targets) -> scalar``:
+            ``"cross_entropy"`` (the paper), ``"label_smoothing"`` (0.1), ``"gce"``
+            (generalised cross-entropy, q = 0.7), ``"sce"`` (symmetric cross-entropy, alpha
+            0.1, beta 1.0), an instance of `noisy_meta.losses` with other settings, or any
+            callable such as timm's ``LabelSmoothingCrossEntropy()``. The fast-weight step
+            always uses plain cross-entropy on the synthetic labels (the paper's inner loss).
 
     Schedules (in optimizer updates, counted by the wrapper)
         meta_weight: the meta loss weight once the ramp-up is over.
@@ -136,7 +159,9 @@ class MetaNoiseConfig:
     perturb_ratio: float = 0.5
     num_neighbors: int = 10
     feature_source: FeatureSourceSpec = "mentor"
+    inner_step: InnerStepKind = "sgd"
     inner_lr: float = 0.2
+    inner_radius: float = 0.01
     first_order: bool = False
     fast_params: FastParamsSpec = "all"
     meta_every: int = 1
@@ -149,6 +174,7 @@ class MetaNoiseConfig:
     mentor_decay_ramp: float = 0.99
     mentor_decay: float = 0.999
     mentor_update: MentorUpdate = "ema"
+    criterion: CriterionSpec = "cross_entropy"
     update_rule: UpdateRule = "joint"
     clip_grad: float | None = None
     dist_bn: DistBN = "reduce"
@@ -168,8 +194,9 @@ class MetaNoiseConfig:
                 yield f"{name} must be an integer >= 1, got {value!r}"
         if not _is_real(self.perturb_ratio) or not 0 < self.perturb_ratio <= 1:
             yield f"perturb_ratio must be in (0, 1], got {self.perturb_ratio!r}"
-        if not _is_real(self.inner_lr) or self.inner_lr <= 0:
-            yield f"inner_lr must be a finite number > 0, got {self.inner_lr!r}"
+        for name in ("inner_lr", "inner_radius"):
+            if not _is_real(getattr(self, name)) or getattr(self, name) <= 0:
+                yield f"{name} must be a finite number > 0, got {getattr(self, name)!r}"
         if not _is_real(self.meta_weight) or self.meta_weight < 0:
             yield f"meta_weight must be a finite number >= 0, got {self.meta_weight!r}"
         for name in ("first_order", "compensate_meta_every"):
@@ -187,7 +214,7 @@ class MetaNoiseConfig:
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < 1:
                 yield f"{name} must be in [0, 1), got {value!r}"
-        for name in ("mentor_update", "update_rule", "dist_bn"):
+        for name in ("inner_step", "mentor_update", "update_rule", "dist_bn"):
             value, choices = getattr(self, name), field_choices(name)
             if value not in choices:
                 yield f"{name} must be one of {choices}, got {value!r}"
@@ -197,6 +224,7 @@ class MetaNoiseConfig:
             yield f"seed must be an integer or None, got {self.seed!r}"
         yield from _spec_errors("fast_params", self.fast_params, FAST_PARAM_NAMES, allow_patterns=True)
         yield from _spec_errors("feature_source", self.feature_source, field_choices("feature_source"))
+        yield from _spec_errors("criterion", self.criterion, field_choices("criterion"))
 
     def with_overrides(self, **overrides: Any) -> MetaNoiseConfig:
         """A copy with ``overrides`` applied (validated); unknown names raise ``TypeError``."""

@@ -1,8 +1,9 @@
-"""Fast weights: one SGD step per synthetic label set, and the meta loss that follows it.
+"""Fast weights: one step per synthetic label set, and the meta loss that follows it.
 
-For set m the fast weights are ``theta'_m = theta - alpha * grad_theta CE(f(x; theta), y_m)``
-(only for the selected parameters), and the meta loss is the KL divergence from the mentor's
-predictions to the student's predictions at ``theta'_m``. The fast forward goes through
+For set m the fast weights are ``theta'_m = theta - step(grad_theta CE(f(x; theta), y_m))``
+(only for the selected parameters; `InnerStep` says how large the step is), and the meta loss
+is the KL divergence from the mentor's predictions to the student's predictions at
+``theta'_m``. The fast forward goes through
 `torch.func.functional_call` on the real module with *cloned* buffers, so BatchNorm running
 statistics and ``num_batches_tracked`` of the student are never touched by it.
 
@@ -14,13 +15,97 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .config import FastParamsSpec
+from .config import FastParamsSpec, InnerStepKind
+
+if TYPE_CHECKING:
+    from .config import MetaNoiseConfig
+
+#: Added to a squared norm before its square root: the step stays finite (and twice
+#: differentiable) for a gradient or a tensor that is exactly zero.
+_NORM_FLOOR = 1e-24
+
+
+@dataclass(frozen=True)
+class InnerStep:
+    """The fast-weight step ``theta' = theta - delta(g)`` for the inner gradient ``g`` of the fast parameters.
+
+    ``kind`` (`MetaNoiseConfig.inner_step`):
+
+    * ``"sgd"`` (the paper): ``delta = size * g``. Its length ``size * ||g||`` depends on the
+      architecture, the loss and the data, so no one ``size`` fits every model.
+    * ``"normalized"``: ``delta = size * g / ||g||``, ``||g||`` over all fast parameters
+      together (SAM's ascent step): the fast weights move by exactly ``size`` (an L2 radius).
+    * ``"relative"``: each tensor ``t`` moves by ``size * ||theta_t||`` along ``g_t / ||g_t||``
+      (LARS's per-layer trust ratio): every tensor moves by the same fraction ``size`` of its
+      own norm, so the whole step is ``size * ||theta||`` long, whatever the model's scale. A
+      tensor that is exactly zero (a fresh bias) stays (its norm is floored at 1e-12).
+
+    In second order the norms are differentiated like the rest of the step (the meta-gradient
+    is the exact gradient of the meta loss the forward computes); ``first_order`` detaches the
+    whole step, so ``d theta' / d theta`` is the identity.
+    """
+
+    kind: InnerStepKind = "sgd"
+    size: float = 0.2
+    first_order: bool = False
+
+    @classmethod
+    def of(cls, config: MetaNoiseConfig) -> InnerStep:
+        """The step a `MetaNoiseConfig` asks for (``inner_lr`` for SGD, ``inner_radius`` otherwise)."""
+        size = config.inner_lr if config.inner_step == "sgd" else config.inner_radius
+        return cls(config.inner_step, size, config.first_order)
+
+    def __call__(self, params: list[torch.Tensor], grads: list[torch.Tensor], batched: bool) -> list[torch.Tensor]:
+        """The stepped tensors. With ``batched`` every gradient has a leading set dimension ``[S, ...]``
+        (each set normalised on its own) and every parameter a leading dimension of 1."""
+        if self.first_order:
+            grads = [g.detach() for g in grads]
+        if self.kind == "sgd":
+            deltas = [self.size * g for g in grads]
+        elif self.kind == "normalized":
+            total = sum(_squared_norm(g, batched) for g in grads)
+            scale = self.size * (total + _NORM_FLOOR).rsqrt()
+            deltas = [_times(scale, g, batched) for g in grads]
+        else:
+            deltas = []
+            for p, g in zip(params, grads):
+                norm_p, norm_g = (_squared_norm(t, batched) + _NORM_FLOOR for t in (p, g))
+                ratio = norm_p.sqrt() * norm_g.rsqrt()
+                deltas.append(_times(self.size * ratio, g, batched))
+        if self.first_order:
+            deltas = [d.detach() for d in deltas]
+        return [p - d for p, d in zip(params, deltas)]
+
+    def displacement(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> float:
+        """``||theta' - theta|| / ||theta||`` for one set's gradients (what the step does to this model)."""
+        with torch.no_grad():
+            stepped = InnerStep(self.kind, self.size, True)(params, grads, batched=False)
+            moved = sum(float((s - p).square().sum()) for s, p in zip(stepped, params))
+            norm = sum(float(p.square().sum()) for p in params)
+        return (moved / max(norm, _NORM_FLOOR)) ** 0.5
+
+
+def _squared_norm(tensor: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``||tensor||^2`` (per set along dimension 0 when ``batched``), in float32 or wider."""
+    tensor = upcast(tensor)
+    if not batched:
+        return tensor.square().sum()
+    return tensor.square().flatten(1).sum(dim=1)
+
+
+def _times(scale: torch.Tensor, tensor: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``scale * tensor`` with one scale per set when ``batched``, in ``tensor``'s dtype."""
+    if batched and scale.dim() == 1:
+        scale = scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+    return (scale * tensor).to(tensor.dtype)
 
 
 def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
@@ -93,8 +178,7 @@ def meta_losses(
     synthetic_labels: torch.Tensor,
     mentor_log_probs: torch.Tensor,
     fast_names: list[str],
-    inner_lr: float,
-    first_order: bool,
+    inner_step: InnerStep,
     grad_scale: float = 1.0,
     sets_per_pass: int = 1,
 ) -> Iterator[torch.Tensor]:
@@ -110,6 +194,8 @@ def meta_losses(
     ``sets_per_pass > 1`` a pass computes its sets' inner gradients in one batched
     vector-Jacobian product and their fast forwards in one ``torch.func.vmap``.
 
+    ``inner_step`` takes each set's inner gradient to its fast weights (`InnerStep`).
+
     ``grad_scale`` (fp16's loss scale, a power of two) multiplies each inner loss before its
     gradient and divides the gradient after, so half-precision backward passes do not
     underflow; an overflow shows up as a non-finite meta loss.
@@ -122,7 +208,7 @@ def meta_losses(
     for labels in synthetic_labels.split(sets_per_pass):
         one_set = labels.shape[0] == 1
         step_labels = labels[0] if one_set else labels
-        fast = _fast_weights(logits, step_labels, fast_names, fast_tensors, inner_lr, first_order, grad_scale)
+        fast = _fast_weights(logits, step_labels, fast_names, fast_tensors, inner_step, grad_scale)
         if one_set:
             student = forward_with_cloned_buffers(module, {**params, **fast}, inputs)
         else:
@@ -135,11 +221,10 @@ def _fast_weights(
     labels: torch.Tensor,
     names: list[str],
     params: list[torch.Tensor],
-    inner_lr: float,
-    first_order: bool,
+    inner_step: InnerStep,
     grad_scale: float,
 ) -> dict[str, torch.Tensor]:
-    """``{name: p - inner_lr * grad_p CE(logits, labels)}`` for the parameters in the graph of ``logits``.
+    """``{name: inner_step(p, grad_p CE(logits, labels))}`` for the parameters in the graph of ``logits``.
 
     ``labels`` is one set ``[B]``, or S sets ``[S, B]`` at once (``{name: [S, *p.shape]}``).
     The S inner losses share ``logits``, so their gradients differ only in the gradient at the
@@ -155,7 +240,7 @@ def _fast_weights(
         if grad_scale != 1.0:
             inner_loss = inner_loss * grad_scale
         grads = torch.autograd.grad(
-            inner_loss, params, create_graph=not first_order, retain_graph=True, allow_unused=True
+            inner_loss, params, create_graph=not inner_step.first_order, retain_graph=True, allow_unused=True
         )
     else:
         batch_size, num_classes = logits.shape
@@ -166,19 +251,17 @@ def _fast_weights(
             params,
             grad_outputs=logits_grads,
             is_grads_batched=True,
-            create_graph=not first_order,
+            create_graph=not inner_step.first_order,
             retain_graph=True,
             allow_unused=True,
         )
         params = [p.unsqueeze(0) for p in params]
-    fast = {}
-    for name, p, g in zip(names, params, grads):
-        if g is None:  # not in the graph of the logits: keeps its value in the fast forward
-            continue
-        if grad_scale != 1.0:
-            g = g / grad_scale
-        fast[name] = p - inner_lr * (g.detach() if first_order else g)
-    return fast
+    # a parameter not in the graph of the logits (no gradient) keeps its value in the fast forward
+    used = [(name, p, g) for name, p, g in zip(names, params, grads) if g is not None]
+    if grad_scale != 1.0:
+        used = [(name, p, g / grad_scale) for name, p, g in used]
+    stepped = inner_step([p for _, p, _ in used], [g for _, _, g in used], batched=labels.dim() > 1)
+    return {name: p for (name, _, _), p in zip(used, stepped)}
 
 
 def _batched_forward(

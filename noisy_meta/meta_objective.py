@@ -4,8 +4,9 @@ For a batch ``(x, y)`` and the mentor's predictions ``p = softmax(mentor(x))``:
 
 1. M synthetic label sets ``y_m`` by random neighbour label transfer (`noisy_meta.synthetic`;
    neighbours in the mentor's, the student's or your own feature space);
-2. for each set, fast weights ``theta'_m = theta - alpha * grad CE(f(x; theta), y_m)``
-   (`noisy_meta.fast_weights`, on the `FastPass` the scope gives);
+2. for each set, fast weights ``theta'_m = theta - step(grad CE(f(x; theta), y_m))``, the step
+   SGD's ``alpha * g`` or scale-free (`noisy_meta.fast_weights.InnerStep`), on the `FastPass`
+   the scope gives;
 3. ``J = mean_m KL(p || f(x; theta'_m))``, whose gradient ``w * grad J`` is added to the
    parameters one pass at a time (`MetaObjective.backward`) or returned as one
    differentiable loss (`MetaObjective.loss`).
@@ -28,7 +29,7 @@ from .checks import check_features
 from .compat import explain_double_backward_errors
 from .config import MetaNoiseConfig
 from .fast_scope import FastPass, StudentForward
-from .fast_weights import meta_losses, upcast
+from .fast_weights import InnerStep, meta_losses, upcast
 from .features import features_of
 from .gradients import GradientUpdate
 from .mentor import Mentor
@@ -75,6 +76,7 @@ class MetaObjective:
         self.student = student
         self.mentor = mentor
         self.seed = seed
+        self.inner_step = InnerStep.of(config)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> MetaTargets:
@@ -155,8 +157,7 @@ class MetaObjective:
             targets.labels,
             targets.mentor_log_probs,
             fast.names,
-            config.inner_lr,
-            config.first_order,
+            self.inner_step,
             grad_scale,
             config.sets_per_pass,
         )

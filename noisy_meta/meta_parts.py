@@ -19,6 +19,7 @@ from .compat import make_twice_differentiable, unwrap_model
 from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
 from .fast_scope import WholeModel, make_scope
 from .fast_weights import select_fast_params
+from .losses import Criterion, resolve_criterion
 from .mentor import Mentor
 from .meta_objective import MetaObjective
 
@@ -48,7 +49,7 @@ def at_library_default(config: MetaNoiseConfig, name: str) -> bool:
 
 @dataclass
 class MetaParts:
-    """The student (unwrapped), its mentor, the meta objective and the fast-weight scope."""
+    """The student (unwrapped), its mentor, the meta objective, the fast-weight scope, the loss on the labels."""
 
     module: nn.Module
     params: list[nn.Parameter]
@@ -57,6 +58,7 @@ class MetaParts:
     scope: WholeModel
     compat_changes: list[str]
     num_classes: int | None
+    criterion: Criterion
 
     @classmethod
     def build(
@@ -81,7 +83,8 @@ class MetaParts:
         changes = [] if config.first_order else make_twice_differentiable(module)
         objective = MetaObjective(config, module, teacher, shared_seed(config.seed, params[0].device))
         scope = make_scope(module, config, fast_names)
-        return cls(module, params, teacher, objective, scope, changes, getattr(module, "num_classes", None))
+        num_classes = getattr(module, "num_classes", None)
+        return cls(module, params, teacher, objective, scope, changes, num_classes, resolve_criterion(config.criterion))
 
     def check_batch(self, inputs: torch.Tensor, targets: torch.Tensor, config: MetaNoiseConfig) -> torch.Tensor:
         return check_batch(inputs, targets, config, self.num_classes)

@@ -1,7 +1,8 @@
 """How one batch's losses become optimizer updates: the joint and the sequential rule.
 
 Both rules run the same stages (`Stages`): the student's forward through the fast-weight
-scope, its cross-entropy, the meta objective's gradient, and the gradient update.
+scope, its loss on the given labels (``CE``: cross-entropy or the configured criterion), the
+meta objective's gradient, and the gradient update.
 
 * `joint_update` (``update_rule="joint"``, the reference code): one optimizer step on
   ``grad CE + w * grad J``; inside an ``accelerator.accumulate`` window the gradient is held
@@ -18,11 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .fast_scope import WholeModel
-from .fast_weights import upcast
 from .gradients import GradientUpdate
+from .losses import Criterion
 from .meta_objective import MetaObjective, MetaResult
 
 
@@ -35,10 +35,12 @@ class Stages:
     grads: GradientUpdate
     forward_context: Callable[[], contextlib.AbstractContextManager]
     check_outputs: Callable[[torch.Tensor, torch.Tensor], None]
+    criterion: Criterion
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss on the given labels (`MetaNoiseConfig.criterion`, cross-entropy by default)."""
         self.check_outputs(logits, targets)
-        return F.cross_entropy(upcast(logits), targets)
+        return self.criterion(logits, targets)
 
 
 @dataclass

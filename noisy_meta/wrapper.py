@@ -129,7 +129,9 @@ class MetaNoiseWrapper:
         self.module, self._mentor, self._meta, self._scope = parts.module, parts.mentor, parts.objective, parts.scope
         self.compat_changes: list[str] = parts.compat_changes
         self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad)
-        self._stages = Stages(self._scope, self._meta, self._grads, self.forward_context, self._check_outputs)
+        self._stages = Stages(
+            self._scope, self._meta, self._grads, self.forward_context, self._check_outputs, parts.criterion
+        )
         self._update_rule = UPDATE_RULES[config.update_rule]
         self.num_updates = 0
         self.num_skipped = 0

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from noisy_meta import MetaNoiseWrapper, meta_losses
+from noisy_meta.fast_weights import InnerStep
 
 from helpers import TinyMLP, assert_states_equal, image_batch, settings, state, tiny_resnet, vector_batch
 
@@ -84,7 +85,7 @@ def test_the_inner_loss_is_scaled_before_its_gradient_and_unscaled_after(mlp64, 
     names = [name for name, _ in mlp64.named_parameters()]
 
     def meta_loss(scale):
-        return next(meta_losses(mlp64, inputs, logits, labels, mentor, names, 0.2, False, scale))
+        return next(meta_losses(mlp64, inputs, logits, labels, mentor, names, InnerStep("sgd", 0.2), scale))
 
     assert torch.equal(meta_loss(2.0**20), meta_loss(1.0))  # unscaled exactly
     assert not torch.isfinite(meta_loss(2.0**1023 * 2.0**1))  # scaled: the gradient overflowed

@@ -189,3 +189,120 @@ def test_sequential_update_is_meta_step_then_conventional_step(mlp64, batch64):
     assert stats["ce_loss"] == pytest.approx(ce.item(), rel=1e-10)
     for p, expected in zip(mlp_params(mlp64), final):
         torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------- the scale-free inner steps
+
+RADIUS = 0.05
+
+
+def sgd_step(params, grads):
+    return [p - ALPHA * g for p, g in zip(params, grads)]
+
+
+def normalized_step(params, grads):
+    """theta - r * g / ||g||, one norm over every fast tensor (written out, norms differentiated)."""
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    return [p - RADIUS * g / norm for p, g in zip(params, grads)]
+
+
+def relative_step(params, grads):
+    """Each tensor: theta_t - r * ||theta_t|| * g_t / ||g_t|| (written out, norms differentiated)."""
+    return [p - RADIUS * torch.sqrt((p**2).sum()) * g / torch.sqrt((g**2).sum()) for p, g in zip(params, grads)]
+
+
+STEPS = {"sgd": sgd_step, "normalized": normalized_step, "relative": relative_step}
+
+
+def reference_with_step(params, x, label_sets, mentor_log_probs, step, first_order, fast_mask):
+    """J(theta) = mean_m KL(mentor || f(x; step(theta, grad CE_m))) with the step applied to the fast tensors."""
+    total = 0.0
+    for labels in label_sets:
+        log_probs = F.log_softmax(mlp_forward(params, x), dim=1)
+        inner = -log_probs[torch.arange(len(labels)), labels].mean()
+        grads = torch.autograd.grad(inner, params, create_graph=not first_order)
+        fast_params = [p for p, is_fast in zip(params, fast_mask) if is_fast]
+        fast_grads = [g for g, is_fast in zip(grads, fast_mask) if is_fast]
+        stepped = step(fast_params, fast_grads)
+        if first_order:  # the whole step held constant: d theta' / d theta = I
+            stepped = [p + (s - p).detach() for p, s in zip(fast_params, stepped)]
+        stepped = iter(stepped)
+        fast = [next(stepped) if is_fast else p for p, is_fast in zip(params, fast_mask)]
+        student = F.log_softmax(mlp_forward(fast, x), dim=1)
+        total = total + (mentor_log_probs.exp() * (mentor_log_probs - student)).sum(dim=1).mean()
+    return total / len(label_sets)
+
+
+@pytest.mark.parametrize("kind", ["normalized", "relative"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("sets_per_pass", [1, 3])
+@pytest.mark.parametrize("fast_params", ["all", ["fc2.*"]])
+def test_scale_free_steps_equal_reference_gradient(mlp64, batch64, kind, first_order, sets_per_pass, fast_params):
+    x, y = batch64
+    wrapper = make_wrapper(
+        mlp64,
+        first_order=first_order,
+        sets_per_pass=sets_per_pass,
+        inner_step=kind,
+        inner_radius=RADIUS,
+        fast_params=fast_params,
+    )
+    perturb_mentor(wrapper)
+    labels, mentor_log_probs = expected_synthetic(wrapper, x, y, seed=11)
+    mask = [True] * 4 if fast_params == "all" else [False, False, True, True]
+    params = mlp_params(mlp64)
+    reference = reference_with_step(params, x, labels, mentor_log_probs, STEPS[kind], first_order, mask)
+    expected = torch.autograd.grad(reference, params)
+
+    stats = wrapper.meta_backward(x, y, mlp64(x))
+    assert stats["meta_loss"] == pytest.approx(reference.item(), rel=1e-10)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-12)
+
+
+def test_reference_sgd_step_is_the_original_reference(mlp64, batch64):
+    """The step-generic reference with SGD's step is the paper's objective (so it checks the others fairly)."""
+    x, y = batch64
+    wrapper = make_wrapper(mlp64)
+    perturb_mentor(wrapper)
+    labels, mentor_log_probs = expected_synthetic(wrapper, x, y, seed=11)
+    params = mlp_params(mlp64)
+    generic = reference_with_step(params, x, labels, mentor_log_probs, sgd_step, False, [True] * 4)
+    original = reference_meta_objective(params, x, labels, mentor_log_probs, ALPHA, False)
+    assert generic.item() == pytest.approx(original.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["normalized", "relative"])
+def test_scale_free_step_has_the_size_it_promises(mlp64, batch64, kind):
+    """normalized: ||theta' - theta|| = r; relative: every tensor moves by r * ||theta_t||, whatever ||g||."""
+    from noisy_meta.fast_weights import InnerStep
+
+    x, y = batch64
+    params = mlp_params(mlp64)
+    grads = torch.autograd.grad(F.cross_entropy(mlp64(x), y), params)
+    for factor in (1e-3, 1.0, 1e3):  # the gradient's size must not matter
+        stepped = InnerStep(kind, RADIUS)(params, [factor * g for g in grads], batched=False)
+        moves = [float((s - p).detach().norm()) for s, p in zip(stepped, params)]
+        if kind == "normalized":
+            assert sum(m**2 for m in moves) ** 0.5 == pytest.approx(RADIUS, rel=1e-9)
+        else:
+            for move, p in zip(moves, params):
+                assert move == pytest.approx(RADIUS * float(p.norm()), rel=1e-9)
+        assert InnerStep(kind, RADIUS).displacement(params, [factor * g for g in grads]) == pytest.approx(
+            RADIUS if kind == "relative" else RADIUS / float(torch.sqrt(sum((p**2).sum() for p in params))), rel=1e-9
+        )
+
+
+def test_scale_free_step_is_finite_for_a_zero_gradient_and_a_zero_tensor():
+    from noisy_meta.fast_weights import InnerStep
+
+    params = [torch.zeros(3, dtype=torch.float64, requires_grad=True), torch.ones(2, dtype=torch.float64)]
+    grads = [torch.ones(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
+    for kind in ("normalized", "relative"):
+        stepped = InnerStep(kind, RADIUS)(params, grads, batched=False)
+        assert all(torch.isfinite(s).all() for s in stepped)
+        assert torch.equal(stepped[1], params[1])  # no gradient: no move
+    relative = InnerStep("relative", RADIUS)(params, grads, batched=False)
+    assert relative[0].abs().max() < 1e-12  # a zero tensor (a fresh bias) stays (its norm is floored at 1e-12)
+    (sum(s.sum() for s in relative)).backward()
+    assert torch.isfinite(params[0].grad).all()

@@ -30,7 +30,6 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.task import TrainingTask
 from torch import nn
 
@@ -52,7 +51,8 @@ class MetaNoiseTask(TrainingTask):
         model: the student (a timm model). Move it to its device before building the task.
         config: a `MetaNoiseConfig`; ``None`` uses the library's.
         criterion: the loss on the given labels (e.g. the script's ``train_loss_fn`` with label
-            smoothing); default plain cross-entropy, as `MetaNoiseWrapper` uses.
+            smoothing); it replaces ``config.criterion``. Default: the config's
+            (`MetaNoiseConfig.criterion`, cross-entropy unless set), as `MetaNoiseWrapper` uses.
         total_updates: the run's optimizer updates; fits the schedule fields left at the
             library defaults to the run (as `MetaNoiseWrapper` does).
         loss_scaler: the script's ``NativeScaler`` (or a ``torch.amp.GradScaler``) under fp16:
@@ -84,6 +84,8 @@ class MetaNoiseTask(TrainingTask):
         **overrides: Any,
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if criterion is not None:
+            overrides = {"criterion": criterion, **overrides}
         self.config = config = resolve_config(config, total_updates, overrides)
         if config.update_rule != "joint":
             raise ValueError(
@@ -94,10 +96,10 @@ class MetaNoiseTask(TrainingTask):
         if optimizer is not None:
             self.check_optimizer(optimizer)
         self.trainable_module = model
-        self.criterion = criterion if criterion is not None else F.cross_entropy
         self.loss_scaler = loss_scaler
         parts = MetaParts.build(model, config, lambda seed, device: shared_seed(seed, device, world_group()), mentor)
         self._parts = parts
+        self.criterion = parts.criterion
         self.compat_changes = parts.compat_changes
         self.num_updates = 0
         self._scale_at_forward: float | None = None
