@@ -12,7 +12,9 @@ is the complete command-line fine-tuning run (``accelerate launch examples/finet
 `noisy_meta.timm.MetaNoiseTask` runs MLNT inside timm's own ``train.py`` (a ``TrainingTask``).
 Noisy data sets: `add_label_noise` / `add_open_set_noise` / `with_label_columns` (Hugging Face
 datasets), `inject_noise` / `open_set_noise` / `confusion_labels` on label arrays; iterative
-training with data cleaning: `noisy_meta.cleaning`.
+training with data cleaning: `noisy_meta.cleaning`; noise detection before training from
+pretrained features: `detect_label_noise`; robust losses on the given labels: `noisy_meta.losses`
+(`MetaNoiseConfig.criterion`).
 """
 
 import importlib
@@ -41,7 +43,9 @@ if TYPE_CHECKING:
         save_cleanlab_inputs,
     )
     from .compat import SecondOrderUnsupportedError, make_twice_differentiable
-    from .fast_weights import kl_to_mentor, meta_losses, select_fast_params
+    from .detection import LabelNoiseDetection, detect_label_noise, extract_features
+    from .fast_weights import InnerStep, kl_to_mentor, meta_losses, select_fast_params
+    from .losses import CrossEntropy, GeneralizedCrossEntropy, SymmetricCrossEntropy, make_criterion
     from .noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
     from .wrapper import MetaNoiseWrapper
@@ -53,7 +57,9 @@ __version__ = "0.1.0"
 #: line answers --help at once; the first use of any other name imports its module.
 _LAZY = {
     **dict.fromkeys(("SecondOrderUnsupportedError", "make_twice_differentiable"), "compat"),
-    **dict.fromkeys(("kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
+    **dict.fromkeys(("InnerStep", "kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
+    **dict.fromkeys(("LabelNoiseDetection", "detect_label_noise", "extract_features"), "detection"),
+    **dict.fromkeys(("CrossEntropy", "GeneralizedCrossEntropy", "SymmetricCrossEntropy", "make_criterion"), "losses"),
     **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
     "MetaNoiseWrapper": "wrapper",
     **dict.fromkeys(
@@ -88,24 +94,32 @@ __all__ = [
     "CIFAR10_ASYMMETRIC_MAP",
     "CleaningConfig",
     "CleaningReport",
+    "CrossEntropy",
     "DetectionReport",
     "FastParamsSpec",
     "FeatureSourceSpec",
+    "GeneralizedCrossEntropy",
+    "InnerStep",
+    "LabelNoiseDetection",
     "MetaNoiseConfig",
     "MetaNoiseWrapper",
     "NoisyLabels",
     "OUTSIDE",
     "OpenSetNoise",
     "SecondOrderUnsupportedError",
+    "SymmetricCrossEntropy",
     "SyntheticLabels",
     "add_label_noise",
     "add_open_set_noise",
     "clean_dataset",
     "confusion_labels",
+    "detect_label_noise",
+    "extract_features",
     "find_label_issues",
     "inject_noise",
     "iterate_with_cleaning",
     "kl_to_mentor",
+    "make_criterion",
     "make_twice_differentiable",
     "meta_losses",
     "nearest_neighbors",
