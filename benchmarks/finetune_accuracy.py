@@ -56,7 +56,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
-from noisy_meta.config import FAST_PRESET
+from noisy_meta.config import FAST_PRESET, FINETUNE_CLEANING, FINETUNE_PRESET
+from noisy_meta.detection import detect_label_noise, extract_features
 from noisy_meta.finetune.data import embedded_mnist
+from noisy_meta.losses import resolve_criterion
 from noisy_meta.noise import confusion_labels, inject_noise, open_set_noise
 
 HERE = Path(__file__).parent
@@ -80,8 +82,12 @@ CACHE = HERE / "finetune" / "pretrained"
 IMG = 16
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
-NUM_TEST = 600
+NUM_TEST = 800
+#: Noisy validation images: enough to tell settings 2 points apart (sampling sd ~1.2 points at 80%)
+NUM_VAL = 1000
 CHART = "accuracy_vs_time.png"
+#: What the pretraining cache's key says about the data (MNIST-5k and scikit-learn's digits).
+DATA_VERSION = "mnist5k+sklearn-digits"
 
 #: architecture -> timm model name and constructor arguments
 ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -96,41 +102,53 @@ SETTINGS: dict[str, tuple[str, float]] = {
     "open30": ("open_set", 0.3),
     "clean": ("none", 0.0),
 }
-#: method -> MetaNoiseConfig overrides (None: a plain loop with a loss of its own, no wrapper)
-METHODS: dict[str, dict[str, Any] | None] = {
-    "ce": None,
-    "ce_ls": None,
-    "gce": None,
-    "ema": {"num_synthetic": 0},
-    "mlnt_so": {"first_order": False},
-    "mlnt_fo": {"first_order": True},
-    "mlnt_head": {"first_order": False, "fast_params": "head"},
-    "mlnt_last_stage": {"first_order": False, "fast_params": "last_stage"},
-    "mlnt_fast": dict(FAST_PRESET),  # the affordable preset, MetaNoiseConfig.fast
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one row trains: ``meta`` (MetaNoiseConfig overrides; None: a plain loop, no wrapper), the loss
+    on the given labels (`noisy_meta.losses` name) and the detection before training (off / remove / relabel)."""
+
+    meta: dict[str, Any] | None = None
+    loss: str = "cross_entropy"
+    clean: str = "off"
+
+
+#: The scale-free fast step the fine-tuning recipe uses (chosen on noisy validation, RESULTS.md).
+RELATIVE_STEP: dict[str, Any] = {"inner_step": "relative", "inner_radius": FINETUNE_PRESET["inner_radius"]}
+METHODS: dict[str, Method] = {
+    "ce": Method(),
+    "ce_ls": Method(loss="label_smoothing"),
+    "gce": Method(loss="gce"),
+    "ema": Method({"num_synthetic": 0}),
+    "clean_ce": Method(clean="remove"),  # the detection before training alone
+    "mlnt_so": Method({"first_order": False}),
+    "mlnt_fo": Method({"first_order": True}),
+    "mlnt_head": Method({"first_order": False, "fast_params": "head"}),
+    "mlnt_last_stage": Method({"first_order": False, "fast_params": "last_stage"}),
+    "mlnt_fast": Method(dict(FAST_PRESET)),  # the affordable preset, MetaNoiseConfig.fast, SGD step at 1x lr
+    "mlnt_rel": Method({**FAST_PRESET, **RELATIVE_STEP}),  # the scale-free step alone
+    "mlnt_rel_gce": Method({**FAST_PRESET, **RELATIVE_STEP}, loss="gce"),  # step and loss, no detection
+    "recipe": Method(dict(FINETUNE_PRESET), clean=FINETUNE_CLEANING),  # MetaNoiseConfig.finetune + detection
 }
+#: Rows in the report: baselines first, then the levers alone, then the recipe.
+BASELINES = ("ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema")
 #: rows derived from the ce run
 DERIVED = {"ce_early": "ce", "ce_ema": "ce"}
-ROWS = [
-    "ce",
-    "ce_early",
-    "ce_ema",
-    "ce_ls",
-    "gce",
-    "ema",
-    "mlnt_so",
-    "mlnt_fo",
-    "mlnt_head",
-    "mlnt_last_stage",
-    "mlnt_fast",
-]
+ROWS = [*BASELINES, "clean_ce", "mlnt_so", "mlnt_fo", "mlnt_head", "mlnt_last_stage", "mlnt_fast", "mlnt_rel"]
+ROWS += ["mlnt_rel_gce", "recipe"]
+#: The methods a plain command runs (the costly full-M modes were measured in the earlier, short protocol).
+DEFAULT_METHODS = ["ce", "ce_ls", "gce", "ema", "clean_ce", "mlnt_fast", "mlnt_rel", "mlnt_rel_gce", "recipe"]
+#: Regimes: epochs of fine-tuning (25 epochs: long enough that cross-entropy memorises).
+REGIMES: dict[str, int] = {"short": 5, "long": 25}
 #: MLNT settings shared by the MLNT methods and ``ema`` (see RESULTS.md for how they were chosen);
-#: schedules from `MetaNoiseConfig.for_run_length`.
-#: The inner step size is this multiple of the fine-tuning learning rate (the ViT diverges at 5x).
+#: schedules from `MetaNoiseConfig.for_run_length`. The SGD inner step is 1x the learning rate
+#: (the ViT diverged at 5x); the relative step needs no such tie.
 COMMON: dict[str, Any] = {"num_synthetic": 3, "num_neighbors": 10, "meta_weight": 1.0}
 INNER_LR_PER_LR = 1.0
-LABEL_SMOOTHING = 0.1
-GCE_Q = 0.7
 EMA_DECAY = 0.99
+#: Neighbours of the detection vote before training.
+DETECTION_K = 10
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,7 @@ class Job:
     setting: str
     method: str
     seed: int
+    regime: str
     epochs: int
     lr: float
     batch_size: int = 64
@@ -149,16 +168,15 @@ class Job:
 # ------------------------------------------------------------------------------------ data
 
 
-def render_source(images: np.ndarray) -> torch.Tensor:
-    """MNIST 28x28 -> 16x16, light strokes on black (the pretraining rendering)."""
-    pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 255.0
-    return F.interpolate(pixels, size=(IMG, IMG), mode="area")
+def render_source(pixels: torch.Tensor) -> torch.Tensor:
+    """Digits in [0, 1] at their own size -> 16x16, light strokes on black (the pretraining rendering)."""
+    mode = "area" if pixels.shape[-1] > IMG else "bilinear"
+    return F.interpolate(pixels, size=(IMG, IMG), mode=mode, **({} if mode == "area" else {"align_corners": False}))
 
 
-def render_target(images: np.ndarray) -> torch.Tensor:
+def render_target(pixels: torch.Tensor) -> torch.Tensor:
     """The target rendering: 8x8 and back to 16x16 (blurred), inverted (dark strokes on white)."""
-    pixels = torch.tensor(images, dtype=torch.float32)[:, None] / 255.0
-    small = F.interpolate(pixels, size=(8, 8), mode="area")
+    small = F.interpolate(pixels, size=(8, 8), mode="area") if pixels.shape[-1] != 8 else pixels
     return 1.0 - F.interpolate(small, size=(IMG, IMG), mode="bilinear", align_corners=False)
 
 
@@ -167,11 +185,25 @@ def standardise(x: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=1)
-def mnist() -> tuple[np.ndarray, np.ndarray]:
+def digits() -> tuple[list[torch.Tensor], np.ndarray]:
+    """Every embedded digit: MNIST-5k (28x28) and scikit-learn's 1,797 (8x8), pixels in [0, 1], and labels."""
+    from sklearn.datasets import load_digits
+
     data = embedded_mnist()
     images = [np.asarray(img, dtype=np.uint8) for split in ("train", "test") for img in data[split]["image"]]
     labels = [label for split in ("train", "test") for label in data[split]["label"]]
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    mnist_pixels = torch.tensor(np.stack(images), dtype=torch.float32)[:, None] / 255.0
+    small = load_digits()
+    small_pixels = torch.tensor(small.images, dtype=torch.float32)[:, None] / 16.0
+    pixels = [mnist_pixels, small_pixels]
+    return pixels, np.concatenate([np.asarray(labels, dtype=np.int64), small.target.astype(np.int64)])
+
+
+@lru_cache(maxsize=2)
+def rendered(kind: str) -> torch.Tensor:
+    """All digits in the source or the target rendering, standardised, ``[N, 1, 16, 16]``."""
+    render = render_source if kind == "source" else render_target
+    return standardise(torch.cat([render(part) for part in digits()[0]]))
 
 
 @dataclass
@@ -189,8 +221,8 @@ class Target:
 @cache
 def target(setting: str, seed: int) -> Target:
     """The target task with the setting's noise (seeded); test split fixed across seeds."""
-    images, labels = mnist()
-    x = standardise(render_target(images))
+    _, labels = digits()
+    x = rendered("target")
     inside = np.flatnonzero(np.isin(labels, TARGET_CLASSES))
     order = np.random.default_rng(1234).permutation(inside)
     test, rest = order[:NUM_TEST], order[NUM_TEST:]
@@ -206,24 +238,24 @@ def target(setting: str, seed: int) -> Target:
         rows = rest
         clean = y[rows]
         if kind == "confusion":
-            noisy = confusion_labels(clean, held_out_probabilities(images[rows], clean, seed), rate, seed)
+            noisy = confusion_labels(clean, held_out_probabilities(x[rows], clean, seed), rate, seed)
         else:
             noisy = inject_noise(clean, len(TARGET_CLASSES), kind, rate, seed).labels
         realised = float(np.mean(noisy != clean))
     shuffled = rng.permutation(len(rows))
-    val, train = shuffled[: len(rows) // 5], shuffled[len(rows) // 5 :]
+    val, train = shuffled[:NUM_VAL], shuffled[NUM_VAL:]
     noisy, clean = torch.tensor(noisy), torch.tensor(clean)
     return Target(
         x[rows[train]], noisy[train], clean[train], x[rows[val]], noisy[val], x[test], torch.tensor(y[test]), realised
     )
 
 
-def held_out_probabilities(images: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+def held_out_probabilities(images: torch.Tensor, labels: np.ndarray, seed: int) -> np.ndarray:
     """A pixel-space logistic regression's 5-fold held-out class probabilities (its own confusions)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    features = render_target(images).flatten(1).numpy()
+    features = images.flatten(1).numpy()
     model = LogisticRegression(max_iter=300, C=0.05)
     return cross_val_predict(model, features, labels, cv=5, method="predict_proba")
 
@@ -239,12 +271,12 @@ def make_model(arch: str, num_classes: int) -> nn.Module:
 #: architecture -> pretraining recipe (a ViT learns slowly from 2,000 images: AdamW, more epochs)
 PRETRAIN: dict[str, dict[str, Any]] = {
     "resnet": {"opt": "sgd", "epochs": 15, "lr": 0.05, "batch_size": 64, "seed": 0},
-    "vit": {"opt": "adamw", "epochs": 30, "lr": 1e-3, "batch_size": 64, "seed": 0},
+    "vit": {"opt": "adamw", "epochs": 100, "lr": 2e-3, "batch_size": 64, "seed": 0},
 }
 
 
 def pretrained_path(arch: str, recipe: dict[str, Any], cache: Path) -> Path:
-    made = json.dumps([ARCHS[arch], recipe, SOURCE_CLASSES, IMG], sort_keys=True)
+    made = json.dumps([ARCHS[arch], recipe, SOURCE_CLASSES, IMG, DATA_VERSION], sort_keys=True)
     return cache / f"{arch}-{hashlib.sha256(made.encode()).hexdigest()[:10]}.safetensors"
 
 
@@ -256,14 +288,14 @@ def pretrain(arch: str, recipe: dict[str, Any], cache: Path) -> Path:
         return path
     started = time.perf_counter()
     torch.manual_seed(recipe["seed"])
-    images, labels = mnist()
+    _, labels = digits()
     rows = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
     order = np.random.default_rng(recipe["seed"]).permutation(rows)
     held, used = order[:500], order[500:]
-    x, y = standardise(render_source(images)), torch.tensor(labels)
+    x, y = rendered("source"), torch.tensor(labels)
     model = make_model(arch, len(SOURCE_CLASSES))
     updates = recipe["epochs"] * (len(used) // recipe["batch_size"])
-    loop = PlainLoop(model, recipe["lr"], updates, "ce", opt=recipe["opt"])
+    loop = PlainLoop(model, recipe["lr"], updates, "cross_entropy", opt=recipe["opt"])
     generator = torch.Generator().manual_seed(recipe["seed"])
     for _ in range(recipe["epochs"]):
         for batch in batches(len(used), recipe["batch_size"], generator):
@@ -313,12 +345,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
         yield order[start : start + batch_size]
 
 
-def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = GCE_Q) -> torch.Tensor:
-    """Generalised cross-entropy (Zhang & Sabuncu 2018): mean of (1 - p_y^q) / q."""
-    p_y = logits.softmax(dim=1).gather(1, targets[:, None]).squeeze(1).clamp_min(1e-7)
-    return ((1.0 - p_y**q) / q).mean()
-
-
 class PlainLoop:
     """SGD + cosine schedule with one of the baseline losses, and timm's ModelEmaV3 alongside."""
 
@@ -329,16 +355,12 @@ class PlainLoop:
         else:
             self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         self.scheduler = cosine(self.optimizer, total)
-        self.loss = loss
+        self.loss = resolve_criterion(loss)
         self.ema = ModelEmaV3(model, decay=EMA_DECAY, use_warmup=True)
         self.updates = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        logits = self.model(x)
-        if self.loss == "gce":
-            loss = gce_loss(logits, y)
-        else:
-            loss = F.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING if self.loss == "ce_ls" else 0.0)
+        loss = self.loss(self.model(x), y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -385,24 +407,51 @@ def training_fit(model: nn.Module, data: Target) -> dict[str, float]:
 
 
 def mlnt_config(job: Job, total: int) -> MetaNoiseConfig:
-    shared = {**COMMON, "inner_lr": INNER_LR_PER_LR * job.lr}
-    return MetaNoiseConfig.for_run_length(
-        total, **{**shared, **(METHODS[job.method] or {}), **dict(job.overrides), "seed": job.seed}
+    method = METHODS[job.method]
+    shared = {**COMMON, "inner_lr": INNER_LR_PER_LR * job.lr, "criterion": method.loss}
+    return MetaNoiseConfig.for_run_length(total, **{**shared, **method.meta, **dict(job.overrides), "seed": job.seed})
+
+
+def clean_before(model: nn.Module, data: Target, action: str) -> tuple[Target, dict[str, Any] | None]:
+    """Detection before training with the starting weights: the training split with the flagged
+    samples removed or relabelled, and what detection found (precision / recall against the truth)."""
+    if action == "off":
+        return data, None
+    started = time.perf_counter()
+    found = detect_label_noise(
+        extract_features(model, data.train_x),
+        data.train_y.numpy(),
+        num_classes=len(TARGET_CLASSES),
+        k=DETECTION_K,
+        clean_labels=data.train_clean.numpy(),
     )
+    flagged = torch.from_numpy(found.flagged)
+    if action == "remove":
+        keep = ~flagged
+        cleaned = replace(
+            data, train_x=data.train_x[keep], train_y=data.train_y[keep], train_clean=data.train_clean[keep]
+        )
+    else:
+        cleaned = replace(data, train_y=torch.from_numpy(found.suggested_labels).long())
+    report = dict(vars(found.report), seconds=time.perf_counter() - started, remaining=len(cleaned.train_y))
+    report["noise_left"] = float((cleaned.train_y != cleaned.train_clean).float().mean())
+    return cleaned, report
 
 
 def run(job: Job) -> dict[str, Any]:
     """Fine-tune one method on one setting and seed; per-epoch accuracies of student and mentor."""
     torch.set_num_threads(1)
     data = target(job.setting, job.seed)
+    method = METHODS[job.method]
     started = time.perf_counter()
     torch.manual_seed(job.seed)
     model = load_pretrained(Path(job.pretrained), job.arch, len(TARGET_CLASSES))
+    data, detection = clean_before(model, data, method.clean)
     steps_per_epoch = len(data.train_y) // job.batch_size
     total = job.epochs * steps_per_epoch
     meta_stats: dict[str, list[float]] = {}
-    if METHODS[job.method] is None:
-        loop = PlainLoop(model, job.lr, total, job.method)
+    if method.meta is None:
+        loop = PlainLoop(model, job.lr, total, method.loss)
         step, mentor = loop.step, loop.ema.module
         config = None
     else:
@@ -428,17 +477,22 @@ def run(job: Job) -> dict[str, Any]:
             curves[f"{who}_val"].append(evaluate(network, data.val_x, data.val_y))
             curves[f"{who}_test"].append(evaluate(network, data.test_x, data.test_y))
     seconds = time.perf_counter() - started
+    fields = (*COMMON, "first_order", "fast_params", "inner_step", "inner_lr", "inner_radius", "meta_every")
     return {
         "fit": {who: training_fit(network, data) for who, network in (("student", model), ("mentor", mentor))},
         "meta_stats": {k: statistics.fmean(v) for k, v in meta_stats.items()} if meta_stats else None,
+        "detection": detection,
         "arch": job.arch,
         "setting": job.setting,
         "method": job.method,
         "seed": job.seed,
+        "regime": job.regime,
+        "epochs": job.epochs,
         "realised_rate": data.realised_rate,
         "seconds": seconds,
         "updates": total,
-        "config": None if config is None else {k: getattr(config, k) for k in (*COMMON, "first_order", "fast_params")},
+        "loss": method.loss,
+        "config": None if config is None else {k: getattr(config, k) for k in fields},
         **curves,
     }
 
@@ -447,25 +501,34 @@ def run(job: Job) -> dict[str, Any]:
 DEFAULT_COMMAND = "python benchmarks/finetune_accuracy.py"
 
 
+def run_key(r: dict[str, Any]) -> tuple:
+    return r.get("regime", "short"), r["arch"], r["setting"], r["method"], r["seed"]
+
+
 def merged(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``earlier`` with ``new`` added, a new run replacing one of the same model, setting, method and seed."""
+    """``earlier`` with ``new`` added, a new run replacing one of the same regime, model, setting, method and seed."""
+    replaced = {run_key(r) for r in new}
+    return [r for r in earlier if run_key(r) not in replaced] + new
 
-    def key(r: dict[str, Any]) -> tuple:
-        return r["arch"], r["setting"], r["method"], r["seed"]
 
-    replaced = {key(r) for r in new}
-    return [r for r in earlier if key(r) not in replaced] + new
+#: Relative cost of a run, to start the longest first.
+COST = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "ema": 1.5, "mlnt_head": 2}
 
 
 def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    cost = {"mlnt_so": 12, "mlnt_fo": 7, "mlnt_last_stage": 4, "mlnt_fast": 2, "mlnt_head": 2, "ema": 1.5}
-    pending = sorted(jobs, key=lambda j: -cost.get(j.method, 1) * (1.5 if j.arch == "vit" else 1))
-    return run_pool(run, pending, workers, _progress_line)
+    def cost(job: Job) -> float:
+        return (
+            COST.get(job.method, 2 if job.method.startswith("mlnt") or job.method == "recipe" else 1)
+            * (1.5 if job.arch == "vit" else 1)
+            * job.epochs
+        )
+
+    return run_pool(run, sorted(jobs, key=lambda j: -cost(j)), workers, _progress_line)
 
 
 def _progress_line(job: Job, r: dict[str, Any]) -> str:
     return (
-        f"  {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
+        f"  {job.regime:<5} {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
         f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f} "
         f"(noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}) "
         f"{r['seconds']:5.0f} s"
@@ -485,32 +548,40 @@ def final(run: dict[str, Any], row: str, who: str, split: str = "test") -> float
     return run[f"{who}_{split}"][-1]
 
 
-def rows_of(results: list[dict[str, Any]], arch: str, setting: str, row: str) -> list[dict[str, Any]]:
+def rows_of(results: list[dict[str, Any]], regime: str, arch: str, setting: str, row: str) -> list[dict[str, Any]]:
     method = DERIVED.get(row, row)
-    return [r for r in results if r["arch"] == arch and r["setting"] == setting and r["method"] == method]
+    return [r for r in results if run_key(r)[:4] == (regime, arch, setting, method)]
 
 
-def summarise(results: list[dict[str, Any]], archs, settings, split: str = "test") -> list[dict[str, Any]]:
-    """One entry per (arch, setting, row): mean/std of student and mentor, time relative to ce."""
+def has_mentor(row: str) -> bool:
+    return METHODS.get(row, Method()).meta is not None
+
+
+def summarise(results: list[dict[str, Any]], regimes, archs, settings, split: str = "test") -> list[dict[str, Any]]:
+    """One entry per (regime, arch, setting, row): mean/std of student and mentor, time relative to ce."""
     table = []
-    for arch in archs:
-        for setting in settings:
-            ce_seconds = [r["seconds"] for r in rows_of(results, arch, setting, "ce")]
-            for row in ROWS:
-                runs = rows_of(results, arch, setting, row)
-                if not runs:
-                    continue
-                entry = {"arch": arch, "setting": setting, "row": row, "seeds": len(runs)}
-                for who in ("student", "mentor"):
-                    values = [100 * final(r, row, who, split) for r in runs]
-                    entry[who] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-                has_mentor = row not in ("ce", "ce_early", "ce_ema", "ce_ls", "gce")
-                if not has_mentor:
-                    entry["mentor"] = None
-                seconds = statistics.fmean(r["seconds"] for r in runs)
-                entry["seconds"] = seconds
-                entry["x_ce"] = seconds / statistics.fmean(ce_seconds) if ce_seconds else float("nan")
-                table.append(entry)
+    for regime in regimes:
+        for arch in archs:
+            for setting in settings:
+                ce_seconds = [r["seconds"] for r in rows_of(results, regime, arch, setting, "ce")]
+                for row in ROWS:
+                    runs = rows_of(results, regime, arch, setting, row)
+                    if not runs:
+                        continue
+                    entry = {"regime": regime, "arch": arch, "setting": setting, "row": row, "seeds": len(runs)}
+                    for who in ("student", "mentor"):
+                        values = [100 * final(r, row, who, split) for r in runs]
+                        entry[who] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                    if not has_mentor(row):
+                        entry["mentor"] = None
+                    seconds = statistics.fmean(r["seconds"] for r in runs)
+                    entry["seconds"] = seconds
+                    entry["x_ce"] = seconds / statistics.fmean(ce_seconds) if ce_seconds else float("nan")
+                    detections = [r["detection"] for r in runs if r.get("detection")]
+                    if detections:
+                        entry["f1"] = statistics.fmean(d["f1"] or 0.0 for d in detections)
+                        entry["noise_left"] = statistics.fmean(d["noise_left"] for d in detections)
+                    table.append(entry)
     return table
 
 
@@ -518,34 +589,41 @@ def best(entry: dict[str, Any]) -> float:
     return max(entry["student"][0], entry["mentor"][0] if entry["mentor"] else -1.0)
 
 
-def markdown(table: list[dict[str, Any]], archs, settings, split: str) -> list[str]:
+def markdown(table: list[dict[str, Any]], regimes, archs, settings, split: str) -> list[str]:
     what = "noisy validation" if split == "val" else "clean test"
     lines = [
         f"Accuracy (%) on the {what} set at the final epoch, mean ± std over seeds (`ce_early`: the epoch "
         "with the best noisy-validation accuracy; `ce_ema`: the cross-entropy run's `ModelEmaV3`); wall time "
-        "per run relative to `ce`:",
+        "per run relative to `ce`; for the rows that detect noise before training, the detection's F1 and "
+        "the noise left in the training split after removing what it flagged:",
         "",
-        "| model | setting | method | student | mentor | x ce |",
-        "|---|---|---|---|---|---|",
+        "| regime | model | setting | method | student | mentor | x ce | detection F1 / noise left |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in table:
         student, mentor = (f"{v[0]:.1f} ± {v[1]:.1f}" if v else "" for v in (entry["student"], entry["mentor"]))
-        where = f"| {entry['arch']} | {entry['setting']} | {entry['row']}"
+        where = f"| {entry['regime']} | {entry['arch']} | {entry['setting']} | {entry['row']}"
         ratio = f"{entry['x_ce']:.1f}" if math.isfinite(entry["x_ce"]) else "n/a"
-        lines.append(f"{where} | {student} | {mentor} | {ratio} |")
-    lines += ["", "Best MLNT configuration against the best baseline (higher of student and mentor, means):", ""]
-    lines += ["| model | setting | best baseline | best MLNT | margin |", "|---|---|---|---|---|"]
-    for arch in archs:
-        for setting in settings:
-            entries = [e for e in table if e["arch"] == arch and e["setting"] == setting]
-            baselines = [e for e in entries if not e["row"].startswith("mlnt")]
-            mlnt = [e for e in entries if e["row"].startswith("mlnt")]
-            if not baselines or not mlnt:
-                continue
-            b = max(baselines, key=best)
-            m = max(mlnt, key=best)
-            cells = f"{b['row']} {best(b):.1f} | {m['row']} {best(m):.1f} | {best(m) - best(b):+.1f}"
-            lines.append(f"| {arch} | {setting} | {cells} |")
+        detection = f"{entry['f1']:.2f} / {100 * entry['noise_left']:.1f}%" if "f1" in entry else ""
+        lines.append(f"{where} | {student} | {mentor} | {ratio} | {detection} |")
+    lines += ["", "The recipe and the best MLNT row against the best baseline (higher of student and mentor, means):"]
+    lines += ["", "| regime | model | setting | best baseline | recipe | margin | best MLNT row | margin |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for regime in regimes:
+        for arch in archs:
+            for setting in settings:
+                entries = [e for e in table if (e["regime"], e["arch"], e["setting"]) == (regime, arch, setting)]
+                baselines = [e for e in entries if e["row"] in BASELINES]
+                ours = [e for e in entries if e["row"] not in BASELINES]
+                if not baselines or not ours:
+                    continue
+                b = max(baselines, key=best)
+                recipe = next((e for e in ours if e["row"] == "recipe"), None)
+                m = max(ours, key=best)
+                cells = f"{b['row']} {best(b):.1f} | "
+                cells += f"{best(recipe):.1f} | {best(recipe) - best(b):+.1f}" if recipe else "| "
+                cells += f" | {m['row']} {best(m):.1f} | {best(m) - best(b):+.1f}"
+                lines.append(f"| {regime} | {arch} | {setting} | {cells} |")
     return lines
 
 
@@ -562,25 +640,29 @@ def plot(table: list[dict[str, Any]], path: Path) -> bool:
     if not table:
         print("no cross-entropy runs to measure time against: no chart")
         return False
-    archs = sorted({e["arch"] for e in table})
+    archs = list(dict.fromkeys((e["regime"], e["arch"]) for e in table))
     settings = list(dict.fromkeys(e["setting"] for e in table))
     fig, axes = plt.subplots(len(archs), len(settings), figsize=(3.2 * len(settings), 3.0 * len(archs)), squeeze=False)
     colours = dict(zip(ROWS, plt.get_cmap("tab20").colors))  # more rows than tab10 has colours
     for i, arch in enumerate(archs):
         for j, setting in enumerate(settings):
             ax = axes[i][j]
-            for e in (e for e in table if e["arch"] == arch and e["setting"] == setting):
+            for e in (e for e in table if (e["regime"], e["arch"]) == arch and e["setting"] == setting):
                 ax.scatter(e["x_ce"], best(e), color=colours[e["row"]], label=e["row"], s=28)
             ax.set_xscale("log")
             ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_title(f"{arch}, {setting}", fontsize=9)
+            ax.set_title(f"{arch[1]} {arch[0]}, {setting}", fontsize=9)
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("clean test acc. (%)")
             if i == len(archs) - 1:
                 ax.set_xlabel("wall time / ce")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    seen = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    labels, handles = list(seen), list(seen.values())
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.suptitle("Fine-tuning a pretrained timm model: final-epoch accuracy (higher of student and mentor)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
@@ -595,10 +677,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune", action="store_true", help="report the noisy validation split, not the test set")
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES), help=f"epochs: {REGIMES}")
     parser.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (peak of the cosine)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS, help=f"default: {DEFAULT_METHODS}"
+    )
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="MetaNoiseConfig overrides for the MLNT methods"
     )
@@ -610,18 +694,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="add these runs to <output>/runs.json (replacing the same model, setting, method and seed) and "
+        help="add these runs to <output>/runs.json (replacing the same regime, model, setting, method and seed) and "
         "report the whole of it, e.g. a new method beside the full table",
     )
     args = parser.parse_args(argv)
     if args.replot:
         results = json.loads((Path(args.output) / "runs.json").read_text())
-        plot(summarise(results, args.archs, args.settings), Path(args.output) / CHART)
+        plot(summarise(results, args.regimes, args.archs, args.settings), Path(args.output) / CHART)
         return
+    epochs = dict(REGIMES)
     if args.quick:
-        args.epochs, args.seeds = 1, [0]
+        epochs, args.seeds, args.regimes = {"short": 1}, [0], ["short"]
         args.settings = [s for s in args.settings if s in ("sym40", "open30")] or ["sym40"]
-        args.methods = [m for m in args.methods if m in ("ce", "ema", "mlnt_fo")] or ["ce"]
+        args.methods = [m for m in args.methods if m in ("ce", "ema", "recipe")] or ["ce"]
     overrides = tuple((key, parse_value(value)) for key, value in (item.split("=", 1) for item in args.set))
     MetaNoiseConfig().with_overrides(**dict(overrides))  # unknown or invalid fields fail here, not in a worker
     recipes = {arch: dict(PRETRAIN[arch], **({"epochs": 2} if args.quick else {})) for arch in args.archs}
@@ -632,11 +717,13 @@ def main(argv: list[str] | None = None) -> None:
             setting,
             method,
             seed,
-            args.epochs,
+            regime,
+            epochs[regime],
             args.lr,
-            overrides=overrides if METHODS[method] else (),
+            overrides=overrides if METHODS[method].meta is not None else (),
             pretrained=backbones[arch],
         )
+        for regime in args.regimes
         for arch in args.archs
         for setting in args.settings
         for method in args.methods
@@ -658,14 +745,15 @@ def main(argv: list[str] | None = None) -> None:
         ran += f"({len(results)} runs)."
         earlier = commands_file.read_text().splitlines() if commands_file.exists() else [DEFAULT_COMMAND]
         commands = list(dict.fromkeys([*earlier, command.strip()]))  # a command run again is listed once
+        args.regimes = [regime for regime in REGIMES if any(run_key(r)[0] == regime for r in results)]
         args.archs = [arch for arch in ARCHS if any(r["arch"] == arch for r in results)]
         args.settings = [setting for setting in SETTINGS if any(r["setting"] == setting for r in results)]
     runs_file.write_text(json.dumps(results, indent=1) + "\n")
     if not args.tune:
         commands_file.write_text("\n".join(commands) + "\n")
     split = "val" if args.tune else "test"
-    table = summarise(results, args.archs, args.settings, split)
-    lines = markdown(table, args.archs, args.settings, split)
+    table = summarise(results, args.regimes, args.archs, args.settings, split)
+    lines = markdown(table, args.regimes, args.archs, args.settings, split)
     print("\n".join(lines))
     print(f"{minutes:.1f} min")
     if args.tune:
@@ -688,11 +776,13 @@ def main(argv: list[str] | None = None) -> None:
             *commands,
             "```",
             "",
-            f"Machine: {machine}. {ran} {args.epochs} epochs, "
+            f"Machine: {machine}. {ran} Regimes (epochs) {REGIMES}, batch 64, "
             f"lr {args.lr}, seeds {args.seeds}, shared MLNT settings {shared}, schedules "
-            "from `MetaNoiseConfig.for_run_length`.",
+            f"from `MetaNoiseConfig.for_run_length`; the recipe: `MetaNoiseConfig.finetune()` = {FINETUNE_PRESET}, "
+            f"detection before training `{FINETUNE_CLEANING}` (k = {DETECTION_K}).",
             "",
-            "Pretrained backbones (cached; clean labels, source task MNIST digits 0-4 at 16x16, 2,000 images):",
+            "Pretrained backbones (cached; clean labels, source task digits 0-4 at 16x16 from MNIST-5k and "
+            "scikit-learn's digits, 2,901 images, 500 held out):",
             "",
             *(f"- {arch}: {pretraining_note(arch, Path(path))}" for arch, path in backbones.items()),
             "",

@@ -120,23 +120,36 @@ def clean_dataset(
     num_classes = num_classes or pred_probs.shape[1]
     flagged = _flags(labels, pred_probs, config)
     detection = DetectionReport.measure(flagged, dataset[IS_NOISY])
+    result, counts, relabelled_correct = apply_flags(
+        dataset, flagged, pred_probs.argmax(axis=1), config.action, num_classes
+    )
+    return result, CleaningReport(config, detection, counts, relabelled_correct)
+
+
+def apply_flags(
+    dataset: Dataset, flagged: np.ndarray, suggested: np.ndarray, action: str, num_classes: int
+) -> tuple[Dataset, list[int], int | None]:
+    """``dataset`` with the ``flagged`` rows removed, or relabelled with ``suggested`` (``is_noisy`` updated).
+
+    Returns the new data set, the samples left per class, and (relabel, clean labels known) how
+    many relabelled samples got their true class.
+    """
+    labels = np.asarray(dataset[LABEL], dtype=np.int64)
     clean = np.asarray(dataset[CLEAN_LABEL], dtype=np.int64)
     relabelled_correct = None
-    if config.action == "remove":
+    if action == "remove":
         result = dataset.select(np.flatnonzero(~flagged))
         remaining = labels[~flagged]
     else:
-        new_labels = np.where(flagged, pred_probs.argmax(axis=1), labels)
-        known = clean >= 0
-        if known.all():
+        new_labels = np.where(flagged, suggested, labels)
+        if (clean >= 0).all():
             relabelled_correct = int((new_labels[flagged] == clean[flagged]).sum())
         is_noisy = [bool(n != c) if c >= 0 else None for n, c in zip(new_labels, clean)]
         result = dataset.remove_columns([LABEL, IS_NOISY])
         result = result.add_column(LABEL, new_labels.tolist()).add_column(IS_NOISY, is_noisy)
         result = result.cast(dataset.features).select_columns(dataset.column_names)
         remaining = new_labels
-    counts = np.bincount(remaining, minlength=num_classes).tolist()
-    return result, CleaningReport(config, detection, counts, relabelled_correct)
+    return result, np.bincount(remaining, minlength=num_classes).tolist(), relabelled_correct
 
 
 def predict_probabilities(model: nn.Module, batches: Iterable[torch.Tensor]) -> np.ndarray:

@@ -257,6 +257,18 @@ class MetaNoiseConfig:
         """
         return cls().with_overrides(**{**FAST_PRESET, **overrides})
 
+    @classmethod
+    def finetune(cls, **overrides: Any) -> MetaNoiseConfig:
+        """The fine-tuning recipe for a pretrained model (see `FINETUNE_PRESET`).
+
+        The affordable preset's cost (one synthetic set on every 5th update) with a scale-free
+        fast step (``inner_step="relative"``) and the loss of `FINETUNE_PRESET`. Pair it with
+        noise detection before training (`noisy_meta.detect_label_noise`, `FINETUNE_CLEANING`),
+        as the command line does for ``--pretrained`` / ``--checkpoint`` runs. ``overrides``
+        win over the preset.
+        """
+        return cls().with_overrides(**{**FINETUNE_PRESET, **overrides})
+
     def meta_weight_at(self, step: int) -> float:
         """Meta-loss weight ``w`` for the update with index ``step`` (0-based)."""
         if step < self.ramp_start or step % self.meta_every:
@@ -287,6 +299,18 @@ FAST_PRESET: dict[str, Any] = {
     "compensate_meta_every": True,
     "meta_batch_fraction": 1.0,
 }
+
+#: The fine-tuning recipe (`MetaNoiseConfig.finetune`): the affordable preset's schedule of meta
+#: steps with the scale-free relative fast step. Measured in benchmarks/RESULTS.md ("Fine-tuning
+#: a pretrained model").
+FINETUNE_PRESET: dict[str, Any] = {
+    **FAST_PRESET,
+    "inner_step": "relative",
+    "inner_radius": 0.01,
+}
+#: What the fine-tuning recipe does before training: ``"remove"`` the samples the neighbour vote
+#: over the pretrained features flags (`noisy_meta.detect_label_noise`).
+FINETUNE_CLEANING = "remove"
 
 #: The fields `MetaNoiseConfig.for_run_length` sets from the run length.
 RUN_LENGTH_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")

@@ -9,17 +9,28 @@ import sys
 from typing import Any, NoReturn, get_args
 
 from ..cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
-from ..config import FAST_PARAM_NAMES, FAST_PRESET, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
+from ..config import (
+    FAST_PARAM_NAMES,
+    FAST_PRESET,
+    FINETUNE_CLEANING,
+    FINETUNE_PRESET,
+    RUN_LENGTH_FIELDS,
+    MentorUpdate,
+    MetaNoiseConfig,
+    field_choices,
+)
 from ..noise import NOISE_KINDS, OPEN_SET
 from .flag_checks import (
     check_flags,
     flag_of,
+    half_open_unit,
     non_negative_float,
     non_negative_int,
     open_fraction,
     positive_float,
     positive_int,
     probability,
+    smoothing_fraction,
 )
 from .names import EMBEDDED, PRED_PROBS_FILE
 
@@ -27,6 +38,12 @@ from .names import EMBEDDED, PRED_PROBS_FILE
 _FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
 #: Fields whose flag also takes values beyond the named choices (comma-separated glob patterns).
 _OPEN_CHOICES = ("fast_params",)
+#: Fields with no flag of their own: the loss on the given labels comes from --loss / --smoothing / --gce-q.
+_NO_FLAG = ("criterion",)
+#: ``--loss`` values (`noisy_meta.losses`).
+LOSSES = ("cross_entropy", "gce", "sce")
+#: ``--clean-before`` values: noise detection with the starting weights before training.
+CLEAN_BEFORE_ACTIONS = ("off", "remove", "relabel")
 
 #: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
 #: cores) and for any other data set.
@@ -40,15 +57,16 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "meta_first_order": True,
     "meta_num_synthetic": 5,
 }
-#: MetaNoiseConfig defaults when the run starts from pretrained weights (``--pretrained`` or
-#: ``--checkpoint``), chosen on the fine-tuning benchmark's noisy validation split
-#: (benchmarks/finetune_accuracy.py, RESULTS.md): the inner step size is the fine-tuning
-#: learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
+#: MetaNoiseConfig defaults of a ``--preset full`` run from pretrained weights (``--pretrained`` or
+#: ``--checkpoint``; the default preset there is ``finetune``), chosen on the fine-tuning
+#: benchmark's noisy validation split (benchmarks/finetune_accuracy.py, RESULTS.md): the inner
+#: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
 #: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
 FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
-#: ``--preset`` values: the affordable preset (`MetaNoiseConfig.fast`) or the paper's full meta step.
-PRESETS = ("fast", "full")
-DEFAULT_PRESET = "full"
+#: ``--preset`` values: the paper's full meta step, the affordable preset (`MetaNoiseConfig.fast`) or
+#: the fine-tuning recipe (`MetaNoiseConfig.finetune`, the default from pretrained weights), and
+#: the MetaNoiseConfig fields each sets.
+PRESETS: dict[str, dict[str, Any]] = {"full": {}, "fast": FAST_PRESET, "finetune": FINETUNE_PRESET}
 GENERAL_DEFAULTS: dict[str, Any] = {
     "model": "resnet18",
     "epochs": 10,
@@ -205,6 +223,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     optim.add_argument(
         "--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration"
     )
+    optim.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="the loss on the given labels (noisy_meta.losses): cross-entropy, generalised cross-entropy (--gce-q) "
+        "or symmetric cross-entropy (alpha 0.1, beta 1); default: the preset's (cross_entropy)",
+    )
+    optim.add_argument(
+        "--smoothing", type=smoothing_fraction, default=0.0, help="label smoothing of --loss cross_entropy (timm's)"
+    )
+    optim.add_argument("--gce-q", type=half_open_unit, default=0.7, help="q of --loss gce, in (0, 1]")
 
     meta = parser.add_argument_group("MLNT (MetaNoiseConfig fields)")
     meta.add_argument(
@@ -214,15 +243,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     meta.add_argument(
         "--preset",
-        choices=PRESETS,
-        default=DEFAULT_PRESET,
-        help=f"full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
-        f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text()}), most of the gain on our "
-        "benchmarks (benchmarks/RESULTS.md). Flags below win over the preset. "
-        f"Default {DEFAULT_PRESET}",
+        choices=list(PRESETS),
+        default=None,
+        help="full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
+        f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text('fast')}); finetune: "
+        f"MetaNoiseConfig.finetune, the fine-tuning recipe ({_preset_text('finetune')}) with --clean-before "
+        f"{FINETUNE_CLEANING} (benchmarks/RESULTS.md). Flags below win over the preset. Default finetune from "
+        "--pretrained / --checkpoint, else full",
     )
+    meta.add_argument(
+        "--clean-before",
+        choices=CLEAN_BEFORE_ACTIONS,
+        default=None,
+        help="before training, flag the training images whose nearest neighbours in the starting model's features "
+        "mostly carry another label (noisy_meta.detect_label_noise) and remove or relabel them; the flags go to "
+        f"<output-dir>/clean_before.json. Default {FINETUNE_CLEANING} with --preset finetune, else off",
+    )
+    meta.add_argument("--clean-before-k", type=positive_int, default=10, help="neighbours in the --clean-before vote")
     for field in dataclasses.fields(MetaNoiseConfig):
-        _add_field_flag(meta, field)
+        if field.name not in _NO_FLAG:
+            _add_field_flag(meta, field)
 
     iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.cleaning)")
     iterative.add_argument(
@@ -335,8 +375,8 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, metavar=metavar, help=note)
 
 
-def _preset_text() -> str:
-    return ", ".join(f"{name.replace('_', '-')} {value}" for name, value in FAST_PRESET.items())
+def _preset_text(name: str) -> str:
+    return ", ".join(f"{field.replace('_', '-')} {value}" for field, value in PRESETS[name].items())
 
 
 def _default_note(field: dataclasses.Field) -> str:
@@ -350,11 +390,14 @@ def _default_note(field: dataclasses.Field) -> str:
     if embedded is not None:
         note += f"; {embedded!r} for {EMBEDDED}"
     if field.name == "inner_lr":
-        note += f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr from --pretrained/--checkpoint"
+        note += (
+            f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr with --preset full from --pretrained/--checkpoint"
+        )
     if field.name == "num_synthetic":
-        note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} from --pretrained/--checkpoint"
-    if field.name in FAST_PRESET and (FAST_PRESET[field.name] != field.default or embedded is not None):
-        note += f"; {FAST_PRESET[field.name]!r} with --preset fast"
+        note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} with --preset full from --pretrained/--checkpoint"
+    for name, preset in PRESETS.items():
+        if field.name in preset and (preset[field.name] != field.default or embedded is not None):
+            note += f"; {preset[field.name]!r} with --preset {name}"
     return note
 
 
@@ -428,16 +471,46 @@ def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
     return CleaningConfig(args.clean_criterion, threshold, args.clean_action)
 
 
+def from_weights(args: argparse.Namespace) -> bool:
+    """Whether the run starts from pretrained weights (``--pretrained`` or ``--checkpoint``)."""
+    return bool(args.pretrained or args.checkpoint)
+
+
+def preset_name(args: argparse.Namespace) -> str:
+    """``--preset``, or its default: ``finetune`` from pretrained weights, else ``full``."""
+    if getattr(args, "preset", None):
+        return args.preset
+    return "finetune" if from_weights(args) else "full"
+
+
+def clean_before_action(args: argparse.Namespace) -> str:
+    """``--clean-before``, or its default: the recipe's (`FINETUNE_CLEANING`) with ``--preset finetune``
+    from pretrained weights (not with ``--streaming``, which cannot clean), else ``off``."""
+    if args.clean_before is not None:
+        return args.clean_before
+    recipe = preset_name(args) == "finetune" and from_weights(args) and not args.streaming
+    return FINETUNE_CLEANING if recipe else "off"
+
+
 def fine_tuning_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights
-    (empty otherwise, and for the fields whose flag was given)."""
-    if not (args.pretrained or args.checkpoint):
+    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a ``--preset full`` run from pretrained
+    weights (empty otherwise, and for the fields whose flag was given)."""
+    if not from_weights(args) or preset_name(args) != "full":
         return {}
     values = {
         "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * args.lr,
         "num_synthetic": FINETUNE_META_DEFAULTS["num_synthetic"],
     }
     return {name: value for name, value in values.items() if getattr(args, "meta_" + name) is None}
+
+
+def criterion_of(args: argparse.Namespace) -> Any | None:
+    """The loss of ``--loss`` / ``--smoothing`` / ``--gce-q`` (None: the preset's or the library's)."""
+    if args.loss is None and not args.smoothing:
+        return None
+    from ..losses import make_criterion  # imports torch: only once a run is being set up
+
+    return make_criterion(args.loss or "cross_entropy", smoothing=args.smoothing, q=args.gce_q)
 
 
 def resolve_meta_config(
@@ -447,26 +520,29 @@ def resolve_meta_config(
 
     Flags not given keep the library defaults, except the schedules, which follow
     `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
-    when the run starts from pretrained weights `fine_tuning_defaults`, and with
-    ``--preset fast`` the fields of `FAST_PRESET`, which win over the data set's and the
-    fine-tuning defaults (``filled``: the data-set defaults `apply_data_set_defaults` filled in;
-    by default those `validate_args` recorded).
+    and the preset's fields (`preset_name`: ``--preset fast`` `FAST_PRESET`, ``finetune``
+    `FINETUNE_PRESET`, the default from pretrained weights), which win over the data set's
+    defaults (``filled``: the data-set defaults `apply_data_set_defaults` filled in; by default
+    those `validate_args` recorded). A ``--preset full`` run from pretrained weights takes
+    `fine_tuning_defaults`. The loss comes from ``--loss`` / ``--smoothing`` (`criterion_of`).
     """
     if filled is None:
         filled = getattr(args, "data_set_defaults", None) or {}
-    values = {f.name: getattr(args, "meta_" + f.name) for f in dataclasses.fields(MetaNoiseConfig)}
+    fields = [f.name for f in dataclasses.fields(MetaNoiseConfig) if f.name not in _NO_FLAG]
+    values = {name: getattr(args, "meta_" + name) for name in fields}
     values = {name: value for name, value in values.items() if value is not None}
-    preset = {}
-    if getattr(args, "preset", "full") == "fast":
-        given = {name for name in values if "meta_" + name not in filled}
-        preset = {name: value for name, value in FAST_PRESET.items() if name not in given}
-        values = {name: value for name, value in values.items() if name not in preset}
+    given = {name for name in values if "meta_" + name not in filled}
+    preset = {name: value for name, value in PRESETS[preset_name(args)].items() if name not in given}
+    values = {name: value for name, value in values.items() if name not in preset}
     fast_params = values.get("fast_params")
     if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
         values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
     values.setdefault("seed", args.seed)
     if args.no_meta:
         values["meta_weight"] = 0.0
+    criterion = criterion_of(args)
+    if criterion is not None:
+        values["criterion"] = criterion
     fine_tuning = {name: v for name, v in fine_tuning_defaults(args).items() if name not in preset}
     config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **preset, **values)
     chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}

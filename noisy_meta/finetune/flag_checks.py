@@ -72,6 +72,20 @@ def open_fraction(text: str) -> float:
     return value
 
 
+def smoothing_fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def half_open_unit(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse conflicting flags, missing paths and an output directory holding a run (ValueError)."""
     _check_combinations(args)
@@ -96,6 +110,13 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise ValueError("--overwrite starts afresh and --resume continues: give one")
     if args.iterations > 1 and args.resume:
         raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
+    if args.smoothing and args.loss not in (None, "cross_entropy"):
+        raise ValueError(f"--smoothing is label smoothing of --loss cross_entropy, not of --loss {args.loss}")
+    if args.clean_before not in (None, "off") and not (args.pretrained or args.checkpoint):
+        raise ValueError(
+            f"--clean-before {args.clean_before} needs starting weights (--pretrained or --checkpoint): the features "
+            "of a randomly initialised model cannot tell which labels are wrong"
+        )
 
 
 def _check_streaming(args: argparse.Namespace) -> None:
@@ -110,6 +131,7 @@ def _check_streaming(args: argparse.Namespace) -> None:
         "--bad-images skip": args.bad_images == "skip",
         f"--grad-accum-steps {args.grad_accum_steps}": args.grad_accum_steps > 1,
         f"--workers {args.workers}": args.workers > 0,
+        f"--clean-before {args.clean_before}": args.clean_before not in (None, "off"),
     }
     refused = [flag for flag, given in needs_whole.items() if given]
     if refused:

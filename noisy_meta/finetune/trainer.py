@@ -7,6 +7,7 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import shutil
 import sys
@@ -28,7 +29,8 @@ from ..cleaning import save_cleanlab_inputs
 from ..noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint
-from .cli import build_parser, cleaning_config, resolve_meta_config, validate_args
+from .clean_before import clean_before_training
+from .cli import build_parser, clean_before_action, cleaning_config, preset_name, resolve_meta_config, validate_args
 from .data import (
     EMBEDDED,
     Splits,
@@ -80,6 +82,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     splits = load_splits(args, console, accelerator)
+    action = clean_before_action(args)
+    if action != "off":  # every rank flags the same images (same weights, a deterministic search)
+        cleaned = clean_before_training(args, accelerator, console, splits.train, splits.num_classes, output_dir)
+        splits = dataclasses.replace(splits, train=cleaned)
     if args.iterations == 1:
         record = _train_run(args, accelerator, console, splits, splits.train, output_dir)
     else:
@@ -248,10 +254,11 @@ def _prepare(
         config = config.with_overrides(mentor_update=args.iteration_mentor)
     wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
     sources = ["run-length"]
-    if args.pretrained or args.checkpoint:
+    preset = preset_name(args)
+    if (args.pretrained or args.checkpoint) and preset == "full":
         sources.append("fine-tuning")
-    if args.preset == "fast":
-        sources.append("--preset fast")
+    if preset != "full":
+        sources.append(f"--preset {preset}")
     source = ", ".join(sources)
     console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
     if config.fast_params == "all" and wrapper.fast_suffix:

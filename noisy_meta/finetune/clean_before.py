@@ -1,0 +1,100 @@
+"""``--clean-before``: noise detection with the starting weights, before any training.
+
+The starting model (``--pretrained`` / ``--checkpoint`` weights) embeds every training image
+(eval transform, no augmentation); `noisy_meta.detect_label_noise` flags the images whose
+nearest neighbours mostly carry another label; the flagged images are removed from the
+training split, or relabelled with their neighbours' class. What was flagged is written to
+``<output-dir>/clean_before.json`` (the flagged images' ``index``, the suggested labels, the
+detection quality where clean labels are known) and the vote as cleanlab's ``pred_probs``
+(``clean_before_pred_probs.npz``).
+
+Every rank computes the same flags (same weights, same images, a deterministic search), so
+the training split stays identical across processes. The draw of the classifier's random
+initialisation is made under a forked RNG: the run's own model starts as it would without
+``--clean-before``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from ..cleaning import apply_flags, save_cleanlab_inputs
+from ..detection import LabelNoiseDetection, detect_label_noise, extract_features
+from ..noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
+from .data import attach_transform, collate
+from .models import create_model, transforms
+
+#: Files written beside the run.
+CLEAN_BEFORE_FILE = "clean_before.json"
+CLEAN_BEFORE_PRED_PROBS = "clean_before_pred_probs.npz"
+
+
+def clean_before_training(
+    settings: Any, accelerator: Accelerator, console: Console, train_set: Dataset, num_classes: int, output_dir: Path
+) -> Dataset:
+    """The training split after ``--clean-before remove|relabel`` (``settings``: the parsed flags)."""
+    action = settings.clean_before
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(settings, num_classes)
+    _, eval_transform = transforms(settings, model)
+    loader = DataLoader(
+        attach_transform(train_set, eval_transform),
+        batch_size=2 * settings.batch_size,
+        collate_fn=collate,
+        num_workers=settings.workers,
+    )
+    features = extract_features(model.to(accelerator.device), loader)
+    labels = np.asarray(train_set[LABEL], dtype=np.int64)
+    clean = np.asarray(train_set[CLEAN_LABEL], dtype=np.int64)  # OUTSIDE (< 0) for an open-set image
+    known = clean if all(value is not None for value in train_set[IS_NOISY]) else None
+    found = detect_label_noise(features, labels, num_classes=num_classes, k=settings.clean_before_k, clean_labels=known)
+    cleaned, per_class, relabelled_correct = apply_flags(
+        train_set, found.flagged, found.suggested_labels, action, num_classes
+    )
+    seconds = time.perf_counter() - started
+    console.print(
+        f"--clean-before {action}: {found.summary()}; {len(cleaned)} training images left "
+        f"({seconds:.1f} s; flags in {output_dir / CLEAN_BEFORE_FILE})"
+    )
+    if accelerator.is_main_process:
+        _write(output_dir, action, settings.clean_before_k, found, train_set, per_class, relabelled_correct, seconds)
+    return cleaned
+
+
+def _write(
+    output_dir: Path,
+    action: str,
+    k: int,
+    found: LabelNoiseDetection,
+    train_set: Dataset,
+    per_class: list[int],
+    relabelled_correct: int | None,
+    seconds: float,
+) -> None:
+    index = np.asarray(train_set[INDEX], dtype=np.int64)
+    flagged = np.flatnonzero(found.flagged)
+    record = {
+        "action": action,
+        "k": k,
+        "detection": vars(found.report),
+        "remaining_per_class": per_class,
+        "relabelled_correct": relabelled_correct,
+        "seconds": seconds,
+        "flagged_index": index[flagged].tolist(),
+        "suggested_label": found.suggested_labels[flagged].tolist(),
+        "score": [round(float(s), 4) for s in found.scores[flagged]],
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CLEAN_BEFORE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    save_cleanlab_inputs(output_dir / CLEAN_BEFORE_PRED_PROBS, train_set[LABEL], found.pred_probs, index)
