@@ -67,13 +67,13 @@ def _percent(value: float | None) -> str:
 
 
 def detect_label_noise(
-    features,
-    labels,
+    features: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
     *,
     num_classes: int | None = None,
     k: int = 10,
     threshold: float | None = None,
-    clean_labels=None,
+    clean_labels: np.ndarray | None = None,
     chunk_size: int = 1024,
 ) -> LabelNoiseDetection:
     """Flag samples whose nearest neighbours in feature space mostly carry another label.

@@ -44,7 +44,7 @@ def inject_noise(
     *,
     include_true_class: bool = False,
     class_map: Mapping[int, int] | None = None,
-    features=None,
+    features: np.ndarray | None = None,
 ) -> NoisyLabels:
     """Corrupt ``labels`` (integers in ``[0, num_classes)``) with label noise.
 

@@ -75,7 +75,7 @@ def test_help_names_the_program_and_shows_each_default_once(entry, prog):
         assert f"default: {default}" in " ".join(option.split()), option
     assert "output-dir OUTPUT_DIR" in text and "default: output/finetune" in " ".join(text.split())
     num_synthetic = " ".join(next(o for o in options if o.startswith("num-synthetic")).split())
-    assert "default 10; 5 for mnist-5k; 3 from --pretrained/--checkpoint" in num_synthetic
+    assert "default 10; 5 for mnist-5k; 3 with --preset full from --pretrained/--checkpoint" in num_synthetic
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -103,6 +103,12 @@ def test_help_names_the_program_and_shows_each_default_once(entry, prog):
         (["--streaming"], "--streaming cannot be combined with --dataset mnist-5k, --noise symmetric: a stream is"),
         (["--streaming", "--dataset", ".", "--workers", "2"], "--streaming cannot be combined with --workers 2"),
         (["--streaming", "--dataset", "."], "--streaming needs --val-split"),
+        (["--loss", "gce", "--smoothing", "0.1"], "--smoothing is label smoothing of --loss cross_entropy"),
+        (["--smoothing", "1"], "argument --smoothing: must be in [0, 1), got 1"),
+        (["--gce-q", "0"], "argument --gce-q: must be in (0, 1], got 0"),
+        (["--clean-before", "remove"], "--clean-before remove needs starting weights (--pretrained or --checkpoint)"),
+        (["--inner-step", "adam"], "argument --inner-step: invalid choice: 'adam'"),
+        (["--inner-radius", "0"], "--inner-radius must be a finite number > 0"),
     ],
 )
 def test_a_bad_flag_is_one_line_with_status_2_before_anything_loads(flags, message, tmp_path):

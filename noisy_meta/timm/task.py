@@ -60,7 +60,9 @@ class MetaNoiseTask(TrainingTask):
             update the scaler skipped leaves the mentor and the counter where they were.
         mentor: optional starting mentor (the student's architecture); default a copy.
         optimizer: the script's optimizer, to refuse one it cannot be used with (`check_optimizer`).
-        device, dtype, verbose: as for every timm task.
+        device: as for every timm task.
+        dtype: as for every timm task.
+        verbose: as for every timm task.
         **overrides: `MetaNoiseConfig` fields replacing those of ``config``.
 
     Not supported: mixup / cutmix (soft targets have no neighbour label transfer: refused with
