@@ -34,7 +34,7 @@ else:
     FeatureSourceSpec = Literal["mentor", "student"] | Callable[..., Any]  # an nn.Module is callable
 
 #: How the fast-weight step is sized (`noisy_meta.fast_weights.InnerStep`).
-InnerStepKind = Literal["sgd", "normalized", "relative"]
+InnerStepKind = Literal["sgd", "normalized", "relative", "global_relative"]
 #: The losses on the given labels known by name (`noisy_meta.losses`); a callable is accepted too.
 CriterionName = Literal["cross_entropy", "label_smoothing", "gce", "sce"]
 CriterionSpec = CriterionName | Callable[..., Any]
@@ -77,14 +77,18 @@ class MetaNoiseConfig:
         inner_step: how the fast-weight step is sized (`noisy_meta.fast_weights.InnerStep`):
             ``"sgd"`` (the paper: ``theta - inner_lr * g``), ``"normalized"`` (the fast
             weights move by the radius ``inner_radius`` along ``g / ||g||``, one norm over all
-            fast parameters) or ``"relative"`` (each tensor moves by ``inner_radius`` times its
-            own norm along its ``g_t / ||g_t||``: scale-free, the same setting for any model).
+            fast parameters), ``"relative"`` (each tensor moves by ``inner_radius`` times its
+            own norm along its ``g_t / ||g_t||``) or ``"global_relative"`` (all fast weights
+            together move by ``inner_radius * ||theta||`` along ``g / ||g||``: scale-free like
+            ``"relative"``, but each tensor's share of the step follows its gradient, as SGD's
+            does, so a tensor with almost no gradient is not pushed as far as the others).
             The SGD step's length ``inner_lr * ||g||`` depends on the architecture and the data,
             so no one ``inner_lr`` holds across models.
         inner_lr: alpha, the step size of the SGD step (``inner_step="sgd"``). The reference
             uses 0.02 on Clothing1M, CIFAR re-implementations 0.2.
         inner_radius: the size of the ``"normalized"`` step (an L2 length in parameter space)
-            or of the ``"relative"`` step (a fraction of each tensor's norm).
+            or of the relative steps (a fraction of each tensor's norm, or of all fast
+            weights' norm).
         first_order: drop the second-order term (detach the inner gradient). Cheaper, and
             works with ops that have no double backward.
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others

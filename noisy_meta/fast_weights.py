@@ -46,7 +46,12 @@ class InnerStep:
     * ``"relative"``: each tensor ``t`` moves by ``size * ||theta_t||`` along ``g_t / ||g_t||``
       (LARS's per-layer trust ratio): every tensor moves by the same fraction ``size`` of its
       own norm, so the whole step is ``size * ||theta||`` long, whatever the model's scale. A
-      tensor that is exactly zero (a fresh bias) stays (its norm is floored at 1e-12).
+      tensor that is exactly zero (a fresh bias) stays (its norm is floored at 1e-12). A tensor
+      with almost no gradient is pushed as far as the others, along a direction that is mostly
+      noise.
+    * ``"global_relative"``: ``delta = size * ||theta|| * g / ||g||``, both norms over all fast
+      parameters together: the step is ``size * ||theta||`` long, whatever the model's or the
+      gradient's scale, and shared among the tensors as SGD shares it.
 
     In second order the norms are differentiated like the rest of the step (the meta-gradient
     is the exact gradient of the meta loss the forward computes); ``first_order`` detaches the
@@ -73,6 +78,10 @@ class InnerStep:
         elif self.kind == "normalized":
             total = sum(_squared_norm(g, batched) for g in grads)
             scale = self.size * (total + _NORM_FLOOR).rsqrt()
+            deltas = [_times(scale, g, batched) for g in grads]
+        elif self.kind == "global_relative":
+            norm_p, norm_g = (sum(_squared_norm(t, batched) for t in ts) + _NORM_FLOOR for ts in (params, grads))
+            scale = self.size * norm_p.sqrt() * norm_g.rsqrt()
             deltas = [_times(scale, g, batched) for g in grads]
         else:
             deltas = []

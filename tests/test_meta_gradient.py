@@ -211,7 +211,15 @@ def relative_step(params, grads):
     return [p - RADIUS * torch.sqrt((p**2).sum()) * g / torch.sqrt((g**2).sum()) for p, g in zip(params, grads)]
 
 
+def global_relative_step(params, grads):
+    """theta - r * ||theta|| * g / ||g||, both norms over every fast tensor (written out, differentiated)."""
+    norm_p = torch.sqrt(sum((p**2).sum() for p in params))
+    norm_g = torch.sqrt(sum((g**2).sum() for g in grads))
+    return [p - RADIUS * norm_p * g / norm_g for p, g in zip(params, grads)]
+
+
 STEPS = {"sgd": sgd_step, "normalized": normalized_step, "relative": relative_step}
+STEPS["global_relative"] = global_relative_step
 
 
 def reference_with_step(params, x, label_sets, mentor_log_probs, step, first_order, fast_mask):
@@ -233,7 +241,7 @@ def reference_with_step(params, x, label_sets, mentor_log_probs, step, first_ord
     return total / len(label_sets)
 
 
-@pytest.mark.parametrize("kind", ["normalized", "relative"])
+@pytest.mark.parametrize("kind", ["normalized", "relative", "global_relative"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("sets_per_pass", [1, 3])
 @pytest.mark.parametrize("fast_params", ["all", ["fc2.*"]])
@@ -272,9 +280,10 @@ def test_reference_sgd_step_is_the_original_reference(mlp64, batch64):
     assert generic.item() == pytest.approx(original.item(), rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["normalized", "relative"])
+@pytest.mark.parametrize("kind", ["normalized", "relative", "global_relative"])
 def test_scale_free_step_has_the_size_it_promises(mlp64, batch64, kind):
-    """normalized: ||theta' - theta|| = r; relative: every tensor moves by r * ||theta_t||, whatever ||g||."""
+    """normalized: ||theta' - theta|| = r; relative: every tensor moves by r * ||theta_t||; global_relative:
+    all together move by r * ||theta||, shared as the gradient is; whatever ||g||."""
     from noisy_meta.fast_weights import InnerStep
 
     x, y = batch64
@@ -283,13 +292,19 @@ def test_scale_free_step_has_the_size_it_promises(mlp64, batch64, kind):
     for factor in (1e-3, 1.0, 1e3):  # the gradient's size must not matter
         stepped = InnerStep(kind, RADIUS)(params, [factor * g for g in grads], batched=False)
         moves = [float((s - p).detach().norm()) for s, p in zip(stepped, params)]
+        total = sum(m**2 for m in moves) ** 0.5
+        norm = float(torch.sqrt(sum((p**2).sum() for p in params)))
         if kind == "normalized":
-            assert sum(m**2 for m in moves) ** 0.5 == pytest.approx(RADIUS, rel=1e-9)
+            assert total == pytest.approx(RADIUS, rel=1e-9)
+        elif kind == "global_relative":
+            assert total == pytest.approx(RADIUS * norm, rel=1e-9)
+            shares = [float(g.norm()) for g in grads]
+            assert moves[0] / moves[2] == pytest.approx(shares[0] / shares[2], rel=1e-9)
         else:
             for move, p in zip(moves, params):
                 assert move == pytest.approx(RADIUS * float(p.norm()), rel=1e-9)
         assert InnerStep(kind, RADIUS).displacement(params, [factor * g for g in grads]) == pytest.approx(
-            RADIUS if kind == "relative" else RADIUS / float(torch.sqrt(sum((p**2).sum() for p in params))), rel=1e-9
+            RADIUS / norm if kind == "normalized" else RADIUS, rel=1e-9
         )
 
 
@@ -298,7 +313,7 @@ def test_scale_free_step_is_finite_for_a_zero_gradient_and_a_zero_tensor():
 
     params = [torch.zeros(3, dtype=torch.float64, requires_grad=True), torch.ones(2, dtype=torch.float64)]
     grads = [torch.ones(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)]
-    for kind in ("normalized", "relative"):
+    for kind in ("normalized", "relative", "global_relative"):
         stepped = InnerStep(kind, RADIUS)(params, grads, batched=False)
         assert all(torch.isfinite(s).all() for s in stepped)
         assert torch.equal(stepped[1], params[1])  # no gradient: no move
