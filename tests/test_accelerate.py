@@ -122,7 +122,7 @@ def test_an_fp16_run_skips_the_updates_that_overflow_lowers_the_scale_and_carrie
     wrapper = MetaNoiseWrapper(model, sgd(model), scaler=scaler, **settings(first_order=first_order))
     skipped, seen = [], set()
     handle = model.conv1.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
-    for seed in range(14):
+    for seed in range(18):  # 12 halvings were needed on one machine, fewer on others (CPU fp16 rounding)
         before, mentor_before, scale = state(model), state(wrapper.mentor), scaler.get_scale()
         with torch.autocast("cpu", dtype=torch.float16):
             stats = wrapper.step(*image_batch(seed, size=32))

@@ -293,7 +293,7 @@ def test_scale_free_step_has_the_size_it_promises(mlp64, batch64, kind):
         stepped = InnerStep(kind, RADIUS)(params, [factor * g for g in grads], batched=False)
         moves = [float((s - p).detach().norm()) for s, p in zip(stepped, params)]
         total = sum(m**2 for m in moves) ** 0.5
-        norm = float(torch.sqrt(sum((p**2).sum() for p in params)))
+        norm = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in params)))
         if kind == "normalized":
             assert total == pytest.approx(RADIUS, rel=1e-9)
         elif kind == "global_relative":
