@@ -5,7 +5,7 @@
 Each configuration runs in its own process; the figure is the growth of the process's peak
 resident memory over its resident memory just before the measured iteration (CPU, Linux).
 
-    python benchmarks/memory.py [--model resnet18] [--img-size 64] [--batch-size 32]
+    python benchmarks/memory.py [--model resnet18] [--img-size 64] [--batch-size 32] [--inner-step relative]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def resident_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def measure(model_name: str, img_size: int, batch_size: int, mode: str, num_synthetic: int) -> float:
+def measure(model_name: str, img_size: int, batch_size: int, mode: str, num_synthetic: int, inner_step: str) -> float:
     import timm
     import torch
     import torch.nn.functional as F
@@ -37,7 +37,9 @@ def measure(model_name: str, img_size: int, batch_size: int, mode: str, num_synt
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    wrapper = MetaNoiseWrapper(model, optimizer, num_synthetic=num_synthetic, ramp_start=0, ramp_end=0, seed=0)
+    wrapper = MetaNoiseWrapper(
+        model, optimizer, num_synthetic=num_synthetic, ramp_start=0, ramp_end=0, seed=0, inner_step=inner_step
+    )
     inputs = torch.randn(batch_size, 3, img_size, img_size)
     targets = torch.randint(0, 10, (batch_size,))
 
@@ -63,17 +65,19 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--inner-step", default="sgd", help="MetaNoiseConfig.inner_step")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, m = args.child
-        print(json.dumps(measure(args.model, args.img_size, args.batch_size, mode, int(m))))
+        print(json.dumps(measure(args.model, args.img_size, args.batch_size, mode, int(m), args.inner_step)))
         return
 
     # Large blocks straight from mmap, so freed tensors leave the resident set at once and the
     # peak resident size follows the live tensors rather than the allocator's caching.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    print(f"{args.model} {args.img_size}x{args.img_size}, batch {args.batch_size}, second order, CPU")
+    size = f"{args.img_size}x{args.img_size}"
+    print(f"{args.model} {size}, batch {args.batch_size}, second order, {args.inner_step} step, CPU")
     print(f"{'M':>3} " + " ".join(f"{mode + ' (MiB)':>20}" for mode in MODES))
     for m in NUM_SYNTHETIC:
         row = []
@@ -87,6 +91,8 @@ def main() -> None:
                 str(args.img_size),
                 "--batch-size",
                 str(args.batch_size),
+                "--inner-step",
+                args.inner_step,
                 "--child",
                 mode,
                 str(m),

@@ -822,14 +822,17 @@ def test_the_loss_flags_choose_the_criterion():
     assert resolve_meta_config(parse(["--loss", "sce"]), 100)[0].criterion == SymmetricCrossEntropy()
 
 
-def test_clean_before_defaults_follow_the_preset():
-    from noisy_meta.finetune.cli import clean_before_action
+def test_clean_before_defaults_follow_the_preset(monkeypatch):
+    from noisy_meta.finetune import cli
 
     parse = build_parser().parse_args
-    assert clean_before_action(parse([])) == "off"
-    assert clean_before_action(parse(["--pretrained"])) == "remove"
-    assert clean_before_action(parse(["--pretrained", "--preset", "fast"])) == "off"
-    assert clean_before_action(parse(["--pretrained", "--clean-before", "relabel"])) == "relabel"
+    assert cli.clean_before_action(parse([])) == "off"
+    assert cli.clean_before_action(parse(["--pretrained"])) == cli.FINETUNE_CLEANING
+    assert cli.clean_before_action(parse(["--pretrained", "--clean-before", "relabel"])) == "relabel"
+    monkeypatch.setattr(cli, "FINETUNE_CLEANING", "remove")  # a recipe that detects before training
+    assert cli.clean_before_action(parse(["--pretrained"])) == "remove"
+    assert cli.clean_before_action(parse(["--pretrained", "--preset", "fast"])) == "off"
+    assert cli.clean_before_action(parse(["--pretrained", "--streaming"])) == "off"
 
 
 @pytest.mark.parametrize("action", ["remove", "relabel"])

@@ -78,6 +78,20 @@ def test_the_task_in_timms_loop_equals_the_wrapper_step(first_order, dtype):
     torch.testing.assert_close(result["loss"], F.cross_entropy(result["output"], targets) + result["meta_loss"])
 
 
+@pytest.mark.parametrize("inner_step", ["relative", "global_relative"])
+def test_the_scale_free_step_and_a_robust_loss_train_the_same_in_the_task_and_the_wrapper(inner_step):
+    """The fine-tuning recipe's pieces reach the task as they reach the wrapper (float64, 4 updates)."""
+    dtype = torch.float64
+    overrides = dict(first_order=False, inner_step=inner_step, inner_radius=0.01, criterion="gce")
+    model, task, reference_model = task_and_reference(dtype, **overrides)
+    data = batches(UPDATES[dtype], dtype=dtype)
+    train_like_timm(task, sgd(model), data)
+    reference = MetaNoiseWrapper(reference_model, sgd(reference_model), **settings(**overrides))
+    for inputs, targets in data:
+        reference.step(inputs, targets)
+    assert_same_training(model, task, reference_model, reference, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_task_under_timms_native_scaler_equals_the_wrapper_with_its_scaler(dtype):
     """A power-of-two loss scale changes nothing: inner and outer gradients are unscaled exactly."""

@@ -319,6 +319,23 @@ def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mod
         torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
 
 
+def test_the_shared_trunk_with_the_relative_step_equals_the_general_path():
+    """The scale-free step on the last stage: trunk once == the same parameters by pattern (trunk per set)."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    general_model = copy.deepcopy(model)
+    step = dict(inner_step="relative", inner_radius=0.02)
+    shared = make_wrapper(model, fast_params="last_stage", **step)
+    general = make_wrapper(general_model, fast_params=["layer4.*", "fc.*"], **step)
+    for seed in range(2):
+        x, y = resnet_batch(seed=seed)
+        a, b = shared.step(x.double(), y), general.step(x.double(), y)
+        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
+    assert shared.trunk_shared is True
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
 def test_cheap_modes_with_a_frozen_trunk(mode, same_params):
     """Linear probing / last-stage tuning: a trunk without trainable parameters still trains the rest."""

@@ -247,9 +247,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="full: the paper's meta step, M synthetic sets on every update (the defaults below); fast: "
         f"MetaNoiseConfig.fast, under 2x a cross-entropy step ({_preset_text('fast')}); finetune: "
-        f"MetaNoiseConfig.finetune, the fine-tuning recipe ({_preset_text('finetune')}) with --clean-before "
-        f"{FINETUNE_CLEANING} (benchmarks/RESULTS.md). Flags below win over the preset. Default finetune from "
-        "--pretrained / --checkpoint, else full",
+        f"MetaNoiseConfig.finetune, the fine-tuning recipe ({_preset_text('finetune')}; benchmarks/RESULTS.md). "
+        "Flags below win over the preset. Default finetune from --pretrained / --checkpoint, else full",
     )
     meta.add_argument(
         "--clean-before",
@@ -257,7 +256,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="before training, flag the training images whose nearest neighbours in the starting model's features "
         "mostly carry another label (noisy_meta.detect_label_noise) and remove or relabel them; the flags go to "
-        f"<output-dir>/clean_before.json. Default {FINETUNE_CLEANING} with --preset finetune, else off",
+        f"<output-dir>/clean_before.json. Default: {FINETUNE_CLEANING} with --preset finetune from pretrained weights, "
+        "off otherwise (on the fine-tuning benchmark removing helped a ResNet and hurt a ViT: benchmarks/RESULTS.md)",
     )
     meta.add_argument("--clean-before-k", type=positive_int, default=10, help="neighbours in the --clean-before vote")
     for field in dataclasses.fields(MetaNoiseConfig):
