@@ -25,8 +25,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from ..cleaning import save_cleanlab_inputs
-from ..noisy_datasets import INDEX, LABEL
+from ..labels.cleaning import save_cleanlab_inputs
+from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint
 from .clean_before import clean_before_training
