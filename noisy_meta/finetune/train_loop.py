@@ -22,11 +22,12 @@ from ..labels.cleaning import iter_probabilities
 from ..labels.noise import OUTSIDE
 from ..labels.noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import RunState, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import CLEAN_COLUMN, attach_transform, collate
 from .models import transforms
 from .progress import EpochProgress
 from .run_checkpoints import RunCheckpoints
+from .run_state import RunState
 from .stream import StreamLoader
 
 if TYPE_CHECKING:
