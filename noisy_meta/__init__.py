@@ -12,7 +12,7 @@ is the complete command-line fine-tuning run (``accelerate launch examples/finet
 `noisy_meta.timm.MetaNoiseTask` runs MLNT inside timm's own ``train.py`` (a ``TrainingTask``).
 Noisy data sets: `add_label_noise` / `add_open_set_noise` / `with_label_columns` (Hugging Face
 datasets), `inject_noise` / `open_set_noise` / `confusion_labels` on label arrays; iterative
-training with data cleaning: `noisy_meta.cleaning`; noise detection before training from
+training with data cleaning: `noisy_meta.labels.cleaning`; noise detection before training from
 pretrained features: `detect_label_noise`; robust losses on the given labels: `noisy_meta.losses`
 (`MetaNoiseConfig.criterion`).
 """
@@ -21,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import FastParamsSpec, FeatureSourceSpec, MetaNoiseConfig
-from .noise import (
+from .labels.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     OUTSIDE,
     NoisyLabels,
@@ -32,7 +32,9 @@ from .noise import (
 )
 
 if TYPE_CHECKING:
-    from .cleaning import (
+    from .compat import SecondOrderUnsupportedError, make_twice_differentiable
+    from .fast_weights import InnerStep, kl_to_mentor, meta_losses, select_fast_params
+    from .labels.cleaning import (
         CleaningConfig,
         CleaningReport,
         DetectionReport,
@@ -42,11 +44,9 @@ if TYPE_CHECKING:
         predict_probabilities,
         save_cleanlab_inputs,
     )
-    from .compat import SecondOrderUnsupportedError, make_twice_differentiable
-    from .detection import LabelNoiseDetection, detect_label_noise, extract_features
-    from .fast_weights import InnerStep, kl_to_mentor, meta_losses, select_fast_params
+    from .labels.detection import LabelNoiseDetection, detect_label_noise, extract_features
+    from .labels.noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .losses import CrossEntropy, GeneralizedCrossEntropy, SymmetricCrossEntropy, make_criterion
-    from .noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
     from .wrapper import MetaNoiseWrapper
 
@@ -58,7 +58,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(("SecondOrderUnsupportedError", "make_twice_differentiable"), "compat"),
     **dict.fromkeys(("InnerStep", "kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
-    **dict.fromkeys(("LabelNoiseDetection", "detect_label_noise", "extract_features"), "detection"),
+    **dict.fromkeys(("LabelNoiseDetection", "detect_label_noise", "extract_features"), "labels.detection"),
     **dict.fromkeys(("CrossEntropy", "GeneralizedCrossEntropy", "SymmetricCrossEntropy", "make_criterion"), "losses"),
     **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
     "MetaNoiseWrapper": "wrapper",
@@ -73,10 +73,10 @@ _LAZY = {
             "predict_probabilities",
             "save_cleanlab_inputs",
         ),
-        "cleaning",
+        "labels.cleaning",
     ),
     **dict.fromkeys(
-        ("add_label_noise", "add_open_set_noise", "restrict_to_classes", "with_label_columns"), "noisy_datasets"
+        ("add_label_noise", "add_open_set_noise", "restrict_to_classes", "with_label_columns"), "labels.noisy_datasets"
     ),
 }
 

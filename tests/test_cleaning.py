@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
-from noisy_meta.cleaning import (
+from noisy_meta.labels.cleaning import (
     CleaningConfig,
     DetectionReport,
     clean_dataset,
@@ -17,7 +17,7 @@ from noisy_meta.cleaning import (
     predict_probabilities,
     save_cleanlab_inputs,
 )
-from noisy_meta.noisy_datasets import add_label_noise
+from noisy_meta.labels.noisy_datasets import add_label_noise
 
 
 def random_probs(n: int = 200, k: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 from test_distributed import launch
 
 from noisy_meta import MetaNoiseConfig
-from noisy_meta.cleaning import CleaningConfig, find_label_issues
 from noisy_meta.finetune import build_parser, main, resolve_meta_config
 from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
 from noisy_meta.finetune.models import create_model
-from noisy_meta.noise import OUTSIDE
+from noisy_meta.labels.cleaning import CleaningConfig, find_label_issues
+from noisy_meta.labels.noise import OUTSIDE
 
 from helpers import TinyMLP, make_wrapper
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from noisy_meta.noise import (
+from noisy_meta.labels.noise import (
     CIFAR10_ASYMMETRIC_MAP,
     OUTSIDE,
     confusion_labels,
@@ -88,7 +88,7 @@ def test_bad_arguments_are_refused(args, kwargs, message):
 
 def _reference_instance_labels(clean, features, num_classes, rate, seed):
     """The Xia et al. recipe written sample by sample, drawing from the RNG in the same order."""
-    from noisy_meta.noise import _truncated_normal
+    from noisy_meta.labels.noise import _truncated_normal
 
     rng = np.random.default_rng(seed)
     flip_rate = _truncated_normal(rng, rate, 0.1, len(clean))

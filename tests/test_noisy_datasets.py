@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from noisy_meta.noise import OUTSIDE, inject_noise
-from noisy_meta.noisy_datasets import (
+from noisy_meta.labels.noise import OUTSIDE, inject_noise
+from noisy_meta.labels.noisy_datasets import (
     add_label_noise,
     add_open_set_noise,
     image_features,

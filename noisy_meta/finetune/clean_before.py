@@ -28,9 +28,9 @@ from datasets import Dataset
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from ..cleaning import apply_flags, save_cleanlab_inputs
-from ..detection import LabelNoiseDetection, detect_label_noise, extract_features
-from ..noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
+from ..labels.cleaning import apply_flags, save_cleanlab_inputs
+from ..labels.detection import LabelNoiseDetection, detect_label_noise, extract_features
+from ..labels.noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
 from .data import attach_transform, collate
 from .models import create_model, transforms
 

@@ -8,7 +8,6 @@ import os
 import sys
 from typing import Any, NoReturn, get_args
 
-from ..cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
 from ..config import (
     FAST_PARAM_NAMES,
     FAST_PRESET,
@@ -19,7 +18,8 @@ from ..config import (
     MetaNoiseConfig,
     field_choices,
 )
-from ..noise import NOISE_KINDS, OPEN_SET
+from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
+from ..labels.noise import NOISE_KINDS, OPEN_SET
 from .flag_checks import (
     check_flags,
     flag_of,
@@ -264,7 +264,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         if field.name not in _NO_FLAG:
             _add_field_flag(meta, field)
 
-    iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.cleaning)")
+    iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.labels.cleaning)")
     iterative.add_argument(
         "--iterations",
         type=positive_int,

@@ -20,8 +20,8 @@ from datasets import (
     load_from_disk,
 )
 
-from ..noise import OPEN_SET, NoisyLabels, OpenSetNoise, class_map_without
-from ..noisy_datasets import (
+from ..labels.noise import OPEN_SET, NoisyLabels, OpenSetNoise, class_map_without
+from ..labels.noisy_datasets import (
     CLEAN_LABEL,
     LABEL_COLUMNS,
     add_label_noise,
@@ -153,13 +153,13 @@ def prepare_splits(
 ) -> Splits:
     """Select splits and columns, inject noise into train, carve a validation split if needed.
 
-    Every split gets the columns ``image`` and `noisy_meta.noisy_datasets`'s ``label`` (the
+    Every split gets the columns ``image`` and `noisy_meta.labels.noisy_datasets`'s ``label`` (the
     label trained on: noisy), ``clean_label`` (the true label when known, else -1),
     ``is_noisy`` and ``index`` (position in its split).
     Injected noise keeps the original label as the clean one. ``noise="open_set"`` takes
     ``open_set_classes`` out of the label space (every split loses their images; the others
     are renumbered in order) and replaces ``noise_rate`` of the training images by theirs, with
-    random labels (`noisy_meta.noisy_datasets.add_open_set_noise`). Without ``val_split`` a
+    random labels (`noisy_meta.labels.noisy_datasets.add_open_set_noise`). Without ``val_split`` a
     ``val_fraction`` of the (noisy) training data becomes the validation split.
     """
     available = list(data.keys())

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from ..noise import OPEN_SET
+from ..labels.noise import OPEN_SET
 from .names import BAD_IMAGES_FILE, EMBEDDED, HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE
 
 #: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).

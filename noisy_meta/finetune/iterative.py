@@ -1,7 +1,7 @@
 """MLNT's iterative training on the command line: runs with data cleaning in between.
 
 From the second run on, the previous run's best mentor judges the original training split,
-the samples it flags are removed or relabelled (`noisy_meta.cleaning`), and it mentors the
+the samples it flags are removed or relabelled (`noisy_meta.labels.cleaning`), and it mentors the
 next run. Each run lives in ``<output-dir>/iteration_<k>/``.
 """
 
@@ -15,14 +15,15 @@ from typing import Any
 from accelerate import Accelerator
 from rich.console import Console
 
-from ..cleaning import CleaningConfig, CleaningReport, clean_dataset, save_cleanlab_inputs
-from ..noisy_datasets import INDEX, LABEL
-from .checkpoint import MetricsLog, find_checkpoint
+from ..labels.cleaning import CleaningConfig, CleaningReport, clean_dataset, save_cleanlab_inputs
+from ..labels.noisy_datasets import INDEX, LABEL
+from .checkpoint import find_checkpoint
 from .data import Splits
 from .distributed import make_accelerator
 from .models import load_mentor
 from .names import CLEANING_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import iterations_table
+from .run_state import MetricsLog
 from .train_loop import predict_train_set
 
 

@@ -16,8 +16,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import RunState, save_checkpoint
+from .checkpoint import save_checkpoint
 from .preemption import RunStopped, StopSignals
+from .run_state import RunState
 
 
 class RunCheckpoints:

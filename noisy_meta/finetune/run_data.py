@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from datasets import DatasetDict
 from rich.console import Console
 
-from ..noise import OPEN_SET
-from ..noisy_datasets import LABEL
+from ..labels.noise import OPEN_SET
+from ..labels.noisy_datasets import LABEL
 from .data import Splits, drop_bad_images, find_bad_images, load_eval_splits, load_image_dataset, prepare_splits
 from .names import BAD_IMAGES_FILE
 from .stream import open_stream

@@ -4,7 +4,7 @@
 ``accelerator.accumulate``, steps the per-update schedule and stops the run after too many
 consecutive non-finite updates; `validate` scores student and mentor; `predict_train_set`
 gives the mentor's probabilities for every training sample on every rank (data cleaning,
-cleanlab export), through `noisy_meta.cleaning.iter_probabilities`.
+cleanlab export), through `noisy_meta.labels.cleaning.iter_probabilities`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from ..cleaning import iter_probabilities
-from ..noise import OUTSIDE
-from ..noisy_datasets import INDEX
+from ..labels.cleaning import iter_probabilities
+from ..labels.noise import OUTSIDE
+from ..labels.noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import RunState, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import CLEAN_COLUMN, attach_transform, collate
 from .models import transforms
 from .progress import EpochProgress
 from .run_checkpoints import RunCheckpoints
+from .run_state import RunState
 from .stream import StreamLoader
 
 if TYPE_CHECKING:

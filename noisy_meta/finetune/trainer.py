@@ -25,10 +25,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from ..cleaning import save_cleanlab_inputs
-from ..noisy_datasets import INDEX, LABEL
+from ..labels.cleaning import save_cleanlab_inputs
+from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import CheckpointError, MetricsLog, RunState, check_checkpoint, find_checkpoint
+from .checkpoint import CheckpointError, check_checkpoint, find_checkpoint
 from .clean_before import clean_before_training
 from .cli import build_parser, clean_before_action, cleaning_config, preset_name, resolve_meta_config, validate_args
 from .data import (
@@ -46,6 +46,7 @@ from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
 from .run_checkpoints import RunCheckpoints
 from .run_data import load_splits
+from .run_state import MetricsLog, RunState
 from .seeded_augmentation import SeededAugmentation
 from .stream import StreamLoader
 from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate

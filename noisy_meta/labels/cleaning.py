@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..features import eval_mode
 from .cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
-from .features import eval_mode
 from .noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class CleaningReport:
 def clean_dataset(
     dataset: Dataset, pred_probs, config: CleaningConfig, num_classes: int | None = None
 ) -> tuple[Dataset, CleaningReport]:
-    """Apply ``config`` to ``dataset`` (with `noisy_meta.noisy_datasets` label columns).
+    """Apply ``config`` to ``dataset`` (with `noisy_meta.labels.noisy_datasets` label columns).
 
     Row ``i`` of ``pred_probs`` is the mentor's prediction for row ``i`` of ``dataset``. Removed
     rows are dropped; relabelled rows get the mentor's top-1 class as ``label`` (and an
@@ -113,7 +113,9 @@ def clean_dataset(
     """
     missing = [c for c in (LABEL, CLEAN_LABEL, IS_NOISY, INDEX) if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"the data set lacks the label columns {missing}; prepare it with noisy_meta.noisy_datasets")
+        raise ValueError(
+            f"the data set lacks the label columns {missing}; prepare it with noisy_meta.labels.noisy_datasets"
+        )
     labels, pred_probs = _checked(dataset[LABEL], pred_probs)
     if labels.shape[0] != len(dataset):
         raise ValueError(f"pred_probs has {labels.shape[0]} rows for a data set of {len(dataset)}")

@@ -81,7 +81,7 @@ def add_open_set_noise(
     label_column: str = LABEL,
     num_classes: int | None = None,
 ) -> tuple[Dataset, OpenSetNoise]:
-    """Open-set noise (`noisy_meta.noise.open_set_noise`): the classes in ``outside_classes``
+    """Open-set noise (`noisy_meta.labels.noise.open_set_noise`): the classes in ``outside_classes``
     leave the label space and a fraction ``rate`` of the remaining images is replaced by theirs,
     each with a random label of the space.
 

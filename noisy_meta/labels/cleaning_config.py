@@ -1,6 +1,6 @@
 """`CleaningConfig`: which samples the mentor judges mislabelled, and what is done with them.
 
-Apart from `noisy_meta.cleaning` so that the command line's parser can offer its choices
+Apart from `noisy_meta.labels.cleaning` so that the command line's parser can offer its choices
 without importing torch or Hugging Face ``datasets``.
 """
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import features_of
 from .cleaning import DetectionReport
-from .features import features_of
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class LabelNoiseDetection:
             it is among the most voted, else the lowest class).
         neighbors: ``[N, k]`` each sample's nearest other samples, nearest first.
         report: precision / recall / F1 of ``flagged`` against the clean labels when they
-            were given (`noisy_meta.cleaning.DetectionReport`; ``None`` entries otherwise).
+            were given (`noisy_meta.labels.cleaning.DetectionReport`; ``None`` entries otherwise).
     """
 
     pred_probs: np.ndarray
