@@ -35,7 +35,7 @@ def test_readme_starts_with_the_commands_ci_runs():
     install_and_run, tests = commands[0].strip(), commands[1].strip()
     assert "pip install '.[dev]'" in install_and_run and "examples/" in install_and_run
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install --quiet '.[dev]'" in ci
+    assert "pip install --quiet '.[dev,docs]'" in ci  # the dev extra, and MkDocs for the docs build
     assert ci.rstrip().splitlines()[-1].strip() == tests
     # The two commands come before any other section of the README.
     assert readme.index(tests) < readme.index("\n## ")

@@ -77,7 +77,9 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         "perturb_ratio": ("0.25", 0.25),
         "num_neighbors": ("4", 4),
         "feature_source": ("student", "student"),
+        "inner_step": ("relative", "relative"),
         "inner_lr": ("0.05", 0.05),
+        "inner_radius": ("0.02", 0.02),
         "first_order": (None, True),
         "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")),
         "meta_every": ("2", 2),
@@ -95,13 +97,19 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         "dist_bn": ("broadcast", "broadcast"),
         "seed": ("11", 11),
     }
-    assert set(values) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, (
+    from noisy_meta.losses import GeneralizedCrossEntropy
+
+    flags_of_their_own = {"criterion": (["--loss", "gce", "--gce-q", "0.5"], GeneralizedCrossEntropy(0.5))}
+    assert set(values) | set(flags_of_their_own) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, (
         "a new field needs a flag and this test"
     )
     argv = []
     for name, (text, _) in values.items():
         flag = "--meta-seed" if name == "seed" else "--" + name.replace("_", "-")
         argv += [flag] if text is None else [flag, text]
+    for flags, _ in flags_of_their_own.values():
+        argv += flags
+    values.update({name: (None, expected) for name, (_, expected) in flags_of_their_own.items()})
     config, automatic = resolve_meta_config(build_parser().parse_args(argv), total_updates=1000)
     assert automatic == {}
     for name, (_, expected) in values.items():

@@ -57,7 +57,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "meta_first_order": True,
     "meta_num_synthetic": 5,
 }
-#: MetaNoiseConfig defaults of a ``--preset full`` run from pretrained weights (``--pretrained`` or
+#: MetaNoiseConfig defaults of a ``--preset full`` / ``fast`` run from pretrained weights (``--pretrained`` or
 #: ``--checkpoint``; the default preset there is ``finetune``), chosen on the fine-tuning
 #: benchmark's noisy validation split (benchmarks/finetune_accuracy.py, RESULTS.md): the inner
 #: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
@@ -391,7 +391,8 @@ def _default_note(field: dataclasses.Field) -> str:
         note += f"; {embedded!r} for {EMBEDDED}"
     if field.name == "inner_lr":
         note += (
-            f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr with --preset full from --pretrained/--checkpoint"
+            f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr with --preset full or fast from "
+            "--pretrained/--checkpoint"
         )
     if field.name == "num_synthetic":
         note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} with --preset full from --pretrained/--checkpoint"
@@ -493,9 +494,10 @@ def clean_before_action(args: argparse.Namespace) -> str:
 
 
 def fine_tuning_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a ``--preset full`` run from pretrained
-    weights (empty otherwise, and for the fields whose flag was given)."""
-    if not from_weights(args) or preset_name(args) != "full":
+    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights with
+    ``--preset full`` or ``fast`` (empty otherwise, and for the fields whose flag was given; a
+    preset's own fields win over them)."""
+    if not from_weights(args) or preset_name(args) == "finetune":
         return {}
     values = {
         "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * args.lr,

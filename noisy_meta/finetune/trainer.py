@@ -256,7 +256,7 @@ def _prepare(
     wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
     sources = ["run-length"]
     preset = preset_name(args)
-    if (args.pretrained or args.checkpoint) and preset == "full":
+    if (args.pretrained or args.checkpoint) and preset != "finetune":
         sources.append("fine-tuning")
     if preset != "full":
         sources.append(f"--preset {preset}")
