@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import launch_command
-from test_finetune import FAST, flat_tensors, metrics, without_timings
 
 from noisy_meta.finetune.preemption import EXIT_STOPPED, StopSignals
+
+from finetune_helpers import FAST, flat_tensors, metrics, without_timings
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "signal_worker.py"

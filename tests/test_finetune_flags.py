@@ -1,0 +1,81 @@
+"""`noisy_meta.finetune` flags: every config field reaches the config, bad values are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from noisy_meta import MetaNoiseConfig
+from noisy_meta.finetune import build_parser, resolve_meta_config
+
+# ------------------------------------------------------------------------------- flags
+
+
+def test_every_config_field_has_a_flag_that_reaches_the_config():
+    values = {
+        "num_synthetic": ("3", 3),
+        "perturb_ratio": ("0.25", 0.25),
+        "num_neighbors": ("4", 4),
+        "feature_source": ("student", "student"),
+        "inner_step": ("relative", "relative"),
+        "inner_lr": ("0.05", 0.05),
+        "inner_radius": ("0.02", 0.02),
+        "first_order": (None, True),
+        "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")),
+        "meta_every": ("2", 2),
+        "compensate_meta_every": (None, True),
+        "meta_batch_fraction": ("0.5", 0.5),
+        "sets_per_pass": ("5", 5),
+        "meta_weight": ("2.0", 2.0),
+        "ramp_start": ("7", 7),
+        "ramp_end": ("9", 9),
+        "mentor_decay_ramp": ("0.5", 0.5),
+        "mentor_decay": ("0.6", 0.6),
+        "mentor_update": ("frozen", "frozen"),
+        "update_rule": ("sequential", "sequential"),
+        "clip_grad": ("1.5", 1.5),
+        "dist_bn": ("broadcast", "broadcast"),
+        "seed": ("11", 11),
+    }
+    from noisy_meta.losses import GeneralizedCrossEntropy
+
+    flags_of_their_own = {"criterion": (["--loss", "gce", "--gce-q", "0.5"], GeneralizedCrossEntropy(0.5))}
+    assert set(values) | set(flags_of_their_own) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, (
+        "a new field needs a flag and this test"
+    )
+    argv = []
+    for name, (text, _) in values.items():
+        flag = "--meta-seed" if name == "seed" else "--" + name.replace("_", "-")
+        argv += [flag] if text is None else [flag, text]
+    for flags, _ in flags_of_their_own.values():
+        argv += flags
+    values.update({name: (None, expected) for name, (_, expected) in flags_of_their_own.items()})
+    config, automatic = resolve_meta_config(build_parser().parse_args(argv), total_updates=1000)
+    assert automatic == {}
+    for name, (_, expected) in values.items():
+        assert getattr(config, name) == expected, name
+
+
+@pytest.mark.parametrize("name", ["all", "last_stage", "head"])
+def test_named_fast_params_modes_are_not_taken_for_patterns(name):
+    config, _ = resolve_meta_config(build_parser().parse_args(["--fast-params", name]), total_updates=100)
+    assert config.fast_params == name
+
+
+def test_run_length_defaults_and_no_meta():
+    args = build_parser().parse_args(["--no-meta", "--seed", "5"])
+    config, automatic = resolve_meta_config(args, total_updates=1000)
+    assert (config.ramp_start, config.ramp_end) == (100, 400)
+    assert config.mentor_decay == pytest.approx(0.98) and config.mentor_decay_ramp == pytest.approx(0.95)
+    assert set(automatic) == {"ramp_start", "ramp_end", "mentor_decay", "mentor_decay_ramp"}
+    assert config.meta_weight == 0.0 and config.seed == 5
+    long_run, _ = resolve_meta_config(args, total_updates=10**6)
+    assert (long_run.mentor_decay, long_run.mentor_decay_ramp) == (0.999, 0.99)  # the reference's
+
+
+def test_bad_flag_values_are_refused():
+    with pytest.raises(ValueError, match="num_synthetic"):
+        resolve_meta_config(build_parser().parse_args(["--num-synthetic", "-1"]), total_updates=100)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--update-rule", "both"])
