@@ -55,12 +55,15 @@ Reported: clean-test accuracy of the student and of the mentor (for the MLNT met
 ``ema``; for ``ce``, its ``ModelEmaV3``) at the final epoch, mean ± std over seeds; wall time
 per run relative to ``ce`` (the detection pass included); detection F1 and the noise left;
 a PNG of accuracy against that ratio. Runs go to a pool of worker processes with one thread each.
+
+The data lives in `finetune_data.py`, the backbones, their pretraining cache and the plain
+loop in `finetune_backbones.py`; the worker pool and RESULTS.md sections in `results_file.py`
+(shared with `accuracy.py`).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -70,51 +73,34 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
+from finetune_backbones import (
+    ARCHS,
+    PRETRAIN,
+    PlainLoop,
+    batches,
+    cosine,
+    evaluate,
+    load_pretrained,
+    pretrain,
+    pretraining_note,
+)
+from finetune_data import SETTINGS, TARGET_CLASSES, Target, target
 from results_file import parse_value, run_pool, write_section
-from safetensors.torch import load_file, save_file
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.config import FAST_PRESET, FINETUNE_CLEANING, FINETUNE_PRESET
-from noisy_meta.finetune.data import embedded_mnist
 from noisy_meta.labels.detection import detect_label_noise, extract_features
-from noisy_meta.labels.noise import confusion_labels, inject_noise, open_set_noise
-from noisy_meta.losses import resolve_criterion
 
 HERE = Path(__file__).parent
 CACHE = HERE / "finetune" / "pretrained"
-IMG = 16
-SOURCE_CLASSES = (0, 1, 2, 3, 4)
-TARGET_CLASSES = (5, 6, 7, 8, 9)
-NUM_TEST = 800
-#: Noisy validation images: enough to tell settings 2 points apart (sampling sd ~1.2 points at 80%)
-NUM_VAL = 1000
 CHART = "accuracy_vs_time.png"
-#: What the pretraining cache's key says about the data (MNIST-5k and scikit-learn's digits).
-DATA_VERSION = "mnist5k+sklearn-digits"
-
-#: architecture -> timm model name and constructor arguments
-ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
-    "resnet": ("test_resnet", {}),
-    "vit": ("vit_tiny_patch16_224", {"img_size": IMG, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}),
-}
-#: setting -> (noise kind, rate)
-SETTINGS: dict[str, tuple[str, float]] = {
-    "sym40": ("symmetric", 0.4),
-    "pair40": ("pairflip", 0.4),
-    "inst40": ("confusion", 0.4),
-    "open30": ("open_set", 0.3),
-    "clean": ("none", 0.0),
-}
 
 
 @dataclass(frozen=True)
@@ -159,7 +145,6 @@ REGIMES: dict[str, int] = {"short": 5, "long": 25}
 #: (the ViT diverged at 5x); the relative step needs no such tie.
 COMMON: dict[str, Any] = {"num_synthetic": 3, "num_neighbors": 10, "meta_weight": 1.0}
 INNER_LR_PER_LR = 1.0
-EMA_DECAY = 0.99
 #: Neighbours of the detection vote before training.
 DETECTION_K = 10
 
@@ -181,221 +166,7 @@ class Job:
     loss: str | None = None
 
 
-# ------------------------------------------------------------------------------------ data
-
-
-def render_source(pixels: torch.Tensor) -> torch.Tensor:
-    """Digits in [0, 1] at their own size -> 16x16, light strokes on black (the pretraining rendering)."""
-    mode = "area" if pixels.shape[-1] > IMG else "bilinear"
-    return F.interpolate(pixels, size=(IMG, IMG), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-
-
-def render_target(pixels: torch.Tensor) -> torch.Tensor:
-    """The target rendering: 8x8 and back to 16x16 (blurred), inverted (dark strokes on white)."""
-    small = F.interpolate(pixels, size=(8, 8), mode="area") if pixels.shape[-1] != 8 else pixels
-    return 1.0 - F.interpolate(small, size=(IMG, IMG), mode="bilinear", align_corners=False)
-
-
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean()) / x.std()
-
-
-@lru_cache(maxsize=1)
-def digits() -> tuple[list[torch.Tensor], np.ndarray]:
-    """Every embedded digit: MNIST-5k (28x28) and scikit-learn's 1,797 (8x8), pixels in [0, 1], and labels."""
-    from sklearn.datasets import load_digits
-
-    data = embedded_mnist()
-    images = [np.asarray(img, dtype=np.uint8) for split in ("train", "test") for img in data[split]["image"]]
-    labels = [label for split in ("train", "test") for label in data[split]["label"]]
-    mnist_pixels = torch.tensor(np.stack(images), dtype=torch.float32)[:, None] / 255.0
-    small = load_digits()
-    small_pixels = torch.tensor(small.images, dtype=torch.float32)[:, None] / 16.0
-    pixels = [mnist_pixels, small_pixels]
-    return pixels, np.concatenate([np.asarray(labels, dtype=np.int64), small.target.astype(np.int64)])
-
-
-@lru_cache(maxsize=2)
-def rendered(kind: str) -> torch.Tensor:
-    """All digits in the source or the target rendering, standardised, ``[N, 1, 16, 16]``."""
-    render = render_source if kind == "source" else render_target
-    return standardise(torch.cat([render(part) for part in digits()[0]]))
-
-
-@dataclass
-class Target:
-    train_x: torch.Tensor
-    train_y: torch.Tensor  # noisy
-    train_clean: torch.Tensor  # true labels; OUTSIDE for open-set images
-    val_x: torch.Tensor
-    val_y: torch.Tensor  # noisy
-    test_x: torch.Tensor
-    test_y: torch.Tensor  # clean
-    realised_rate: float
-
-
-@cache
-def target(setting: str, seed: int) -> Target:
-    """The target task with the setting's noise (seeded); test split fixed across seeds."""
-    _, labels = digits()
-    x = rendered("target")
-    inside = np.flatnonzero(np.isin(labels, TARGET_CLASSES))
-    order = np.random.default_rng(1234).permutation(inside)
-    test, rest = order[:NUM_TEST], order[NUM_TEST:]
-    y = labels - TARGET_CLASSES[0]  # 5-9 -> 0-4; 0-4 -> negative (the open-set pool)
-    kind, rate = SETTINGS[setting]
-    rng = np.random.default_rng(seed)
-    if kind == "open_set":
-        pool = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
-        rows = np.concatenate([rest, pool])
-        noise = open_set_noise(labels[rows], 10, SOURCE_CLASSES, rate, seed)
-        rows, noisy, clean, realised = rows[noise.rows], noise.labels, noise.clean_labels, noise.realised_rate
-    else:
-        rows = rest
-        clean = y[rows]
-        if kind == "confusion":
-            noisy = confusion_labels(clean, held_out_probabilities(x[rows], clean, seed), rate, seed)
-        else:
-            noisy = inject_noise(clean, len(TARGET_CLASSES), kind, rate, seed).labels
-        realised = float(np.mean(noisy != clean))
-    shuffled = rng.permutation(len(rows))
-    val, train = shuffled[:NUM_VAL], shuffled[NUM_VAL:]
-    noisy, clean = torch.tensor(noisy), torch.tensor(clean)
-    return Target(
-        x[rows[train]], noisy[train], clean[train], x[rows[val]], noisy[val], x[test], torch.tensor(y[test]), realised
-    )
-
-
-def held_out_probabilities(images: torch.Tensor, labels: np.ndarray, seed: int) -> np.ndarray:
-    """A pixel-space logistic regression's 5-fold held-out class probabilities (its own confusions)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
-
-    features = images.flatten(1).numpy()
-    model = LogisticRegression(max_iter=300, C=0.05)
-    return cross_val_predict(model, features, labels, cv=5, method="predict_proba")
-
-
-# ------------------------------------------------------------------------------------ pretraining
-
-
-def make_model(arch: str, num_classes: int) -> nn.Module:
-    name, kwargs = ARCHS[arch]
-    return timm.create_model(name, num_classes=num_classes, in_chans=1, **kwargs)
-
-
-#: architecture -> pretraining recipe (a ViT learns slowly from 2,000 images: AdamW, more epochs)
-PRETRAIN: dict[str, dict[str, Any]] = {
-    "resnet": {"opt": "sgd", "epochs": 15, "lr": 0.05, "batch_size": 64, "seed": 0},
-    "vit": {"opt": "adamw", "epochs": 100, "lr": 2e-3, "batch_size": 64, "seed": 0},
-}
-
-
-def pretrained_path(arch: str, recipe: dict[str, Any], cache: Path) -> Path:
-    made = json.dumps([ARCHS[arch], recipe, SOURCE_CLASSES, IMG, DATA_VERSION], sort_keys=True)
-    return cache / f"{arch}-{hashlib.sha256(made.encode()).hexdigest()[:10]}.safetensors"
-
-
-def pretrain(arch: str, recipe: dict[str, Any], cache: Path) -> Path:
-    """Pretrain ``arch`` on the source task with clean labels (cached); prints how and how long."""
-    path = pretrained_path(arch, recipe, cache)
-    if path.exists():
-        print(f"pretrained {arch}: cached {path} ({json.loads(path.with_suffix('.json').read_text())})", flush=True)
-        return path
-    started = time.perf_counter()
-    torch.manual_seed(recipe["seed"])
-    _, labels = digits()
-    rows = np.flatnonzero(np.isin(labels, SOURCE_CLASSES))
-    order = np.random.default_rng(recipe["seed"]).permutation(rows)
-    held, used = order[:500], order[500:]
-    x, y = rendered("source"), torch.tensor(labels)
-    model = make_model(arch, len(SOURCE_CLASSES))
-    updates = recipe["epochs"] * (len(used) // recipe["batch_size"])
-    loop = PlainLoop(model, recipe["lr"], updates, "cross_entropy", opt=recipe["opt"])
-    generator = torch.Generator().manual_seed(recipe["seed"])
-    for _ in range(recipe["epochs"]):
-        for batch in batches(len(used), recipe["batch_size"], generator):
-            images_batch = x[used[batch]]
-            shift = torch.randint(-2, 3, (2,), generator=generator).tolist()  # light augmentation
-            loop.step(torch.roll(images_batch, shifts=shift, dims=(2, 3)), y[used[batch]])
-    accuracy = evaluate(model, x[held], y[held])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    seconds = time.perf_counter() - started
-    print(
-        f"pretrained {arch} ({ARCHS[arch][0]}): MNIST digits {SOURCE_CLASSES} at {IMG}x{IMG}, {len(used)} images, "
-        f"clean labels, {recipe['epochs']} epochs {recipe['opt']} lr {recipe['lr']} cosine, +-2 px shifts; "
-        f"held-out source accuracy {100 * accuracy:.1f}%; {seconds:.0f} s -> {path}",
-        flush=True,
-    )
-    (path.with_suffix(".json")).write_text(
-        json.dumps({"recipe": recipe, "source_accuracy": accuracy, "seconds": seconds}, indent=1) + "\n"
-    )
-    return path
-
-
-def pretraining_note(arch: str, path: Path) -> str:
-    made = json.loads(path.with_suffix(".json").read_text())
-    recipe = made["recipe"]
-    name, kwargs = ARCHS[arch]
-    return (
-        f"`{name}`{' ' + str(kwargs) if kwargs else ''}, {recipe['epochs']} epochs {recipe['opt']} lr {recipe['lr']}, "
-        f"held-out source accuracy {100 * made['source_accuracy']:.1f}%, {made['seconds']:.0f} s"
-    )
-
-
-def load_pretrained(path: Path, arch: str, num_classes: int) -> nn.Module:
-    """The cached backbone with a new, randomly initialised classifier for the target."""
-    model = make_model(arch, len(SOURCE_CLASSES))
-    model.load_state_dict(load_file(str(path)))
-    model.reset_classifier(num_classes)
-    return model
-
-
-# ------------------------------------------------------------------------------------ training
-
-
-def batches(n: int, batch_size: int, generator: torch.Generator):
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        yield order[start : start + batch_size]
-
-
-class PlainLoop:
-    """SGD + cosine schedule with one of the baseline losses, and timm's ModelEmaV3 alongside."""
-
-    def __init__(self, model: nn.Module, lr: float, total: int, loss: str, opt: str = "sgd") -> None:
-        self.model = model
-        if opt == "adamw":
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-        else:
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        self.scheduler = cosine(self.optimizer, total)
-        self.loss = resolve_criterion(loss)
-        self.ema = ModelEmaV3(model, decay=EMA_DECAY, use_warmup=True)
-        self.updates = 0
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = self.loss(self.model(x), y)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.updates += 1
-        self.ema.update(self.model, step=self.updates)
-
-
-def cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    hits = sum(int((model(part).argmax(1) == target).sum()) for part, target in zip(x.split(500), y.split(500)))
-    model.train(was_training)
-    return hits / len(y)
+# ------------------------------------------------------------------------------------ the runs
 
 
 @torch.no_grad()
