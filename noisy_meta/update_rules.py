@@ -37,7 +37,7 @@ class Stages:
     check_outputs: Callable[[torch.Tensor, torch.Tensor], None]
     criterion: Criterion
 
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def label_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss on the given labels (`MetaNoiseConfig.criterion`, cross-entropy by default)."""
         self.check_outputs(logits, targets)
         return self.criterion(logits, targets)
@@ -75,7 +75,7 @@ def joint_update(stages: Stages, inputs: torch.Tensor, targets: torch.Tensor, we
     grads = stages.grads
     with stages.forward_context():
         student = stages.scope.forward(inputs, meta=weight > 0.0)
-        ce_loss = stages.cross_entropy(student.logits, targets)
+        ce_loss = stages.label_loss(student.logits, targets)
         meta = stages.meta.backward(inputs, targets, student, weight, grads)
         grads.add(ce_loss, through=meta.through)
     if not grads.sync:
@@ -96,7 +96,7 @@ def sequential_update(stages: Stages, inputs: torch.Tensor, targets: torch.Tenso
             meta = stages.meta.backward(inputs, targets, student, weight, grads)
         del student
         meta_applied = grads.apply(meta.loss)
-    ce_loss = stages.cross_entropy(stages.scope.module(inputs), targets)
+    ce_loss = stages.label_loss(stages.scope.module(inputs), targets)
     grads.add(ce_loss)
     applied = grads.apply(ce_loss)
     return Outcome(ce_loss, meta, stepped=applied, complete=applied and meta_applied)

@@ -40,7 +40,8 @@ class MetaNoiseWrapper:
     Each `step` runs one whole training iteration:
 
     1. the conventional forward of the student (it updates BatchNorm statistics once, exactly
-       as plain training does) and its cross-entropy ``CE``;
+       as plain training does) and its loss ``CE`` on the given labels (``criterion``, cross-entropy
+       unless configured);
     2. the meta step, once the meta weight ``w`` is above zero: the mentor's predictions and
        neighbour-search features, M synthetic label sets by neighbour label transfer, and for
        each set one fast-weight SGD step and the KL divergence ``J_m`` from the mentor to the
