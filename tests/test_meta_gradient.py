@@ -302,7 +302,7 @@ def test_scale_free_step_has_the_size_it_promises(mlp64, batch64, kind):
             assert moves[0] / moves[2] == pytest.approx(shares[0] / shares[2], rel=1e-9)
         else:
             for move, p in zip(moves, params):
-                assert move == pytest.approx(RADIUS * float(p.norm()), rel=1e-9)
+                assert move == pytest.approx(RADIUS * float(p.detach().norm()), rel=1e-9)
         assert InnerStep(kind, RADIUS).displacement(params, [factor * g for g in grads]) == pytest.approx(
             RADIUS / norm if kind == "normalized" else RADIUS, rel=1e-9
         )
