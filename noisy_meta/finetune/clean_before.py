@@ -68,7 +68,9 @@ def clean_before_training(
         f"({seconds:.1f} s; flags in {output_dir / CLEAN_BEFORE_FILE})"
     )
     if accelerator.is_main_process:
-        _write(output_dir, action, settings.clean_before_k, found, train_set, per_class, relabelled_correct, seconds)
+        index = np.asarray(train_set[INDEX], dtype=np.int64)
+        k = settings.clean_before_k
+        _write(output_dir, action, k, found, labels, index, per_class, relabelled_correct, seconds)
     return cleaned
 
 
@@ -77,12 +79,12 @@ def _write(
     action: str,
     k: int,
     found: LabelNoiseDetection,
-    train_set: Dataset,
+    labels: np.ndarray,
+    index: np.ndarray,
     per_class: list[int],
     relabelled_correct: int | None,
     seconds: float,
 ) -> None:
-    index = np.asarray(train_set[INDEX], dtype=np.int64)
     flagged = np.flatnonzero(found.flagged)
     record = {
         "action": action,
@@ -97,4 +99,4 @@ def _write(
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CLEAN_BEFORE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    save_cleanlab_inputs(output_dir / CLEAN_BEFORE_PRED_PROBS, train_set[LABEL], found.pred_probs, index)
+    save_cleanlab_inputs(output_dir / CLEAN_BEFORE_PRED_PROBS, labels, found.pred_probs, index)

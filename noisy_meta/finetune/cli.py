@@ -525,8 +525,9 @@ def resolve_meta_config(
     and the preset's fields (`preset_name`: ``--preset fast`` `FAST_PRESET`, ``finetune``
     `FINETUNE_PRESET`, the default from pretrained weights), which win over the data set's
     defaults (``filled``: the data-set defaults `apply_data_set_defaults` filled in; by default
-    those `validate_args` recorded). A ``--preset full`` run from pretrained weights takes
-    `fine_tuning_defaults`. The loss comes from ``--loss`` / ``--smoothing`` (`criterion_of`).
+    those `validate_args` recorded). A ``--preset full`` or ``fast`` run from pretrained weights
+    takes `fine_tuning_defaults` for the fields its preset leaves. The loss comes from ``--loss`` /
+    ``--smoothing`` (`criterion_of`).
     """
     if filled is None:
         filled = getattr(args, "data_set_defaults", None) or {}

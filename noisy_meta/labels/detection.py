@@ -80,7 +80,7 @@ def detect_label_noise(
 
     Args:
         features: ``[N, D]`` (tensor or array), e.g. a pretrained backbone's pooled features
-            (`extract_features`). Compared by cosine similarity.
+            (`extract_features`). Compared by cosine similarity, on the features' device.
         labels: ``[N]`` the given (possibly noisy) labels, integers in ``[0, num_classes)``.
         num_classes: C; default ``max(labels) + 1``.
         k: neighbours per sample (itself excluded). Larger k is steadier at high noise
@@ -115,7 +115,7 @@ def detect_label_noise(
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
 
-    neighbors = _nearest_neighbors(F.normalize(features.float(), dim=1), k, chunk_size)
+    neighbors = _nearest_neighbors(F.normalize(features.float(), dim=1), k, chunk_size).cpu()  # [N, k]
     votes = F.one_hot(labels[neighbors], num_classes).sum(dim=1).double()  # [N, C]
     pred_probs = (votes + 1.0 / num_classes) / (k + 1.0)
     given = pred_probs.gather(1, labels[:, None]).squeeze(1)
@@ -142,7 +142,7 @@ def _nearest_neighbors(unit: torch.Tensor, k: int, chunk_size: int) -> torch.Ten
     parts = []
     for start in range(0, unit.shape[0], chunk_size):
         block = unit[start : start + chunk_size] @ unit.T  # [chunk, N]
-        rows = torch.arange(block.shape[0])
+        rows = torch.arange(block.shape[0], device=block.device)
         block[rows, rows + start] = -float("inf")  # never one's own neighbour
         parts.append(block.topk(k, dim=1).indices)
     return torch.cat(parts)
