@@ -186,10 +186,8 @@ def test_invalid_affordable_fields(field, value, message):
 def resolved(argv):
     """The MetaNoiseConfig the finetune command line resolves for ``argv`` (with the data set's defaults)."""
     from noisy_meta.finetune import build_parser, resolve_meta_config
-    from noisy_meta.finetune.cli import apply_data_set_defaults
 
-    args = build_parser().parse_args(argv)
-    return resolve_meta_config(args, total_updates=1000, filled=apply_data_set_defaults(args))
+    return resolve_meta_config(build_parser().parse_args(argv), total_updates=1000)
 
 
 def test_preset_fast_replaces_the_data_set_and_fine_tuning_defaults():

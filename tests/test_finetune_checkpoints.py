@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from noisy_meta.finetune import build_parser, main
+from noisy_meta.finetune import main
 from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.models import create_model
+from noisy_meta.finetune.settings import ModelSettings
 
 from finetune_helpers import FAST, flat_tensors, metrics, run_example, without_timings
 
@@ -89,7 +90,7 @@ def test_checkpoint_flag_refuses_damaged_or_foreign_weights(finished_run, tmp_pa
     path = tmp_path / "weights.safetensors"
     make_file(finished_run, path)
     with pytest.raises(CheckpointError, match=message) as error:
-        create_model(build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)]), num_classes=10)
+        create_model(ModelSettings("test_resnet", checkpoint=str(path)), num_classes=10)
     assert str(path) in str(error.value)
 
 
@@ -97,9 +98,7 @@ def test_iteration_mentor_from_another_run_is_refused(finished_run, tmp_path):
     from noisy_meta.finetune.models import load_mentor
 
     with pytest.raises(CheckpointError, match="the previous iteration's best mentor: .* holds other shapes"):
-        load_mentor(
-            build_parser().parse_args(["--model", "test_resnet"]), 12, finished_run / "best" / "mentor.safetensors"
-        )
+        load_mentor(ModelSettings("test_resnet"), 12, finished_run / "best" / "mentor.safetensors")
 
 
 # ------------------------------------------------------------------------------- a crash during a save

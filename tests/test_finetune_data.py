@@ -11,9 +11,10 @@ import timm
 import torch
 from datasets import Image, load_from_disk
 
-from noisy_meta.finetune import build_parser, main
+from noisy_meta.finetune import main
 from noisy_meta.finetune.data import collate, embedded_mnist, load_image_dataset, prepare_splits
 from noisy_meta.finetune.models import create_model
+from noisy_meta.finetune.settings import ModelSettings
 from noisy_meta.labels.noise import OUTSIDE
 
 from finetune_helpers import FAST, metrics, run_example, split_args
@@ -96,8 +97,7 @@ def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier
     source = timm.create_model("test_resnet", num_classes=7)
     path = tmp_path / "weights.safetensors"
     save_weights(source, path)
-    args = build_parser().parse_args(["--model", "test_resnet", "--checkpoint", str(path)])
-    model = create_model(args, num_classes=3)
+    model = create_model(ModelSettings("test_resnet", checkpoint=str(path)), num_classes=3)
     assert model.num_classes == 3
     loaded, saved = model.state_dict(), source.state_dict()
     head = {name for name, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
@@ -105,7 +105,7 @@ def test_checkpoint_flag_loads_local_weights_and_replaces_a_different_classifier
         if name not in head:
             assert torch.equal(loaded[name], saved[name]), name
     with pytest.raises(FileNotFoundError, match="--checkpoint: no file"):
-        create_model(build_parser().parse_args(["--checkpoint", str(tmp_path / "missing.pt")]), num_classes=3)
+        create_model(ModelSettings("resnet18", checkpoint=str(tmp_path / "missing.pt")), num_classes=3)
 
 
 # ------------------------------------------------------------------------------- bad data

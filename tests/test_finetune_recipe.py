@@ -56,16 +56,18 @@ def test_the_loss_flags_choose_the_criterion():
 
 
 def test_clean_before_defaults_follow_the_preset(monkeypatch):
-    from noisy_meta.finetune import cli
+    from noisy_meta.finetune import settings
 
-    parse = build_parser().parse_args
-    assert cli.clean_before_action(parse([])) == "off"
-    assert cli.clean_before_action(parse(["--pretrained"])) == cli.FINETUNE_CLEANING
-    assert cli.clean_before_action(parse(["--pretrained", "--clean-before", "relabel"])) == "relabel"
-    monkeypatch.setattr(cli, "FINETUNE_CLEANING", "remove")  # a recipe that detects before training
-    assert cli.clean_before_action(parse(["--pretrained"])) == "remove"
-    assert cli.clean_before_action(parse(["--pretrained", "--preset", "fast"])) == "off"
-    assert cli.clean_before_action(parse(["--pretrained", "--streaming"])) == "off"
+    def action(argv):
+        return settings.RunSettings.from_args(build_parser().parse_args(argv)).clean_before
+
+    assert action([]) == "off"
+    assert action(["--pretrained"]) == settings.FINETUNE_CLEANING
+    assert action(["--pretrained", "--clean-before", "relabel"]) == "relabel"
+    monkeypatch.setattr(settings, "FINETUNE_CLEANING", "remove")  # a recipe that detects before training
+    assert action(["--pretrained"]) == "remove"
+    assert action(["--pretrained", "--preset", "fast"]) == "off"
+    assert action(["--pretrained", "--streaming"]) == "off"
 
 
 @pytest.mark.parametrize("action", ["remove", "relabel"])

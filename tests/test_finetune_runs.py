@@ -182,19 +182,19 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
     tiny_mnist, tmp_path, monkeypatch, make_accelerator
 ):
     """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
-    from noisy_meta.finetune import train_loop, trainer
+    from noisy_meta.finetune import train_batches, train_loop, trainer
 
-    train_batches = []
+    seen = []
 
     def poisoned(samples):
         batch = collate(samples)
         if len(samples) == 32:  # training batches (evaluation uses 64)
-            train_batches.append(1)
-            if len(train_batches) > 2:
+            seen.append(1)
+            if len(seen) > 2:
                 batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
         return batch
 
-    monkeypatch.setattr(trainer, "collate", poisoned)
+    monkeypatch.setattr(train_batches, "collate", poisoned)
     output = tmp_path / "poisoned"
     good_states = []
     step = trainer.MetaNoiseWrapper.step

@@ -32,3 +32,56 @@ def test_unknown_attribute_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'MetaNoiseWrapperr'"):
         noisy_meta.MetaNoiseWrapperr  # noqa: B018
     assert "clean_dataset" in dir(noisy_meta)
+
+
+def test_the_package_has_no_import_loop():
+    """Every import between the package's modules (lazy ones in functions too, not TYPE_CHECKING
+    blocks) points one way: following them never leads back to where it started."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "noisy_meta"
+
+    def module_of(path: Path) -> str:
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    def imports(path: Path) -> set[str]:
+        tree, package = ast.parse(path.read_text()), module_of(path)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+        skipped = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in skipped or not isinstance(node, ast.ImportFrom) or not node.level:
+                continue
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            names = [f"{target}.{alias.name}" for alias in node.names]
+            found.update(name for name in [target, *names] if name in modules and name != module_of(path))
+        return found
+
+    paths = {module_of(path): path for path in root.rglob("*.py")}
+    modules = set(paths)
+    graph = {name: imports(path) - {name} for name, path in paths.items()}
+    # A package's __init__ re-exporting its modules is not a loop of the modules themselves.
+    graph = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
+    visiting, done = [], set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        assert name not in visiting, "import loop: " + " -> ".join([*visiting[visiting.index(name) :], name])
+        visiting.append(name)
+        for target in sorted(graph[name]):
+            visit(target)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

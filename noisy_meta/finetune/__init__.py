@@ -2,7 +2,7 @@
 
 ``python -m noisy_meta.finetune --help`` (or ``accelerate launch examples/finetune.py``) lists the
 flags. `run_command` is the command line (one-line errors, status 2); `main` runs with a list of
-flags and `run` with parsed arguments, both raising their errors. Names load on first use, so
+flags and `run` with checked `RunSettings` (`parse_settings`), both raising their errors. Names load on first use, so
 ``--help`` does not wait for torch.
 """
 
@@ -10,10 +10,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .cli import build_parser, resolve_meta_config, run_command
-    from .trainer import main, run
+    from .cli import build_parser, main, parse_settings, resolve_meta_config, run_command
+    from .settings import RunContext, RunSettings
+    from .trainer import run
 
-_LAZY = {"build_parser": "cli", "resolve_meta_config": "cli", "run_command": "cli", "main": "trainer", "run": "trainer"}
+_LAZY = {
+    "build_parser": "cli",
+    "main": "cli",
+    "parse_settings": "cli",
+    "resolve_meta_config": "cli",
+    "run_command": "cli",
+    "RunContext": "settings",
+    "RunSettings": "settings",
+    "run": "trainer",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +33,13 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["build_parser", "main", "resolve_meta_config", "run", "run_command"]
+__all__ = [
+    "RunContext",
+    "RunSettings",
+    "build_parser",
+    "main",
+    "parse_settings",
+    "resolve_meta_config",
+    "run",
+    "run_command",
+]

@@ -19,13 +19,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from datasets import Dataset
-from rich.console import Console
 from torch.utils.data import DataLoader
 
 from ..labels.cleaning import apply_flags, save_cleanlab_inputs
@@ -33,32 +30,32 @@ from ..labels.detection import LabelNoiseDetection, detect_label_noise, extract_
 from ..labels.noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
 from .data import attach_transform, collate
 from .models import create_model, transforms
+from .settings import RunContext
 
 #: Files written beside the run.
 CLEAN_BEFORE_FILE = "clean_before.json"
 CLEAN_BEFORE_PRED_PROBS = "clean_before_pred_probs.npz"
 
 
-def clean_before_training(
-    settings: Any, accelerator: Accelerator, console: Console, train_set: Dataset, num_classes: int, output_dir: Path
-) -> Dataset:
-    """The training split after ``--clean-before remove|relabel`` (``settings``: the parsed flags)."""
-    action = settings.clean_before
+def clean_before_training(context: RunContext, train_set: Dataset, num_classes: int, output_dir: Path) -> Dataset:
+    """The training split after ``--clean-before remove|relabel``."""
+    settings, accelerator, console = context.settings, context.accelerator, context.console
+    action, k = settings.clean_before, settings.meta.clean_before_k
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        model = create_model(settings, num_classes)
+        model = create_model(settings.model, num_classes)
     _, eval_transform = transforms(settings, model)
     loader = DataLoader(
         attach_transform(train_set, eval_transform),
-        batch_size=2 * settings.batch_size,
+        batch_size=2 * settings.optim.batch_size,
         collate_fn=collate,
-        num_workers=settings.workers,
+        num_workers=settings.data.workers,
     )
     features = extract_features(model.to(accelerator.device), loader)
     labels = np.asarray(train_set[LABEL], dtype=np.int64)
     clean = np.asarray(train_set[CLEAN_LABEL], dtype=np.int64)  # OUTSIDE (< 0) for an open-set image
     known = clean if all(value is not None for value in train_set[IS_NOISY]) else None
-    found = detect_label_noise(features, labels, num_classes=num_classes, k=settings.clean_before_k, clean_labels=known)
+    found = detect_label_noise(features, labels, num_classes=num_classes, k=k, clean_labels=known)
     cleaned, per_class, relabelled_correct = apply_flags(
         train_set, found.flagged, found.suggested_labels, action, num_classes
     )
@@ -69,7 +66,6 @@ def clean_before_training(
     )
     if accelerator.is_main_process:
         index = np.asarray(train_set[INDEX], dtype=np.int64)
-        k = settings.clean_before_k
         _write(output_dir, action, k, found, labels, index, per_class, relabelled_correct, seconds)
     return cleaned
 

@@ -8,20 +8,11 @@ import os
 import sys
 from typing import Any, NoReturn, get_args
 
-from ..config import (
-    FAST_PARAM_NAMES,
-    FAST_PRESET,
-    FINETUNE_CLEANING,
-    FINETUNE_PRESET,
-    RUN_LENGTH_FIELDS,
-    MentorUpdate,
-    MetaNoiseConfig,
-    field_choices,
-)
-from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA, CleaningConfig
+from ..config import FINETUNE_CLEANING, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
+from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA
 from ..labels.noise import NOISE_KINDS, OPEN_SET
 from .flag_checks import (
-    check_flags,
+    check_settings,
     flag_of,
     half_open_unit,
     non_negative_float,
@@ -33,47 +24,23 @@ from .flag_checks import (
     smoothing_fraction,
 )
 from .names import EMBEDDED, PRED_PROBS_FILE
+from .settings import (
+    EMBEDDED_DEFAULTS,
+    FINETUNE_META_DEFAULTS,
+    GENERAL_DEFAULTS,
+    NO_FLAG_FIELDS,
+    PRESETS,
+    RunSettings,
+)
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
 _FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
 #: Fields whose flag also takes values beyond the named choices (comma-separated glob patterns).
 _OPEN_CHOICES = ("fast_params",)
-#: Fields with no flag of their own: the loss on the given labels comes from --loss / --smoothing / --gce-q.
-_NO_FLAG = ("criterion",)
 #: ``--loss`` values (`noisy_meta.losses`).
 LOSSES = ("cross_entropy", "gce", "sce")
 #: ``--clean-before`` values: noise detection with the starting weights before training.
 CLEAN_BEFORE_ACTIONS = ("off", "remove", "relabel")
-
-#: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
-#: cores) and for any other data set.
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "model": "test_resnet",
-    "img_size": 32,
-    "epochs": 8,
-    "noise": "symmetric",
-    "noise_rate": 0.4,
-    "aug": False,
-    "meta_first_order": True,
-    "meta_num_synthetic": 5,
-}
-#: MetaNoiseConfig defaults of a ``--preset full`` / ``fast`` run from pretrained weights (``--pretrained`` or
-#: ``--checkpoint``; the default preset there is ``finetune``), chosen on the fine-tuning
-#: benchmark's noisy validation split (benchmarks/finetune_accuracy.py, RESULTS.md): the inner
-#: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
-#: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
-FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
-#: ``--preset`` values: the paper's full meta step, the affordable preset (`MetaNoiseConfig.fast`) or
-#: the fine-tuning recipe (`MetaNoiseConfig.finetune`, the default from pretrained weights), and
-#: the MetaNoiseConfig fields each sets.
-PRESETS: dict[str, dict[str, Any]] = {"full": {}, "fast": FAST_PRESET, "finetune": FINETUNE_PRESET}
-GENERAL_DEFAULTS: dict[str, Any] = {
-    "model": "resnet18",
-    "epochs": 10,
-    "noise": "none",
-    "noise_rate": 0.0,
-    "aug": True,
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,12 +69,19 @@ def program_name() -> str:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser: one group of flags per `RunSettings` group."""
     parser = _Parser(
         prog=prog or program_name(),
         description="Fine-tune a timm model on noisily labelled images with MLNT (noisy-meta). Defaults marked "
         f"'for {EMBEDDED}' apply to the embedded data set (the default --dataset); others apply everywhere.",
         formatter_class=_Formatter,
     )
+    for add_flags in (_model_flags, _data_flags, _optim_flags, _meta_flags, _iterative_flags, _output_flags):
+        add_flags(parser)
+    return parser
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -132,6 +106,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--img-size", type=positive_int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}"
     )
 
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (Hugging Face datasets)")
     data.add_argument(
         "--dataset",
@@ -205,6 +181,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="with --streaming: images in the shuffle buffer",
     )
 
+
+def _optim_flags(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--opt", default="sgd", help="timm.optim.create_optimizer_v2 name")
     optim.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate")
@@ -235,6 +213,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     optim.add_argument("--gce-q", type=half_open_unit, default=0.7, help="q of --loss gce, in (0, 1]")
 
+
+def _meta_flags(parser: argparse.ArgumentParser) -> None:
     meta = parser.add_argument_group("MLNT (MetaNoiseConfig fields)")
     meta.add_argument(
         "--no-meta",
@@ -261,9 +241,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     meta.add_argument("--clean-before-k", type=positive_int, default=10, help="neighbours in the --clean-before vote")
     for field in dataclasses.fields(MetaNoiseConfig):
-        if field.name not in _NO_FLAG:
+        if field.name not in NO_FLAG_FIELDS:
             _add_field_flag(meta, field)
 
+
+def _iterative_flags(parser: argparse.ArgumentParser) -> None:
     iterative = parser.add_argument_group("iterative training and data cleaning (noisy_meta.labels.cleaning)")
     iterative.add_argument(
         "--iterations",
@@ -304,6 +286,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "labels/pred_probs)",
     )
 
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output-dir", default="output/finetune", help="checkpoints and metrics; an earlier run there is kept"
@@ -355,7 +339,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     output.add_argument("--seed", type=int, default=0, help="seeds the run (data order, noise, model init)")
     output.add_argument("--debug", action="store_true", help="show the traceback of an error in the input")
-    return parser
 
 
 def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) -> None:
@@ -402,33 +385,38 @@ def _default_note(field: dataclasses.Field) -> str:
     return note
 
 
-def apply_data_set_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill flags left unset with `EMBEDDED_DEFAULTS` or `GENERAL_DEFAULTS`; return what was filled."""
-    defaults = EMBEDDED_DEFAULTS if args.dataset == EMBEDDED else GENERAL_DEFAULTS
-    filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
-    for name, value in filled.items():
-        setattr(args, name, value)
-    return filled
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The `RunSettings` of parsed flags, checked before any data or model is loaded.
 
-
-def validate_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill the data-set defaults and check every flag, before any data or model is loaded.
-
-    Raises ValueError naming the flag; returns the defaults filled in (`apply_data_set_defaults`).
-    Arguments already checked (the command line checks them before it imports the trainer, whose
-    `run` checks again for callers in code) are not checked twice.
+    Raises ValueError naming the flag: conflicting flags, missing paths, an output directory
+    that holds a run (`check_settings`), a cleaning threshold or MetaNoiseConfig values refused.
     """
-    if getattr(args, "data_set_defaults", None) is not None:
-        return args.data_set_defaults
-    filled = apply_data_set_defaults(args)
-    check_flags(args)
-    cleaning_config(args)
+    settings = RunSettings.from_args(args)
+    check_settings(settings)
+    settings.iterative.cleaning  # noqa: B018 (CleaningConfig checks its threshold)
     try:
-        resolve_meta_config(args, total_updates=1, filled=filled)
+        settings.meta_config(total_updates=1)
     except ValueError as error:
         raise ValueError(flag_of(str(error), [f.name for f in dataclasses.fields(MetaNoiseConfig)])) from None
-    args.data_set_defaults = filled
-    return filled
+    return settings
+
+
+def parse_settings(argv: list[str] | None = None) -> RunSettings:
+    """Parse and check a command line (``None``: ``sys.argv``); errors raise as in `settings_from_args`."""
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse and check flags, then run (`noisy_meta.finetune.trainer.run`); returns the last epoch's
+    metrics record. Errors raise (`run_command` turns them into one line)."""
+    from .trainer import run
+
+    return run(parse_settings(argv))
+
+
+def resolve_meta_config(args: argparse.Namespace, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
+    """The `MetaNoiseConfig` parsed flags give a run of ``total_updates`` (`RunSettings.meta_config`)."""
+    return RunSettings.from_args(args).meta_config(total_updates)
 
 
 def run_command(argv: list[str] | None = None) -> None:
@@ -442,7 +430,7 @@ def run_command(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        validate_args(args)
+        settings = settings_from_args(args)
     except ValueError as error:
         parser.error(str(error))
     from .checkpoint import CheckpointError
@@ -451,7 +439,7 @@ def run_command(argv: list[str] | None = None) -> None:
     from .trainer import run
 
     try:
-        run(args)
+        run(settings)
     except RunStopped as stopped:
         parser.exit(EXIT_STOPPED, f"{parser.prog}: {stopped}\n")
     except (ValueError, CheckpointError, OSError) as error:
@@ -461,92 +449,4 @@ def run_command(argv: list[str] | None = None) -> None:
     except RuntimeError as error:
         if args.debug or not is_lost_rank(error):
             raise
-        parser.exit(2, f"{parser.prog}: error: {lost_rank_message(error, args)}\n")
-
-
-def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
-    """The `CleaningConfig` of the ``--clean-*`` flags."""
-    threshold = args.clean_threshold
-    if threshold is None:
-        threshold = 0.5 if args.clean_criterion == "given_label_prob" else 0.0
-    return CleaningConfig(args.clean_criterion, threshold, args.clean_action)
-
-
-def from_weights(args: argparse.Namespace) -> bool:
-    """Whether the run starts from pretrained weights (``--pretrained`` or ``--checkpoint``)."""
-    return bool(args.pretrained or args.checkpoint)
-
-
-def preset_name(args: argparse.Namespace) -> str:
-    """``--preset``, or its default: ``finetune`` from pretrained weights, else ``full``."""
-    if getattr(args, "preset", None):
-        return args.preset
-    return "finetune" if from_weights(args) else "full"
-
-
-def clean_before_action(args: argparse.Namespace) -> str:
-    """``--clean-before``, or its default: the recipe's (`FINETUNE_CLEANING`) with ``--preset finetune``
-    from pretrained weights (not with ``--streaming``, which cannot clean), else ``off``."""
-    if args.clean_before is not None:
-        return args.clean_before
-    recipe = preset_name(args) == "finetune" and from_weights(args) and not args.streaming
-    return FINETUNE_CLEANING if recipe else "off"
-
-
-def fine_tuning_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights with
-    ``--preset full`` or ``fast`` (empty otherwise, and for the fields whose flag was given; a
-    preset's own fields win over them)."""
-    if not from_weights(args) or preset_name(args) == "finetune":
-        return {}
-    values = {
-        "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * args.lr,
-        "num_synthetic": FINETUNE_META_DEFAULTS["num_synthetic"],
-    }
-    return {name: value for name, value in values.items() if getattr(args, "meta_" + name) is None}
-
-
-def criterion_of(args: argparse.Namespace) -> Any | None:
-    """The loss of ``--loss`` / ``--smoothing`` / ``--gce-q`` (None: the preset's or the library's)."""
-    if args.loss is None and not args.smoothing:
-        return None
-    from ..losses import make_criterion  # imports torch: only once a run is being set up
-
-    return make_criterion(args.loss or "cross_entropy", smoothing=args.smoothing, q=args.gce_q)
-
-
-def resolve_meta_config(
-    args: argparse.Namespace, total_updates: int, filled: dict[str, Any] | None = None
-) -> tuple[MetaNoiseConfig, dict[str, Any]]:
-    """The `MetaNoiseConfig` of a run and the defaults chosen for it (not the library's).
-
-    Flags not given keep the library defaults, except the schedules, which follow
-    `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
-    and the preset's fields (`preset_name`: ``--preset fast`` `FAST_PRESET`, ``finetune``
-    `FINETUNE_PRESET`, the default from pretrained weights), which win over the data set's
-    defaults (``filled``: the data-set defaults `apply_data_set_defaults` filled in; by default
-    those `validate_args` recorded). A ``--preset full`` or ``fast`` run from pretrained weights
-    takes `fine_tuning_defaults` for the fields its preset leaves. The loss comes from ``--loss`` /
-    ``--smoothing`` (`criterion_of`).
-    """
-    if filled is None:
-        filled = getattr(args, "data_set_defaults", None) or {}
-    fields = [f.name for f in dataclasses.fields(MetaNoiseConfig) if f.name not in _NO_FLAG]
-    values = {name: getattr(args, "meta_" + name) for name in fields}
-    values = {name: value for name, value in values.items() if value is not None}
-    given = {name for name in values if "meta_" + name not in filled}
-    preset = {name: value for name, value in PRESETS[preset_name(args)].items() if name not in given}
-    values = {name: value for name, value in values.items() if name not in preset}
-    fast_params = values.get("fast_params")
-    if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
-        values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
-    values.setdefault("seed", args.seed)
-    if args.no_meta:
-        values["meta_weight"] = 0.0
-    criterion = criterion_of(args)
-    if criterion is not None:
-        values["criterion"] = criterion
-    fine_tuning = {name: v for name, v in fine_tuning_defaults(args).items() if name not in preset}
-    config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **preset, **values)
-    chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
-    return config, {**chosen, **fine_tuning, **preset}
+        parser.exit(2, f"{parser.prog}: error: {lost_rank_message(error, settings)}\n")

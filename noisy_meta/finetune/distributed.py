@@ -7,7 +7,6 @@ all-gather (after ``--resume``, where a bad load would otherwise go unnoticed).
 
 from __future__ import annotations
 
-import argparse
 import os
 from datetime import timedelta
 
@@ -15,15 +14,17 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import InitProcessGroupKwargs
 
+from .settings import RunSettings
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+
+def make_accelerator(settings: RunSettings) -> Accelerator:
     """The run's Accelerator; with several processes a collective waits at most ``--rank-timeout`` seconds."""
     accelerator = Accelerator(
         cpu=cpu_only_processes(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.grad_accum_steps,
+        mixed_precision=settings.optim.mixed_precision,
+        gradient_accumulation_steps=settings.optim.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.rank_timeout))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=settings.control.rank_timeout))],
     )
     check_process_group(accelerator.num_processes)
     return accelerator
@@ -58,14 +59,15 @@ def is_lost_rank(error: RuntimeError) -> bool:
     return launched_processes() > 1 and any(sign in str(error) for sign in _LOST_RANK_SIGNS)
 
 
-def lost_rank_message(error: RuntimeError, args: argparse.Namespace) -> str:
+def lost_rank_message(error: RuntimeError, settings: RunSettings) -> str:
     """One line for a run that stopped because another rank died or stalled: which rank says so, and how to go on."""
     rank, world = os.environ.get("RANK", "?"), launched_processes()
     first_line = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    last = os.path.join(args.output_dir, "last")
+    last = os.path.join(settings.output.output_dir, "last")
     after = f"--resume continues from {last}/" if os.path.isdir(last) else "no checkpoint had been written yet"
+    timeout = settings.control.rank_timeout
     return (
-        f"rank {rank} of {world}: another rank stopped answering for --rank-timeout {args.rank_timeout:g} s or went "
+        f"rank {rank} of {world}: another rank stopped answering for --rank-timeout {timeout:g} s or went "
         f"away ({first_line}); stopping, {after}"
     )
 

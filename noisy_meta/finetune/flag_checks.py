@@ -1,7 +1,7 @@
 """Checks of the command line's flags that run before any data or model is loaded.
 
 Value types (`positive_int`, `probability`, ...) make argparse refuse a bad value with the flag
-named; `check_flags` refuses combinations, paths that do not exist and an output directory
+named; `check_settings` refuses combinations, paths that do not exist and an output directory
 that already holds a run. Each raises ``ValueError`` (``argparse.ArgumentTypeError`` for the
 types) with one line naming the flag, the value and what is allowed. No heavy imports.
 """
@@ -13,9 +13,13 @@ import glob
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..labels.noise import OPEN_SET
 from .names import BAD_IMAGES_FILE, EMBEDDED, HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE
+
+if TYPE_CHECKING:
+    from .settings import RunSettings
 
 #: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).
 RUN_ARTEFACTS = ("last", "best", "stopped", HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
@@ -86,52 +90,56 @@ def half_open_unit(text: str) -> float:
     return value
 
 
-def check_flags(args: argparse.Namespace) -> None:
+def check_settings(settings: RunSettings) -> None:
     """Refuse conflicting flags, missing paths and an output directory holding a run (ValueError)."""
-    _check_combinations(args)
-    _check_streaming(args)
-    _check_paths(args)
-    _check_output_dir(args)
+    _check_combinations(settings)
+    _check_streaming(settings)
+    _check_paths(settings)
+    _check_output_dir(settings)
 
 
-def _check_combinations(args: argparse.Namespace) -> None:
-    low, high = args.scale
+def _check_combinations(settings: RunSettings) -> None:
+    model, noise, optim, control = settings.model, settings.noise, settings.optim, settings.control
+    low, high = settings.data.scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"--scale {low} {high}: needs 0 < low <= high <= 1")
-    if args.noise == OPEN_SET and not args.open_set_classes:
+    if noise.kind == OPEN_SET and not noise.open_set_classes:
         raise ValueError(f"--noise {OPEN_SET} needs --open-set-classes (the classes whose images are the outside pool)")
-    if args.noise == OPEN_SET and args.noise_rate >= 1.0:
+    if noise.kind == OPEN_SET and noise.rate >= 1.0:
         raise ValueError(f"--noise {OPEN_SET} needs --noise-rate below 1 (some images must stay in the label space)")
-    if args.open_set_classes and args.noise != OPEN_SET:
-        raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {args.noise})")
-    if args.pretrained and args.checkpoint:
+    if noise.open_set_classes and noise.kind != OPEN_SET:
+        raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {noise.kind})")
+    if model.pretrained and model.checkpoint:
         raise ValueError("--pretrained and --checkpoint both choose the starting weights: give one")
-    if args.overwrite and args.resume is not None:
+    if control.overwrite and control.resume is not None:
         raise ValueError("--overwrite starts afresh and --resume continues: give one")
-    if args.iterations > 1 and args.resume:
+    if settings.iterative.iterations > 1 and control.resume:
         raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
-    if args.smoothing and args.loss not in (None, "cross_entropy"):
-        raise ValueError(f"--smoothing is label smoothing of --loss cross_entropy, not of --loss {args.loss}")
-    if args.clean_before not in (None, "off") and not (args.pretrained or args.checkpoint):
+    if optim.smoothing and optim.loss not in (None, "cross_entropy"):
+        raise ValueError(f"--smoothing is label smoothing of --loss cross_entropy, not of --loss {optim.loss}")
+    clean_before = settings.meta.clean_before
+    if clean_before not in (None, "off") and not model.from_weights:
         raise ValueError(
-            f"--clean-before {args.clean_before} needs starting weights (--pretrained or --checkpoint): the features "
+            f"--clean-before {clean_before} needs starting weights (--pretrained or --checkpoint): the features "
             "of a randomly initialised model cannot tell which labels are wrong"
         )
 
 
-def _check_streaming(args: argparse.Namespace) -> None:
+def _check_streaming(settings: RunSettings) -> None:
     """``--streaming`` reads the training split once per epoch, in order: refuse what needs it whole."""
-    if not args.streaming:
+    data, noise, iterative = settings.data, settings.noise, settings.iterative
+    if not data.streaming:
         return
+    clean_before, accumulation = settings.meta.clean_before, settings.optim.grad_accum_steps
     needs_whole = {
-        f"--dataset {EMBEDDED}": args.dataset == EMBEDDED,
-        f"--noise {args.noise}": args.noise != "none",
-        f"--iterations {args.iterations}": args.iterations > 1,
-        "--export-pred-probs": args.export_pred_probs,
-        "--bad-images skip": args.bad_images == "skip",
-        f"--grad-accum-steps {args.grad_accum_steps}": args.grad_accum_steps > 1,
-        f"--workers {args.workers}": args.workers > 0,
-        f"--clean-before {args.clean_before}": args.clean_before not in (None, "off"),
+        f"--dataset {EMBEDDED}": data.embedded,
+        f"--noise {noise.kind}": noise.kind != "none",
+        f"--iterations {iterative.iterations}": iterative.iterations > 1,
+        "--export-pred-probs": iterative.export_pred_probs,
+        "--bad-images skip": data.bad_images == "skip",
+        f"--grad-accum-steps {accumulation}": accumulation > 1,
+        f"--workers {data.workers}": data.workers > 0,
+        f"--clean-before {clean_before}": clean_before not in (None, "off"),
     }
     refused = [flag for flag, given in needs_whole.items() if given]
     if refused:
@@ -140,12 +148,12 @@ def _check_streaming(args: argparse.Namespace) -> None:
             "the main process (labels as given, no cleaning, no scan of the training images, whole accumulation "
             "windows); load the data set whole instead, or leave those out"
         )
-    if args.val_split is None:
+    if data.val_split is None:
         raise ValueError("--streaming needs --val-split: a validation split cannot be carved out of a stream")
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    dataset = args.dataset
+def _check_paths(settings: RunSettings) -> None:
+    dataset = settings.data.dataset
     if dataset != EMBEDDED and _looks_local(dataset):
         found = glob.glob(os.path.expanduser(dataset)) if glob.has_magic(dataset) else [dataset]
         if not found or not all(os.path.exists(os.path.expanduser(path)) for path in found):
@@ -153,10 +161,11 @@ def _check_paths(args: argparse.Namespace) -> None:
                 f"--dataset {dataset}: no such file or directory (give '{EMBEDDED}', a save_to_disk or imagefolder "
                 "directory, parquet files, or a hub id such as 'user/name')"
             )
-    if args.checkpoint is not None and not Path(args.checkpoint).expanduser().is_file():
-        raise ValueError(f"--checkpoint {args.checkpoint}: no such file (a .safetensors or torch file)")
-    if args.resume and not Path(args.resume).expanduser().is_dir():
-        raise ValueError(f"--resume {args.resume}: no such checkpoint directory")
+    checkpoint, resume = settings.model.checkpoint, settings.control.resume
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no such file (a .safetensors or torch file)")
+    if resume and not Path(resume).expanduser().is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint directory")
 
 
 def _looks_local(dataset: str) -> bool:
@@ -170,14 +179,14 @@ def _looks_local(dataset: str) -> bool:
     )
 
 
-def _check_output_dir(args: argparse.Namespace) -> None:
-    output = Path(args.output_dir).expanduser()
+def _check_output_dir(settings: RunSettings) -> None:
+    output = settings.output.output_dir.expanduser()
     blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
     if blocking is not None:
         where = "is a file" if blocking == output else f"{blocking} is a file"
         raise ValueError(f"--output-dir {output}: {where}, not a directory")
     check_writable(output)
-    if args.resume is not None or args.overwrite:
+    if settings.control.resume is not None or settings.control.overwrite:
         return
     found = previous_run(output)
     if found:

@@ -7,15 +7,12 @@ next run. Each run lives in ``<output-dir>/iteration_<k>/``.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
-from rich.console import Console
-
-from ..labels.cleaning import CleaningConfig, CleaningReport, clean_dataset, save_cleanlab_inputs
+from ..labels.cleaning import CleaningReport, clean_dataset, save_cleanlab_inputs
 from ..labels.noisy_datasets import INDEX, LABEL
 from .checkpoint import find_checkpoint
 from .data import Splits
@@ -24,17 +21,12 @@ from .models import load_mentor
 from .names import CLEANING_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import iterations_table
 from .run_state import MetricsLog
+from .settings import RunContext
 from .train_loop import predict_train_set
 
 
 def train_iterations(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    console: Console,
-    splits: Splits,
-    cleaning: CleaningConfig,
-    output_dir: Path,
-    train_run: Callable[..., dict[str, Any]],
+    context: RunContext, splits: Splits, output_dir: Path, train_run: Callable[..., dict[str, Any]]
 ) -> dict[str, Any]:
     """MLNT's iterative training: from the second run on, the previous best mentor cleans the data and mentors.
 
@@ -43,35 +35,38 @@ def train_iterations(
     the *original* training split each time. With ``--resume``, finished iterations are kept
     and the first unfinished one continues from its last checkpoint.
     """
+    settings, console = context.settings, context.console
+    iterations, resuming = settings.iterative.iterations, settings.control.resume is not None
     rows: list[dict[str, Any]] = []
     record: dict[str, Any] = {}
-    for iteration in range(1, args.iterations + 1):
+    for iteration in range(1, iterations + 1):
         run_dir = output_dir / f"iteration_{iteration}"
-        console.rule(f"iteration {iteration} of {args.iterations}")
+        console.rule(f"iteration {iteration} of {iterations}")
         train_set, mentor, report = splits.train, None, None
         if iteration > 1:
             previous = find_checkpoint(output_dir / f"iteration_{iteration - 1}" / "best") / MENTOR_FILE
-            mentor = load_mentor(args, splits.num_classes, previous)
-            probs = predict_train_set(accelerator, args, mentor, splits.train)
-            train_set, report = clean_dataset(splits.train, probs, cleaning, splits.num_classes)
-            if accelerator.is_main_process:
+            mentor = load_mentor(settings.model, splits.num_classes, previous)
+            probs = predict_train_set(context, mentor, splits.train)
+            train_set, report = clean_dataset(splits.train, probs, settings.iterative.cleaning, splits.num_classes)
+            if context.is_main_process:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 report.save(run_dir / CLEANING_FILE)
                 save_cleanlab_inputs(run_dir / PRED_PROBS_FILE, splits.train[LABEL], probs, splits.train[INDEX])
             console.print(_cleaning_line(report, len(splits.train)))
-            if len(train_set) < args.batch_size * accelerator.num_processes:
+            if len(train_set) < settings.optim.batch_size * context.accelerator.num_processes:
                 raise ValueError(
                     f"cleaning before iteration {iteration} left {len(train_set)} training samples, fewer than one "
                     "batch; loosen --clean-criterion / --clean-threshold"
                 )
-        done = _finished_records(run_dir, args.epochs) if args.resume is not None else None
+        done = _finished_records(run_dir, settings.optim.epochs) if resuming else None
         if done is not None:
             console.print(f"iteration {iteration} finished before: kept")
             record = done
         else:
-            resume = args.resume is not None and (run_dir / "last").exists()
-            record = train_run(args, accelerator, console, splits, train_set, run_dir, mentor, resume)
-            accelerator = make_accelerator(args)  # the next run prepares its own model and state
+            resume = resuming and (run_dir / "last").exists()
+            record = train_run(context, splits, train_set, run_dir, mentor, resume)
+            # the next run prepares its own model and state
+            context = dataclasses.replace(context, accelerator=make_accelerator(settings))
         rows.append({"iteration": iteration, "train_size": len(train_set), "report": report, "record": record})
     console.print(iterations_table(rows))
     return record

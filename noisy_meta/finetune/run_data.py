@@ -8,47 +8,44 @@ training stream (`noisy_meta.finetune.stream`) and loads only validation and tes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
-from accelerate import Accelerator
 from datasets import DatasetDict
-from rich.console import Console
 
 from ..labels.noise import OPEN_SET
 from ..labels.noisy_datasets import LABEL
 from .data import Splits, drop_bad_images, find_bad_images, load_eval_splits, load_image_dataset, prepare_splits
 from .names import BAD_IMAGES_FILE
+from .settings import RunContext, RunSettings
 from .stream import open_stream
 
 __all__ = ["load_splits"]
 
 
-def load_splits(args: argparse.Namespace, console: Console, accelerator: Accelerator) -> Splits:
-    if args.streaming:
-        return _stream_splits(args, console, accelerator)
-    noise, noise_rate = args.noise, args.noise_rate
-    data = load_image_dataset(args.dataset)
-    test_split = _test_split(args, data)
-    names = [s for s in (args.train_split, args.val_split, test_split) if s in data]
-    data = _handle_bad_images(args, console, data, names, accelerator.is_main_process)
+def load_splits(context: RunContext) -> Splits:
+    """The run's splits: training (noised as asked), validation and test, each checked."""
+    settings, console = context.settings, context.console
+    if settings.data.streaming:
+        return _stream_splits(context)
+    data_settings, noise = settings.data, settings.noise
+    data = load_image_dataset(data_settings.dataset)
+    test_split = _test_split(settings, data)
+    names = [s for s in (data_settings.train_split, data_settings.val_split, test_split) if s in data]
+    data = _handle_bad_images(context, data, names)
     splits = prepare_splits(
         data,
-        train_split=args.train_split,
-        val_split=args.val_split,
+        train_split=data_settings.train_split,
+        val_split=data_settings.val_split,
         test_split=test_split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        clean_label_column=args.clean_label_column,
-        num_classes=args.num_classes,
-        noise=noise,
-        noise_rate=noise_rate,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        open_set_classes=tuple(args.open_set_classes or ()),
+        **_columns(settings),
+        num_classes=settings.model.num_classes,
+        noise=noise.kind,
+        noise_rate=noise.rate,
+        val_fraction=data_settings.val_fraction,
+        seed=settings.control.seed,
+        open_set_classes=noise.open_set_classes,
     )
     counts = np.bincount(np.asarray(splits.train[LABEL], dtype=np.int64), minlength=splits.num_classes)
     empty = np.flatnonzero(counts == 0).tolist()
@@ -60,8 +57,8 @@ def load_splits(args: argparse.Namespace, console: Console, accelerator: Acceler
         )
     if splits.noise is not None:
         console.print(
-            f"label noise: {noise}, rate {noise_rate:.2f} requested, {splits.noise.realised_rate:.4f} realised"
-            + (f"; classes {sorted(args.open_set_classes)} left the label space" if noise == OPEN_SET else "")
+            f"label noise: {noise.kind}, rate {noise.rate:.2f} requested, {splits.noise.realised_rate:.4f} realised"
+            + (f"; classes {sorted(noise.open_set_classes)} left the label space" if noise.kind == OPEN_SET else "")
         )
     console.print(
         f"train {len(splits.train)}, validation {len(splits.validation)} (scored against "
@@ -71,80 +68,91 @@ def load_splits(args: argparse.Namespace, console: Console, accelerator: Acceler
     return splits
 
 
-def _stream_splits(args: argparse.Namespace, console: Console, accelerator: Accelerator) -> Splits:
+def _columns(settings: RunSettings) -> dict[str, str | None]:
+    data = settings.data
+    return {
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "clean_label_column": data.clean_label_column,
+    }
+
+
+def _stream_splits(context: RunContext) -> Splits:
     """``--streaming``: this rank's training stream; validation and test loaded whole (they are small).
 
     Labels are taken as given (the flag checks refused noise injection); the number of
     classes comes from ``--num-classes``, or the stream's class-label feature.
     """
+    settings, console, accelerator = context.settings, context.console, context.accelerator
+    data_settings = settings.data
     stream, rows, shards = open_stream(
-        args.dataset, args.train_split, accelerator.process_index, accelerator.num_processes
+        data_settings.dataset, data_settings.train_split, accelerator.process_index, accelerator.num_processes
     )
-    for column in filter(None, (args.image_column, args.label_column, args.clean_label_column)):
+    for column in filter(None, _columns(settings).values()):
         if stream.features is not None and column not in stream.features:
             raise ValueError(f"column {column!r} not in the training stream; it has {list(stream.features)}")
-    feature = stream.features[args.label_column] if stream.features is not None else None
-    num_classes = args.num_classes or getattr(feature, "num_classes", None)
+    feature = stream.features[data_settings.label_column] if stream.features is not None else None
+    num_classes = settings.model.num_classes or getattr(feature, "num_classes", None)
     if num_classes is None:
         raise ValueError(
             "--streaming: the label column is not a class label, and a stream cannot be scanned for its range: "
             "pass --num-classes"
         )
-    data = load_eval_splits(args.dataset, args.train_split)
-    if args.val_split not in data:
-        raise ValueError(f"--val-split {args.val_split!r} not in {args.dataset}; it has {sorted(data)}")
-    test_split = _test_split(args, data)
-    names = [s for s in (args.val_split, test_split) if s in data]
-    data = _handle_bad_images(args, console, data, names, accelerator.is_main_process)
+    val_split = data_settings.val_split
+    data = load_eval_splits(data_settings.dataset, data_settings.train_split)
+    if val_split not in data:
+        raise ValueError(f"--val-split {val_split!r} not in {data_settings.dataset}; it has {sorted(data)}")
+    test_split = _test_split(settings, data)
+    names = [s for s in (val_split, test_split) if s in data]
+    data = _handle_bad_images(context, data, names)
     evaluation = prepare_splits(
         data,
-        train_split=args.val_split,  # the evaluation splits' columns are resolved as a training split's would be
-        val_split=args.val_split,
+        train_split=val_split,  # the evaluation splits' columns are resolved as a training split's would be
+        val_split=val_split,
         test_split=test_split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        clean_label_column=args.clean_label_column,
+        **_columns(settings),
         num_classes=num_classes,
         noise="none",
         noise_rate=0.0,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
+        val_fraction=data_settings.val_fraction,
+        seed=settings.control.seed,
     )
     own = shards % accelerator.num_processes == 0
     sharing = "each process its own" if own else "every process reads all, keeps every n-th image"
     console.print(
-        f"train: a stream of {rows} images in {shards} shards ({sharing}), shuffle buffer {args.shuffle_buffer}; "
+        f"train: a stream of {rows} images in {shards} shards ({sharing}), "
+        f"shuffle buffer {data_settings.shuffle_buffer}; "
         f"validation {len(evaluation.validation)}, test {len(evaluation.test) if evaluation.test is not None else 0}; "
         f"{num_classes} classes"
     )
     return dataclasses.replace(evaluation, train=stream, train_rows=rows)
 
 
-def _test_split(args: argparse.Namespace, data: DatasetDict) -> str | None:
+def _test_split(settings: RunSettings, data: DatasetDict) -> str | None:
     """``--test-split``: ``auto`` is ``test`` when the data set has one, ``none`` none."""
-    return {"auto": "test" if "test" in data else None, "none": None}.get(args.test_split, args.test_split)
+    test_split = settings.data.test_split
+    return {"auto": "test" if "test" in data else None, "none": None}.get(test_split, test_split)
 
 
-def _handle_bad_images(
-    args: argparse.Namespace, console: Console, data: DatasetDict, names: list[str], main_process: bool
-) -> DatasetDict:
+def _handle_bad_images(context: RunContext, data: DatasetDict, names: list[str]) -> DatasetDict:
     """Scan the splits used for images that do not decode; refuse them, or drop them counted and listed.
 
     Runs on the data as loaded, before noise injection (instance noise decodes every image).
     """
-    if args.bad_images == "unchecked":
+    settings, console = context.settings, context.console
+    if settings.data.bad_images == "unchecked":
         return data
-    bad = [b for name in names for b in find_bad_images(data[name], name, args.image_column)]
+    bad = [b for name in names for b in find_bad_images(data[name], name, settings.data.image_column)]
     if not bad:
         return data
     listing = "; ".join(f"{b.split} sample {b.index} ({b.path or 'in memory'}): {b.error}" for b in bad[:5])
-    if args.bad_images == "refuse":
+    if settings.data.bad_images == "refuse":
         raise ValueError(
             f"{len(bad)} image(s) do not decode: {listing}{' ...' if len(bad) > 5 else ''}. Fix or remove the "
             "files, or pass --bad-images skip to train without them (they are counted and listed)"
         )
-    output_dir = Path(args.output_dir)
-    if main_process:
+    output_dir = settings.output.output_dir
+    if context.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / BAD_IMAGES_FILE).write_text(json.dumps([dataclasses.asdict(b) for b in bad], indent=1) + "\n")
     console.print(

@@ -98,6 +98,9 @@ class StreamLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def prepare(self, accelerator: Any) -> None:
+        """Nothing for Accelerate to do: each rank already reads its own shards."""
+
     def batches(self, done: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's batches after the first ``done`` (skipped undecoded), on the accelerator's device."""
         stream = self.stream.shuffle(seed=self.seed, buffer_size=self.buffer_size)

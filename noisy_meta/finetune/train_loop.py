@@ -9,7 +9,6 @@ cleanlab export), through `noisy_meta.labels.cleaning.iter_probabilities`.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,10 +27,12 @@ from .models import transforms
 from .progress import EpochProgress
 from .run_checkpoints import RunCheckpoints
 from .run_state import RunState
-from .stream import StreamLoader
 
 if TYPE_CHECKING:
     from datasets import Dataset
+
+    from .settings import RunContext
+    from .train_batches import TrainBatches
 
 #: The running means `train_one_epoch` reports.
 TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
@@ -40,7 +41,7 @@ TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
 def train_one_epoch(
     epoch: int,
     wrapper: MetaNoiseWrapper,
-    loader: DataLoader | StreamLoader,
+    loader: TrainBatches,
     accelerator: Accelerator,
     scheduler: Any | None,
     progress: EpochProgress,
@@ -56,12 +57,8 @@ def train_one_epoch(
     wrapper.module.train()
     done = state.batch
     state.totals = dict(state.totals) if done else dict.fromkeys(TRAIN_STATS, 0.0)
-    if isinstance(loader, StreamLoader):
-        batches = loader.batches(done)
-    else:
-        batches = accelerator.skip_first_batches(loader, done) if done else loader
     stats: dict[str, float] = {}
-    for position, batch in enumerate(batches, done + 1):
+    for position, batch in enumerate(loader.batches(done), done + 1):
         with accelerator.accumulate(wrapper.model):
             stats = wrapper.step(batch["pixel_values"], batch["label"])
         for key in TRAIN_STATS:
@@ -107,17 +104,16 @@ def validate(accelerator: Accelerator, wrapper: MetaNoiseWrapper, loader: DataLo
     return {name: count / max(total, 1) for name, count in correct.items()}
 
 
-def predict_train_set(
-    accelerator: Accelerator, args: argparse.Namespace, mentor: torch.nn.Module, train_set: Dataset
-) -> np.ndarray:
+def predict_train_set(context: RunContext, mentor: torch.nn.Module, train_set: Dataset) -> np.ndarray:
     """The mentor's probabilities ``[N, K]`` for every training sample, in row order, on every rank."""
-    _, eval_transform = transforms(args, mentor)
+    settings, accelerator = context.settings, context.accelerator
+    _, eval_transform = transforms(settings, mentor)
     loader = accelerator.prepare_data_loader(
         DataLoader(
             attach_transform(train_set, eval_transform),
-            batch_size=2 * args.batch_size,
+            batch_size=2 * settings.optim.batch_size,
             collate_fn=collate,
-            num_workers=args.workers,
+            num_workers=settings.data.workers,
         )
     )
     mentor = mentor.to(accelerator.device).eval()

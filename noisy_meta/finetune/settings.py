@@ -1,0 +1,353 @@
+"""The settings of one fine-tuning run, typed and frozen: what every part of the run reads.
+
+`RunSettings` is built once from the parsed command line (`RunSettings.from_args`, with the
+data set's defaults filled in: `EMBEDDED_DEFAULTS` for the embedded MNIST run,
+`GENERAL_DEFAULTS` otherwise) and grouped as the ``--help`` output is: `ModelSettings`,
+`DataSettings`, `NoiseSettings`, `OptimSettings`, `MetaSettings`, `IterativeSettings`,
+`ControlSettings` and `OutputSettings`. The ``argparse.Namespace`` stays in ``cli.py``; the
+run's pieces take a `RunContext` (the settings, the accelerator, the console) first.
+
+`RunSettings.meta_config` resolves the `MetaNoiseConfig` of a run of a given length: the
+flags given, then the preset's fields, the fine-tuning and data-set defaults, and the
+schedules fitted to the run (`MetaNoiseConfig.for_run_length`). No heavy imports: the
+command line builds and checks the settings before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from ..config import (
+    FAST_PARAM_NAMES,
+    FAST_PRESET,
+    FINETUNE_CLEANING,
+    FINETUNE_PRESET,
+    RUN_LENGTH_FIELDS,
+    MetaNoiseConfig,
+)
+from ..labels.cleaning_config import CleaningConfig
+from .names import EMBEDDED
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from rich.console import Console
+
+#: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
+#: cores) and for any other data set. ``meta_*`` keys are MetaNoiseConfig fields.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "model": "test_resnet",
+    "img_size": 32,
+    "epochs": 8,
+    "noise": "symmetric",
+    "noise_rate": 0.4,
+    "aug": False,
+    "meta_first_order": True,
+    "meta_num_synthetic": 5,
+}
+GENERAL_DEFAULTS: dict[str, Any] = {
+    "model": "resnet18",
+    "epochs": 10,
+    "noise": "none",
+    "noise_rate": 0.0,
+    "aug": True,
+}
+#: MetaNoiseConfig defaults of a ``--preset full`` / ``fast`` run from pretrained weights (``--pretrained`` or
+#: ``--checkpoint``; the default preset there is ``finetune``), chosen on the fine-tuning
+#: benchmark's noisy validation split (benchmarks/finetune_accuracy.py, RESULTS.md): the inner
+#: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
+#: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
+FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
+#: ``--preset`` values: the paper's full meta step, the affordable preset (`MetaNoiseConfig.fast`) or
+#: the fine-tuning recipe (`MetaNoiseConfig.finetune`, the default from pretrained weights), and
+#: the MetaNoiseConfig fields each sets.
+PRESETS: dict[str, dict[str, Any]] = {"full": {}, "fast": FAST_PRESET, "finetune": FINETUNE_PRESET}
+#: MetaNoiseConfig fields with no flag of their own: the loss on the given labels comes from
+#: ``--loss`` / ``--smoothing`` / ``--gce-q``.
+NO_FLAG_FIELDS = ("criterion",)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The timm model and where its weights start."""
+
+    name: str
+    pretrained: bool = False
+    checkpoint: str | None = None
+    freeze_backbone: bool = False
+    num_classes: int | None = None
+    img_size: int | None = None
+
+    @property
+    def from_weights(self) -> bool:
+        """Whether the run starts from pretrained weights (``--pretrained`` or ``--checkpoint``)."""
+        return bool(self.pretrained or self.checkpoint)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The Hugging Face data set, its splits and columns, augmentation and loading."""
+
+    dataset: str = EMBEDDED
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str = "auto"
+    val_fraction: float = 0.1
+    image_column: str = "image"
+    label_column: str = "label"
+    clean_label_column: str | None = None
+    aug: bool = True
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)
+    bad_images: str = "refuse"
+    workers: int = 0
+    streaming: bool = False
+    shuffle_buffer: int = 1000
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the run trains on the embedded offline MNIST subset."""
+        return self.dataset == EMBEDDED
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Label noise injected into the training split (``--noise``)."""
+
+    kind: str = "none"
+    rate: float = 0.0
+    open_set_classes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimizer, schedule, batches, precision and the loss on the given labels."""
+
+    opt: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    epochs: int = 10
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    mixed_precision: str | None = None
+    loss: str | None = None
+    smoothing: float = 0.0
+    gce_q: float = 0.7
+
+
+@dataclass(frozen=True)
+class MetaSettings:
+    """MLNT: the preset, the MetaNoiseConfig fields set by flags, detection before training.
+
+    ``fields`` holds every MetaNoiseConfig value the command line sets (flags given and data-set
+    defaults); ``defaulted`` names those that came from the data set's defaults (a preset wins
+    over them, not over a flag).
+    """
+
+    no_meta: bool = False
+    preset: str | None = None
+    clean_before: str | None = None
+    clean_before_k: int = 10
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    defaulted: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class IterativeSettings:
+    """Iterative training: runs with data cleaning by the previous best mentor in between."""
+
+    iterations: int = 1
+    clean_criterion: str = "confident_disagreement"
+    clean_threshold: float | None = None
+    clean_action: str = "remove"
+    iteration_mentor: str = "frozen"
+    export_pred_probs: bool = False
+
+    @property
+    def cleaning(self) -> CleaningConfig:
+        """The `CleaningConfig` of the ``--clean-*`` flags (threshold by criterion when not given)."""
+        threshold = self.clean_threshold
+        if threshold is None:
+            threshold = 0.5 if self.clean_criterion == "given_label_prob" else 0.0
+        return CleaningConfig(self.clean_criterion, threshold, self.clean_action)
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Run control: seed, resuming, checkpoints, limits, collectives and error reports."""
+
+    seed: int = 0
+    resume: str | None = None
+    overwrite: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 1
+    max_consecutive_skips: int = 25
+    rank_timeout: float = 600.0
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where the run writes, and how often it reports to a log file."""
+
+    output_dir: Path = Path("output/finetune")
+    log_interval: int = 50
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every setting of one fine-tuning run, grouped as ``--help`` groups the flags.
+
+    Build it with `from_args` from the parsed command line (``cli.parse_settings`` also checks
+    it); ``data_set_defaults`` records what the data set's defaults filled in.
+    """
+
+    model: ModelSettings
+    data: DataSettings = DataSettings()
+    noise: NoiseSettings = NoiseSettings()
+    optim: OptimSettings = OptimSettings()
+    meta: MetaSettings = MetaSettings()
+    iterative: IterativeSettings = IterativeSettings()
+    control: ControlSettings = ControlSettings()
+    output: OutputSettings = OutputSettings()
+    data_set_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunSettings:
+        """The settings of parsed flags, with the data set's defaults filled in (``args`` is not changed)."""
+        flags = dict(vars(args))
+        defaults = EMBEDDED_DEFAULTS if flags["dataset"] == EMBEDDED else GENERAL_DEFAULTS
+        filled = {name: value for name, value in defaults.items() if flags.get(name) is None}
+        flags.update(filled)
+        names = [f.name for f in dataclasses.fields(MetaNoiseConfig) if f.name not in NO_FLAG_FIELDS]
+        meta_fields = {name: flags["meta_" + name] for name in names if flags.get("meta_" + name) is not None}
+        return cls(
+            model=ModelSettings(
+                flags["model"],
+                flags["pretrained"],
+                flags["checkpoint"],
+                flags["freeze_backbone"],
+                flags["num_classes"],
+                flags["img_size"],
+            ),
+            data=_group(DataSettings, flags, scale=tuple(flags["scale"])),
+            noise=NoiseSettings(flags["noise"], flags["noise_rate"], tuple(flags["open_set_classes"] or ())),
+            optim=_group(OptimSettings, flags),
+            meta=MetaSettings(
+                flags["no_meta"],
+                flags["preset"],
+                flags["clean_before"],
+                flags["clean_before_k"],
+                MappingProxyType(meta_fields),
+                frozenset(name[len("meta_") :] for name in filled if name.startswith("meta_")),
+            ),
+            iterative=_group(IterativeSettings, flags),
+            control=_group(ControlSettings, flags),
+            output=OutputSettings(Path(flags["output_dir"]), flags["log_interval"]),
+            data_set_defaults=MappingProxyType(filled),
+        )
+
+    # ------------------------------------------------------------------ what the flags resolve to
+
+    @property
+    def preset(self) -> str:
+        """``--preset``, or its default: ``finetune`` from pretrained weights, else ``full``."""
+        return self.meta.preset or ("finetune" if self.model.from_weights else "full")
+
+    @property
+    def clean_before(self) -> str:
+        """``--clean-before``, or its default: the recipe's (`FINETUNE_CLEANING`) with ``--preset finetune``
+        from pretrained weights (not with ``--streaming``, which cannot clean), else ``off``."""
+        if self.meta.clean_before is not None:
+            return self.meta.clean_before
+        recipe = self.preset == "finetune" and self.model.from_weights and not self.data.streaming
+        return FINETUNE_CLEANING if recipe else "off"
+
+    def fine_tuning_defaults(self) -> dict[str, Any]:
+        """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights with
+        ``--preset full`` or ``fast`` (empty otherwise, and for the fields whose flag was given; they
+        win over the data set's defaults, a preset's own fields win over them)."""
+        if not self.model.from_weights or self.preset == "finetune":
+            return {}
+        values = {
+            "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * self.optim.lr,
+            "num_synthetic": FINETUNE_META_DEFAULTS["num_synthetic"],
+        }
+        given = set(self.meta.fields) - self.meta.defaulted
+        return {name: value for name, value in values.items() if name not in given}
+
+    def criterion(self) -> Any | None:
+        """The loss of ``--loss`` / ``--smoothing`` / ``--gce-q`` (None: the preset's or the library's)."""
+        optim = self.optim
+        if optim.loss is None and not optim.smoothing:
+            return None
+        from ..losses import make_criterion  # imports torch: only once a run is being set up
+
+        return make_criterion(optim.loss or "cross_entropy", smoothing=optim.smoothing, q=optim.gce_q)
+
+    def meta_config(self, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
+        """The `MetaNoiseConfig` of a run of ``total_updates`` updates and the defaults chosen for it.
+
+        Flags not given keep the library defaults, except the schedules, which follow
+        `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
+        and the preset's fields (`preset`: ``fast`` `FAST_PRESET`, ``finetune``
+        `FINETUNE_PRESET`, the default from pretrained weights), which win over the data set's
+        defaults. A ``--preset full`` or ``fast`` run from pretrained weights takes
+        `fine_tuning_defaults` for the fields its preset leaves. The loss comes from ``--loss`` /
+        ``--smoothing`` (`criterion`). The second value: what was chosen other than by a flag.
+        """
+        meta = self.meta
+        values = dict(meta.fields)
+        given = set(values) - meta.defaulted
+        preset = {name: value for name, value in PRESETS[self.preset].items() if name not in given}
+        values = {name: value for name, value in values.items() if name not in preset}
+        fast_params = values.get("fast_params")
+        if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
+            values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
+        values.setdefault("seed", self.control.seed)
+        if meta.no_meta:
+            values["meta_weight"] = 0.0
+        criterion = self.criterion()
+        if criterion is not None:
+            values["criterion"] = criterion
+        fine_tuning = {name: v for name, v in self.fine_tuning_defaults().items() if name not in preset}
+        values = {name: value for name, value in values.items() if name not in fine_tuning}
+        config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **preset, **values)
+        chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
+        return config, {**chosen, **fine_tuning, **preset}
+
+    def meta_config_sources(self) -> str:
+        """Where the defaults `meta_config` chose come from, for the run's first lines."""
+        sources = ["run-length"]
+        if self.model.from_weights and self.preset != "finetune":
+            sources.append("fine-tuning")
+        if self.preset != "full":
+            sources.append(f"--preset {self.preset}")
+        return ", ".join(sources)
+
+
+def _group(kind: type, flags: dict[str, Any], **values: Any) -> Any:
+    """A settings group from the flags of its fields' names (``values`` win)."""
+    names = [f.name for f in dataclasses.fields(kind)]
+    return kind(**{name: values[name] if name in values else flags[name] for name in names})
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every part of a run is handed, in this order: its settings, its accelerator, its console."""
+
+    settings: RunSettings
+    accelerator: Accelerator
+    console: Console
+
+    @property
+    def is_main_process(self) -> bool:
+        return bool(self.accelerator.is_main_process)
