@@ -139,6 +139,12 @@ class MetaNoiseConfig:
             from ``ramp_end`` on it is ``meta_weight``. ``ramp_start == ramp_end == 0`` means
             the full weight from the first step.
         mentor_decay_ramp, mentor_decay: EMA decay of the mentor before and after ``ramp_end``.
+        mentor_warmup: warm the decay up as timm's ``ModelEmaV3(use_warmup=True)`` does: the
+            decay of update ``t`` is at most ``1 - (1 + t) ** (-2/3)`` (0 at the first update,
+            0.9 at update 30, 0.99 at update 1,000), so the mentor is never mostly its initial
+            weights, whatever the schedule and the run's length. ``False``: the scheduled decays
+            from the first update (the reference code), which leave a short run's mentor a blend
+            with the random initialisation.
         mentor_update: ``"ema"`` (the mentor is an exponential moving average of the student,
             parameters and buffers) or ``"frozen"`` (a mentor you pass in stays as it is, e.g.
             the best mentor of a previous run in iterative training).
@@ -180,6 +186,7 @@ class MetaNoiseConfig:
     mentor_decay_ramp: float = 0.99
     mentor_decay: float = 0.999
     mentor_update: MentorUpdate = "ema"
+    mentor_warmup: bool = True
     criterion: CriterionSpec = "cross_entropy"
     update_rule: UpdateRule = "joint"
     clip_grad: float | None = None
@@ -205,7 +212,7 @@ class MetaNoiseConfig:
                 yield f"{name} must be a finite number > 0, got {getattr(self, name)!r}"
         if not _is_real(self.meta_weight) or self.meta_weight < 0:
             yield f"meta_weight must be a finite number >= 0, got {self.meta_weight!r}"
-        for name in ("first_order", "compensate_meta_every"):
+        for name in ("first_order", "compensate_meta_every", "mentor_warmup"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name} must be a bool, got {getattr(self, name)!r}"
         if not _is_real(self.meta_batch_fraction) or not 0 < self.meta_batch_fraction <= 1:
@@ -293,9 +300,16 @@ class MetaNoiseConfig:
         wanted = math.floor(self.meta_batch_fraction * batch_size + 0.5)
         return min(batch_size, max(self.num_neighbors + 1, wanted))
 
-    def mentor_decay_at(self, step: int) -> float:
-        """EMA decay of the mentor for the update with index ``step`` (0-based)."""
-        return float(self.mentor_decay_ramp if step < self.ramp_end else self.mentor_decay)
+    def mentor_decay_at(self, step: int, warmup: bool | None = None) -> float:
+        """EMA decay of the mentor for the update with index ``step`` (0-based).
+
+        ``warmup``: whether the warm-up applies (default ``mentor_warmup``; a mentor passed in,
+        not a copy of the initial student, is averaged without it).
+        """
+        decay = self.mentor_decay_ramp if step < self.ramp_end else self.mentor_decay
+        if self.mentor_warmup if warmup is None else warmup:
+            decay = min(decay, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+        return float(decay)
 
 
 #: The affordable preset (`MetaNoiseConfig.fast`): one synthetic set, second order, on the

@@ -9,9 +9,9 @@ from the scaler and the optimizer step. `GradientUpdate` owns the trainable para
   reducer hooks never fire (the meta step runs on the unwrapped module);
 * `GradientUpdate.apply` all-reduces once, clips, checks that everything is finite and steps
   the optimizer, or skips the update; it always leaves the gradient zeroed;
-* it owns the accumulation state (an ``accelerator.accumulate`` window keeps the gradient
-  between batches) and `GradientUpdate.rollback` (an update that raises or is skipped leaves
-  BatchNorm buffers and gradients as they were).
+* it keeps the gradient between the batches of an ``accelerator.accumulate`` window (the
+  window's state is `noisy_meta.update_state.UpdateState`'s) and `GradientUpdate.rollback` (an
+  update that raises or is skipped leaves BatchNorm buffers and gradients as they were).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .runtime import TrainingRuntime
+from .update_state import UpdateState
 
 
 @dataclass
@@ -46,28 +47,30 @@ class GradientUpdate:
         params: the trainable parameters (of the unwrapped module).
         runtime: scaling, all-reduce and stepping (plain PyTorch, Accelerate, DDP, AMP).
         clip_grad: clip the global norm to this value before each step; ``None``: no clipping.
+        state: the loop's `UpdateState` (whether this micro-batch ends an update, the window).
     """
 
-    def __init__(self, params: list[nn.Parameter], runtime: TrainingRuntime, clip_grad: float | None) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], runtime: TrainingRuntime, clip_grad: float | None, state: UpdateState
+    ) -> None:
         self.params = params
         self.runtime = runtime
         self.clip_grad = clip_grad
-        #: True between the micro-batches of an accumulation window: the gradient is kept.
-        self.accumulating = False
+        self.state = state
 
     @property
     def sync(self) -> bool:
         """Whether this micro-batch ends an update (False inside an accumulation window)."""
-        return self.runtime.sync_gradients
+        return self.state.ends_update
 
     def begin(self) -> None:
         """Start an iteration: a fresh gradient unless an accumulation window is open."""
-        if not self.accumulating:
+        if not self.state.accumulating:
             self.zero()
 
     def hold(self) -> None:
         """Keep the gradient for the next micro-batch of the accumulation window."""
-        self.accumulating = True
+        self.state.hold()
 
     def add(
         self,
@@ -116,7 +119,7 @@ class GradientUpdate:
             runtime.back_off()
         applied = ok and runtime.optimizer_step()
         self.zero()
-        self.accumulating = False
+        self.state.close_window()
         return applied
 
     def zero(self) -> None:
@@ -136,5 +139,5 @@ class GradientUpdate:
         except BaseException:
             saved.restore()
             self.zero()
-            self.accumulating = False
+            self.state.close_window()
             raise

@@ -9,6 +9,9 @@ Trade-off worth knowing: the reference code averages parameters only, which leav
 mentor's BatchNorm statistics at their initial values and its eval-mode predictions near
 chance. Here parameters *and* buffers are averaged (``ModelEmaV3``'s default).
 
+The decay warms up (``mentor_warmup``, as ``ModelEmaV3(use_warmup=True)``) for a mentor copied
+from the initial student, never for one passed in (the best mentor of a previous run).
+
 ``mentor_update="frozen"`` keeps a mentor you pass in as it is (iterative training: the best
 mentor of the previous run).
 """
@@ -39,6 +42,8 @@ class Mentor:
 
     def __init__(self, student: nn.Module, config: MetaNoiseConfig, initial: nn.Module | None = None) -> None:
         self.config = config
+        #: The decay warms up only from a copy of the initial student.
+        self.warmup = config.mentor_warmup and initial is None
         source = student if initial is None else unwrap_model(initial)
         if initial is not None and config.mentor_update == "ema":
             _check_same_state_layout(student, source)
@@ -54,7 +59,11 @@ class Mentor:
     def update(self, student: nn.Module, step: int) -> None:
         """Average ``student`` in with the decay of update ``step`` (nothing when frozen)."""
         if self.ema is not None:
-            self.ema.apply_update_(student, self.config.mentor_decay_at(step))
+            self.ema.apply_update_(student, self.decay_at(step))
+
+    def decay_at(self, step: int) -> float:
+        """The EMA decay of update ``step`` (`MetaNoiseConfig.mentor_decay_at`, warmed up or not)."""
+        return self.config.mentor_decay_at(step, warmup=self.warmup)
 
     @torch.no_grad()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ collaborator with one job:
 * `noisy_meta.update_rules`: how the losses become updates (joint or sequential);
 * `noisy_meta.gradients.GradientUpdate`: adding, all-reducing, clipping and applying the
   gradient, skipping non-finite updates, rolling back on failure;
+* `noisy_meta.update_state.UpdateState`: whether a micro-batch ends an update, what it did,
+  the counters of updates made and skipped;
 * `noisy_meta.runtime.TrainingRuntime`: Accelerate, DDP and AMP.
 
 `meta_backward`, `meta_loss` and `update_mentor` give the same stages to loops of your own.
@@ -32,6 +34,7 @@ from .gradients import GradientUpdate
 from .meta_parts import MetaParts, has_library_schedule, resolve_config
 from .runtime import TrainingRuntime
 from .update_rules import UPDATE_RULES, Stages
+from .update_state import UpdateState
 
 
 class MetaNoiseWrapper:
@@ -129,13 +132,13 @@ class MetaNoiseWrapper:
         self._parts = parts = MetaParts.build(model, config, self.runtime.shared_seed, mentor)
         self.module, self._mentor, self._meta, self._scope = parts.module, parts.mentor, parts.objective, parts.scope
         self.compat_changes: list[str] = parts.compat_changes
-        self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad)
+        #: Where the updates stand (`UpdateState`): accumulating, stepped or skipped, and the counters.
+        self.updates = UpdateState(self.runtime)
+        self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad, self.updates)
         self._stages = Stages(
             self._scope, self._meta, self._grads, self.forward_context, self._check_outputs, parts.criterion
         )
         self._update_rule = UPDATE_RULES[config.update_rule]
-        self.num_updates = 0
-        self.num_skipped = 0
 
     # ------------------------------------------------------------------ one iteration
 
@@ -160,10 +163,11 @@ class MetaNoiseWrapper:
             outcome = self._update_rule(self._stages, inputs, targets, weight)
             if outcome.stepped:
                 self.update_mentor()  # the mentor's EMA
+        if not self.updates.accumulating:
+            self.updates.record(outcome.stepped, outcome.complete)
         if not outcome.complete:
-            self.num_skipped += 1
             rollback.restore()
-        return outcome.stats(weight, self.config.mentor_decay_at(index), self.num_skipped, self.num_updates)
+        return outcome.stats(weight, self._mentor.decay_at(index), self.num_skipped, self.num_updates)
 
     @torch.no_grad()
     def update_mentor(self) -> None:
@@ -175,11 +179,11 @@ class MetaNoiseWrapper:
         nothing on an ``accelerator.accumulate`` batch that made no update, or after an
         Accelerate optimizer step that fp16's GradScaler skipped.
         """
-        if not self.runtime.sync_gradients or getattr(self.optimizer, "step_was_skipped", False):
+        if not self.updates.ends_update or getattr(self.optimizer, "step_was_skipped", False):
             return
         self.runtime.sync_buffers(self.module, self.config.dist_bn)
         self._mentor.update(self.module, self.num_updates)
-        self.num_updates += 1
+        self.updates.record_update()
         if self._short_run_unknown and self.num_updates == SHORT_RUN_WARNING_AFTER:
             warnings.warn(
                 f"MLNT's meta step is still off after {self.num_updates} updates: the library schedule starts it "
@@ -239,6 +243,21 @@ class MetaNoiseWrapper:
         return self._mentor.module
 
     @property
+    def criterion(self) -> Any:
+        """The loss on the given labels (``config.criterion``, resolved), for a forward of your own."""
+        return self._parts.criterion
+
+    @property
+    def num_updates(self) -> int:
+        """Optimizer updates made so far (`UpdateState.num_updates`)."""
+        return self.updates.num_updates
+
+    @property
+    def num_skipped(self) -> int:
+        """Updates skipped because a loss or a gradient was not finite (`UpdateState.num_skipped`)."""
+        return self.updates.num_skipped
+
+    @property
     def meta_weight(self) -> float:
         """The meta-loss weight ``w`` of the next update."""
         return self.config.meta_weight_at(self.num_updates)
@@ -260,8 +279,7 @@ class MetaNoiseWrapper:
     def state_dict(self) -> dict[str, Any]:
         """Counters, synthetic-label RNG state and mentor weights, for checkpointing."""
         return {
-            "num_updates": self.num_updates,
-            "num_skipped": self.num_skipped,
+            **self.updates.state_dict(),
             **self._meta.state_dict(),
             "mentor": self._mentor.state_dict(),
         }
@@ -269,8 +287,7 @@ class MetaNoiseWrapper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved."""
         self._mentor.load_state_dict(state["mentor"])
-        self.num_updates = int(state["num_updates"])
-        self.num_skipped = int(state["num_skipped"])
+        self.updates.load_state_dict(state)
         self._meta.load_state_dict(state)
 
     def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from timm_loop import train_like_timm
 
-from noisy_meta import MetaNoiseWrapper
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.timm import MetaNoiseTask
 
 import helpers
@@ -40,7 +40,7 @@ def compare(accelerator: Accelerator, dtype: torch.dtype, accumulate: int, updat
     model = tiny_resnet().to(dtype)
     reference_model = copy.deepcopy(model)
 
-    task = MetaNoiseTask(model, verbose=False, **config).prepare_distributed()
+    task = MetaNoiseTask(model, verbose=False, config=MetaNoiseConfig(), **config).prepare_distributed()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     done = train_like_timm(task, optimizer, micro_batches, accum_steps=accumulate)
 

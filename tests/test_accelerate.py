@@ -99,6 +99,7 @@ def test_an_overflowing_fp16_step_is_skipped_and_lowers_the_scale():
     before, mentor_before = state(model), state(wrapper.mentor)
     stats = wrapper.step(*image_batch(0))
     assert stats["skipped"] == 1.0 and wrapper.num_skipped == 1 and wrapper.num_updates == 0
+    assert wrapper.updates.last == "skipped" and not wrapper.updates.accumulating
     assert scaler.get_scale() == 2.0**126
     assert_states_equal(state(model), before)  # parameters and BatchNorm buffers
     assert_states_equal(state(wrapper.mentor), mentor_before)
@@ -158,6 +159,9 @@ def test_gradient_accumulation_equals_the_summed_gradient_of_the_micro_batches(m
         with accelerator.accumulate(prepared):
             stats = wrapper.step(inputs, targets)
         assert stats["step"] == (index + 1) // 2  # an update every second micro-batch
+        # One object says where the update stands: the first micro-batch of a window holds its gradient.
+        assert wrapper.updates.accumulating == (index % 2 == 0)
+        assert wrapper.updates.last == ("accumulating" if index % 2 == 0 else "stepped")
 
     for first in (0, 2):
         reference_optimizer.zero_grad()

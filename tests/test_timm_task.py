@@ -11,6 +11,7 @@ runs of several updates are compared in float64, to 1e-10. Two processes run in
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -22,6 +23,7 @@ from timm_loop import train_like_timm
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper, SecondOrderUnsupportedError
 from noisy_meta.timm import MetaNoiseTask
+from noisy_meta.timm.task import TASK_DEFAULTS
 
 from helpers import TinyMLP, image_batch, settings, state, tiny_resnet
 
@@ -55,7 +57,7 @@ def task_and_reference(dtype: torch.dtype = torch.float32, **overrides):
     torch.manual_seed(0)
     model = tiny_resnet().to(dtype)
     reference_model = copy.deepcopy(model)
-    task = MetaNoiseTask(model, verbose=False, **settings(**overrides))
+    task = MetaNoiseTask(model, verbose=False, config=MetaNoiseConfig(), **settings(**overrides))
     return model, task, reference_model
 
 
@@ -154,7 +156,9 @@ def test_the_task_state_resumes_exactly():
 
     torch.manual_seed(123)  # another initialisation, and another drawn seed for the synthetic labels
     resumed_model = tiny_resnet()
-    resumed = MetaNoiseTask(resumed_model, verbose=False, **settings(first_order=True, seed=None))
+    resumed = MetaNoiseTask(
+        resumed_model, verbose=False, config=MetaNoiseConfig(), **settings(first_order=True, seed=None)
+    )
     resumed_optimizer = sgd(resumed_model)
     resumed.load_checkpoint_state(saved["task"]["state_dict"], saved["task"]["task_state"])
     resumed_optimizer.load_state_dict(saved["optimizer"])
@@ -183,11 +187,11 @@ def test_an_update_the_scaler_skipped_leaves_the_mentor_and_the_counter():
     mentor_before = state(task.mentor)
     train_like_timm(task, optimizer, [(inputs, targets)], loss_scaler=loss_scaler)
     assert loss_scaler._scaler.get_scale() == 2.0**15  # it skipped, and halved its scale
-    assert task.num_updates == 0
+    assert task.num_updates == 0 and task.updates.last == "skipped" and task.updates.num_skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(state(task.mentor).values(), mentor_before.values()))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     train_like_timm(task, optimizer, batches(1), loss_scaler=loss_scaler)  # and carries on
-    assert task.num_updates == 1
+    assert task.num_updates == 1 and task.updates.last == "stepped"
 
 
 def test_the_task_updates_timms_own_ema_and_can_return_the_mentor():
@@ -230,4 +234,41 @@ def test_a_model_without_a_double_backward_is_named_with_the_fix_at_the_first_me
 
 def test_the_sequential_update_rule_is_refused():
     with pytest.raises(ValueError, match="update_rule='joint'"):
-        MetaNoiseTask(tiny_resnet(), MetaNoiseConfig(update_rule="sequential"), verbose=False)
+        MetaNoiseTask(tiny_resnet(), config=MetaNoiseConfig(update_rule="sequential"), verbose=False)
+
+
+# ------------------------------------------------------------------------------- where train.py builds its task
+
+
+def test_the_task_takes_classification_tasks_arguments_in_their_order():
+    """train.py builds ``ClassificationTask(model=, criterion=, device=, dtype=, verbose=)``: the same
+    call, positional or by keyword, builds a MetaNoiseTask; a config in the criterion's place is refused."""
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.task import ClassificationTask
+
+    loss_fn = LabelSmoothingCrossEntropy(smoothing=0.1)
+    ours = list(inspect.signature(MetaNoiseTask).parameters)[:5]
+    assert ours == ["model", "criterion", "device", "dtype", "verbose"]  # timm's main branch's order
+    theirs = [name for name in inspect.signature(ClassificationTask).parameters if name in ours]
+    assert theirs == ours  # the installed timm's, which also has criterion_kwargs after criterion
+    positional = MetaNoiseTask(tiny_resnet(), loss_fn, torch.device("cpu"), torch.float32, False)
+    by_keyword = MetaNoiseTask(
+        model=tiny_resnet(), criterion=loss_fn, device=torch.device("cpu"), dtype=torch.float32, verbose=False
+    )
+    for task in (positional, by_keyword):
+        assert task.criterion is loss_fn and task.device == torch.device("cpu") and not task.verbose
+        assert task.config == MetaNoiseConfig(**TASK_DEFAULTS, criterion=loss_fn)
+    with pytest.raises(TypeError, match="pass the MetaNoiseConfig as config="):
+        MetaNoiseTask(tiny_resnet(), MetaNoiseConfig())
+
+
+def test_fit_run_length_is_total_updates_given_at_construction():
+    """The line after train.py's scheduler fits the schedules as ``total_updates=`` would; fields set
+    by hand keep their values."""
+    built = MetaNoiseTask(tiny_resnet(), verbose=False, total_updates=300, mentor_decay=0.95)
+    fitted = MetaNoiseTask(tiny_resnet(), verbose=False, mentor_decay=0.95)
+    assert fitted.config.ramp_start == MetaNoiseConfig().ramp_start  # the library's long-run schedule until fitted
+    fitted.fit_run_length(300)
+    assert fitted.config == built.config and fitted.config.ramp_end == round(0.4 * 300)
+    assert fitted.config.mentor_decay == 0.95 and fitted._parts.mentor.config is fitted.config
+    assert fitted.meta_weight == built.meta_weight

@@ -98,15 +98,39 @@ def test_meta_weight_ramp_and_mentor_decay_schedule():
     assert config.meta_weight_at(10) == pytest.approx(2.0 * math.exp(-5.0))
     assert config.meta_weight_at(20) == pytest.approx(2.0 * math.exp(-5.0 * 0.25))
     assert config.meta_weight_at(30) == 2.0 and config.meta_weight_at(10**6) == 2.0
-    assert config.mentor_decay_at(29) == 0.99 and config.mentor_decay_at(30) == 0.999
+    unwarmed = config.with_overrides(mentor_warmup=False)
+    assert unwarmed.mentor_decay_at(29) == 0.99 and unwarmed.mentor_decay_at(30) == 0.999
     assert MetaNoiseConfig(ramp_start=0, ramp_end=0).meta_weight_at(0) == 1.0
+
+
+def test_the_mentor_decay_warms_up_as_timms_model_ema():
+    """``mentor_warmup``: the decay of update t is min(scheduled, 1 - (1 + t)^(-2/3)), timm's
+    ModelEmaV3(use_warmup=True) formula; a mentor passed in is averaged without it."""
+    from timm.utils import ModelEmaV3
+
+    config = MetaNoiseConfig(ramp_start=10, ramp_end=30)
+    ema = ModelEmaV3(torch.nn.Linear(1, 1), decay=0.999, use_warmup=True)
+    for step in (0, 1, 29, 30, 500, 10**5):
+        expected = min(0.99 if step < 30 else 0.999, 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+        assert config.mentor_decay_at(step) == pytest.approx(expected, abs=1e-12)
+        if step >= 30:
+            assert config.mentor_decay_at(step) == pytest.approx(
+                ema.get_decay(step + 1), abs=1e-12
+            )  # timm counts from 1
+    assert config.mentor_decay_at(0) == 0.0 and config.mentor_decay_at(0, warmup=False) == 0.99
+    model = TinyMLP()
+    student = MetaNoiseWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    passed = MetaNoiseWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1), config, mentor=TinyMLP())
+    assert student._mentor.decay_at(0) == 0.0 and passed._mentor.decay_at(0) == 0.99
+    with pytest.raises(ValueError, match="mentor_warmup must be a bool"):
+        MetaNoiseConfig(mentor_warmup=1)
 
 
 def test_mentor_is_an_ema_of_parameters_and_buffers():
     torch.manual_seed(0)
     model = tiny_resnet()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapper = make_wrapper(model, ramp_start=0, ramp_end=5)  # decay 0.99 during the ramp
+    wrapper = make_wrapper(model, ramp_start=0, ramp_end=5, mentor_warmup=False)  # decay 0.99 during the ramp
     stats = wrapper.step(*resnet_batch())
     assert stats["mentor_decay"] == 0.99
     current = model.state_dict()
@@ -118,6 +142,10 @@ def test_mentor_is_an_ema_of_parameters_and_buffers():
             assert torch.equal(value, current[name])
     assert not wrapper.mentor.training
     assert all(not p.requires_grad for p in wrapper.mentor.parameters())
+    warmed = make_wrapper(tiny_resnet(), ramp_start=0, ramp_end=5)  # warm-up: decay 0 at the first update
+    assert warmed.step(*resnet_batch())["mentor_decay"] == 0.0
+    for name, value in warmed.mentor.state_dict().items():
+        torch.testing.assert_close(value, warmed.module.state_dict()[name], rtol=0, atol=0)
 
 
 def test_user_mentor_starts_from_given_weights_and_frozen_stays():
@@ -396,6 +424,7 @@ def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights
         update_rule=update_rule,
         mentor_decay_ramp=0.5,
         mentor_decay=0.5,
+        mentor_warmup=False,
     )
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
     mentor = copy.deepcopy(reference).eval()

@@ -64,11 +64,11 @@ def train_one_epoch(
         for key in TRAIN_STATS:
             state.totals[key] += stats[key]
         state.batch = position
-        if accelerator.sync_gradients:  # every rank sees the same skip decision
+        if not wrapper.updates.accumulating:  # an update made or skipped: every rank sees the same
             if scheduler is not None:
                 scheduler.step_update(num_updates=wrapper.num_updates)
             skips = state.skips
-            skips.consecutive = skips.consecutive + 1 if stats["skipped"] else 0
+            skips.consecutive = skips.consecutive + 1 if wrapper.updates.last == "skipped" else 0
             if skips.limit and skips.consecutive >= skips.limit:
                 progress.stop()
                 stop_after_skips(accelerator, wrapper, checkpoints.output_dir, skips.consecutive, epoch)

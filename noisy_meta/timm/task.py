@@ -34,35 +34,47 @@ from timm.task import TrainingTask
 from torch import nn
 
 from ..compat import explain_double_backward_errors, second_order_context
-from ..config import MetaNoiseConfig
+from ..config import FINETUNE_PRESET, MetaNoiseConfig
 from ..meta_parts import MetaParts, resolve_config
 from ..runtime import TrainingRuntime, find_ddp, shared_seed, world_group
+from ..update_state import UpdateState
 
 _logger = logging.getLogger(__name__)
+
+#: MetaNoiseConfig fields of a task built without a config, over the library's defaults: the
+#: fine-tuning recipe (`FINETUNE_PRESET`: one synthetic set on every 5th update, the scale-free
+#: fast step that moves each tensor by 0.3% of its norm whatever the learning rate), so that a
+#: first run with timm's own learning rates (a warm-up from 1e-5) does no harm, at about 1.5x the
+#: script's cost (benchmarks/RESULTS.md, "MLNT inside timm's train.py").
+TASK_DEFAULTS: dict[str, Any] = dict(FINETUNE_PRESET)
 
 
 class MetaNoiseTask(TrainingTask):
     """Learning to learn from noisy labels (MLNT) as a ``timm.task.TrainingTask``.
 
-    A drop-in for ``ClassificationTask`` in timm's ``train.py``: the CE term plus the meta
-    loss in ``'loss'``, the mentor's EMA in `update_ema`, its state in `get_task_state`.
+    A drop-in for ``ClassificationTask`` in timm's ``train.py``, built where it is built and
+    with its arguments (``model, criterion, device, dtype, verbose``): the CE term plus the meta
+    loss in ``'loss'``, the mentor's EMA in `update_ema`, its state in `get_task_state`. The
+    run's length is known only once the script has made its scheduler: one line there,
+    ``task.fit_run_length(num_epochs * updates_per_epoch)``, fits the schedules to it.
 
     Args:
         model: the student (a timm model). Move it to its device before building the task.
-        config: a `MetaNoiseConfig`; ``None`` uses the library's.
         criterion: the loss on the given labels (e.g. the script's ``train_loss_fn`` with label
             smoothing); it replaces ``config.criterion``. Default: the config's
             (`MetaNoiseConfig.criterion`, cross-entropy unless set), as `MetaNoiseWrapper` uses.
-        total_updates: the run's optimizer updates; fits the schedule fields left at the
-            library defaults to the run (as `MetaNoiseWrapper` does).
+        device: as for every timm task.
+        dtype: as for every timm task.
+        verbose: as for every timm task.
+        config: a `MetaNoiseConfig`; ``None``: `TASK_DEFAULTS` over the library's.
+        total_updates: the run's optimizer updates, when known here (else `fit_run_length`);
+            fits the schedule fields left at the library defaults to the run (as
+            `MetaNoiseWrapper` does).
         loss_scaler: the script's ``NativeScaler`` (or a ``torch.amp.GradScaler``) under fp16:
             the inner fast-weight gradient is scaled with its scale as the outer one is, and an
             update the scaler skipped leaves the mentor and the counter where they were.
         mentor: optional starting mentor (the student's architecture); default a copy.
         optimizer: the script's optimizer, to refuse one it cannot be used with (`check_optimizer`).
-        device: as for every timm task.
-        dtype: as for every timm task.
-        verbose: as for every timm task.
         **overrides: `MetaNoiseConfig` fields replacing those of ``config``.
 
     Not supported: mixup / cutmix (soft targets have no neighbour label transfer: refused with
@@ -73,21 +85,29 @@ class MetaNoiseTask(TrainingTask):
     def __init__(
         self,
         model: nn.Module,
-        config: MetaNoiseConfig | None = None,
         criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        verbose: bool = True,
         *,
+        config: MetaNoiseConfig | None = None,
         total_updates: int | None = None,
         loss_scaler: Any | None = None,
         mentor: nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        verbose: bool = True,
         **overrides: Any,
     ) -> None:
+        if isinstance(criterion, MetaNoiseConfig):
+            raise TypeError(
+                "MetaNoiseTask(model, criterion, device, dtype, verbose) takes its arguments in ClassificationTask's "
+                "order: pass the MetaNoiseConfig as config=..."
+            )
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if criterion is not None:
             overrides = {"criterion": criterion, **overrides}
+        if config is None:
+            config = MetaNoiseConfig(**TASK_DEFAULTS)
+        self._given = (config, overrides)
         self.config = config = resolve_config(config, total_updates, overrides)
         if config.update_rule != "joint":
             raise ValueError(
@@ -103,7 +123,8 @@ class MetaNoiseTask(TrainingTask):
         self._parts = parts
         self.criterion = parts.criterion
         self.compat_changes = parts.compat_changes
-        self.num_updates = 0
+        #: Where the updates stand (`UpdateState`); the script says when one was made (`update_ema`).
+        self.updates = UpdateState()
         self._scale_at_forward: float | None = None
         self._runtime = TrainingRuntime(model, optimizer)
         self._double_backward_checked = config.first_order
@@ -143,10 +164,29 @@ class MetaNoiseTask(TrainingTask):
             "meta_loss": meta_loss.detach(),
         }
 
+    def fit_run_length(self, total_updates: int) -> None:
+        """Fit the schedules left at the library defaults (ramp-up, mentor decay) to a run of
+        ``total_updates`` optimizer updates, as ``total_updates=`` at construction would.
+
+        In timm's ``train.py`` the run's length is known once the scheduler is made: add
+        ``task.fit_run_length(num_epochs * updates_per_epoch)`` after ``create_scheduler_v2``.
+        Call it before training (after a ``--resume`` too, with the same length).
+        """
+        config, overrides = self._given
+        self.config = resolve_config(config, total_updates, overrides)
+        self._parts.mentor.config = self.config
+        if self.verbose:
+            _logger.info(f"{type(self).__name__} fitted to {total_updates} updates: {self.config}")
+
     @property
     def meta_weight(self) -> float:
         """The meta-loss weight ``w`` of the next update."""
         return self.config.meta_weight_at(self.num_updates)
+
+    @property
+    def num_updates(self) -> int:
+        """Optimizer updates made so far (`UpdateState.num_updates`)."""
+        return self.updates.num_updates
 
     @torch.no_grad()
     def update_ema(self, step: int | None = None) -> None:
@@ -158,11 +198,13 @@ class MetaNoiseTask(TrainingTask):
         super().update_ema(step)
         scaler = self._scaler()
         if scaler is not None and self._scale_at_forward is not None and scaler.get_scale() < self._scale_at_forward:
+            self.updates.record(stepped=False, complete=False)
             return
+        self.updates.record(stepped=True)
         parts = self._parts
         self._runtime.sync_buffers(parts.module, self.config.dist_bn)
         parts.mentor.update(parts.module, self.num_updates)
-        self.num_updates += 1
+        self.updates.record_update()
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an optimizer that needs a ``create_graph`` backward (timm's ``is_second_order``)."""
@@ -190,7 +232,7 @@ class MetaNoiseTask(TrainingTask):
         if ema:
             return {}
         parts = self._parts
-        return {"num_updates": self.num_updates, **parts.objective.state_dict(), "mentor": parts.mentor.state_dict()}
+        return {**self.updates.state_dict(), **parts.objective.state_dict(), "mentor": parts.mentor.state_dict()}
 
     def load_task_state(
         self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False
@@ -204,7 +246,7 @@ class MetaNoiseTask(TrainingTask):
             return
         self._parts.mentor.load_state_dict(state["mentor"])
         self._parts.objective.load_state_dict(state)
-        self.num_updates = int(state["num_updates"])
+        self.updates.load_state_dict(state)
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> MetaNoiseTask:
         """Wrap the student in ``DistributedDataParallel`` (the mentor stays a plain module on every rank)."""

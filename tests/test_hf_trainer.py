@@ -1,0 +1,207 @@
+"""`noisy_meta.hf.MetaNoiseTrainer` inside the real ``transformers.Trainer``: the first update equals
+`MetaNoiseWrapper.step`, accumulation equals the summed micro-batches, resume equals uninterrupted,
+the mentor is evaluated, and transformers' ``TimmWrapperForImageClassification`` trains the same."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from torch.utils.data import Dataset, SequentialSampler  # noqa: E402
+
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper  # noqa: E402
+from noisy_meta.hf import MetaNoiseTrainer  # noqa: E402
+from noisy_meta.loop_state import STATE_FILE  # noqa: E402
+
+from helpers import image_batch, state, tiny_resnet  # noqa: E402
+
+CONFIG = MetaNoiseConfig(num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, seed=0, mentor_decay=0.5)
+LR = 0.05
+
+
+class Images(Dataset):
+    """``n`` seeded images as the default collator stacks them: ``pixel_values`` and ``labels``."""
+
+    def __init__(self, n: int = 16, seed: int = 0) -> None:
+        self.inputs, self.labels = image_batch(seed, batch_size=n)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixel_values": self.inputs[index], "labels": self.labels[index]}
+
+
+class InOrder(MetaNoiseTrainer):
+    """The batches in order, so that a reference loop sees the same ones."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def arguments(tmp_path, **overrides) -> transformers.TrainingArguments:
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return transformers.TrainingArguments(**{**values, **overrides})
+
+
+def test_the_first_update_equals_the_wrapper_step(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    reference_model = copy.deepcopy(model)
+    data = Images(8)
+    trainer = InOrder(model=model, args=arguments(tmp_path), train_dataset=data, meta_config=CONFIG)
+    trainer.train()
+
+    reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
+    stats = reference.step(data.inputs, data.labels)
+    assert stats["meta_weight"] == 1.0 and stats["meta_loss"] > 0
+    for name, value in state(reference_model).items():
+        torch.testing.assert_close(state(model)[name], value, rtol=1e-6, atol=1e-6)
+    for name, value in state(reference.mentor).items():
+        torch.testing.assert_close(state(trainer.meta.mentor)[name], value, rtol=1e-6, atol=1e-6)
+    assert trainer.meta.num_updates == trainer.state.global_step == 1
+
+
+def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
+    """Two micro-batches of 4 per update: the Trainer's loss / 2 on each, one step, one mentor update."""
+    torch.manual_seed(1)
+    model = tiny_resnet()
+    reference_model = copy.deepcopy(model)
+    data = Images(16)
+    args = arguments(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2)
+    trainer = InOrder(model=model, args=args, train_dataset=data, meta_config=CONFIG)
+    trainer.train()
+
+    optimizer = torch.optim.SGD(reference_model.parameters(), lr=LR)
+    reference = MetaNoiseWrapper(reference_model, optimizer, CONFIG, total_updates=2)
+    for update in range(2):
+        for micro in range(2):
+            rows = slice(8 * update + 4 * micro, 8 * update + 4 * micro + 4)
+            inputs, labels = data.inputs[rows], data.labels[rows]
+            with reference.forward_context():
+                logits = reference_model(inputs)
+            ((F.cross_entropy(logits, labels) + reference.meta_loss(inputs, labels, logits)) / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.update_mentor()
+    assert trainer.meta.num_updates == 2
+    for ours, theirs in ((model, reference_model), (trainer.meta.mentor, reference.mentor)):
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Checkpoints at update 2 hold MLNT's state; resuming from one ends where 4 updates in one go end."""
+
+    def run(output, resume=None):
+        torch.manual_seed(2)
+        model = tiny_resnet()
+        args = arguments(output, max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Images(16), meta_config=CONFIG)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    model, trainer = run(tmp_path / "whole")
+    assert (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).is_file()
+    resumed_model, resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert resumed.meta.num_updates == trainer.meta.num_updates == 4
+    for ours, theirs in ((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor)):
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="was it saved by MetaNoiseTrainer"):
+        (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).unlink()
+        run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+
+
+def accuracy(prediction) -> dict:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def test_the_mentor_is_evaluated_beside_the_student(tmp_path):
+    torch.manual_seed(3)
+    trainer = MetaNoiseTrainer(
+        model=tiny_resnet(),
+        args=arguments(tmp_path, max_steps=2),
+        train_dataset=Images(16),
+        eval_dataset=Images(8, seed=5),
+        compute_metrics=accuracy,
+        meta_config=CONFIG,
+    )
+    with pytest.raises(RuntimeError, match="no mentor before training"):
+        trainer.evaluate(mentor=True)
+    trainer.train()
+    student, mentor = trainer.evaluate(), trainer.evaluate(mentor=True)
+    assert {"eval_loss", "eval_accuracy"} <= set(student) and {"eval_mentor_loss", "eval_mentor_accuracy"} <= set(
+        mentor
+    )
+    inputs, labels = Images(8, seed=5).inputs, Images(8, seed=5).labels
+    with torch.no_grad():
+        expected = F.cross_entropy(trainer.meta.mentor.eval()(inputs), labels)
+    assert mentor["eval_mentor_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_transformers_timm_wrapper_trains_as_its_timm_model(tmp_path):
+    """``TimmWrapperForImageClassification`` (transformers' class for timm models): MLNT runs on its
+    ``timm_model``; the first update equals the wrapper's step on a copy of it."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(4)
+    config = TimmWrapperConfig(architecture="resnet18", num_labels=4, model_args={"layers": (1, 1, 1, 1)})
+    model = TimmWrapperForImageClassification(config)
+    reference_model = copy.deepcopy(model.timm_model)
+    data = Images(8)
+    trainer = InOrder(model=model, args=arguments(tmp_path), train_dataset=data, meta_config=CONFIG)
+    trainer.train()
+    reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
+    reference.step(data.inputs, data.labels)
+    for name, value in state(reference_model).items():
+        torch.testing.assert_close(state(model.timm_model)[name], value, rtol=1e-6, atol=1e-6)
+    assert trainer.evaluate(Images(8, seed=6), mentor=True)["eval_mentor_loss"] > 0
+
+
+def test_two_processes_keep_student_and_mentor_equal_on_every_rank(tmp_path):
+    """``accelerate launch --num_processes 2`` (gloo): the Trainer's DDP all-reduces ``grad CE + w grad J``
+    once; BatchNorm statistics are averaged before the mentor's update, so every rank holds the same
+    student and the same mentor."""
+    import json
+
+    from test_distributed import TESTS, launch
+
+    launch(TESTS / "hf_ddp_worker.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["world_size"] == 2 and ranks[0]["num_updates"] == ranks[1]["num_updates"] == 3
+    for part in ("student", "mentor"):
+        assert ranks[0][part] == pytest.approx(ranks[1][part], rel=1e-6, abs=1e-6), part
+
+
+def test_bf16_autocast_trains(tmp_path):
+    torch.manual_seed(5)
+    model = tiny_resnet()
+    trainer = MetaNoiseTrainer(
+        model=model, args=arguments(tmp_path, bf16=True, max_steps=2), train_dataset=Images(16), meta_config=CONFIG
+    )
+    before = state(model)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss)) and trainer.meta.num_updates == 2
+    assert any(not torch.equal(before[k], v) for k, v in state(trainer.meta.mentor).items())
