@@ -331,6 +331,13 @@ FINETUNE_PRESET: dict[str, Any] = {
     "inner_step": "relative",
     "inner_radius": 0.003,
 }
+#: The default of the adapters for training loops of other libraries (`noisy_meta.timm.MetaNoiseTask`,
+#: `noisy_meta.hf.MetaNoiseTrainer`, `noisy_meta.lightning.MetaNoiseCallback`): the fine-tuning recipe
+#: with the meta weight not compensated on the meta steps. In timm's own ``train.py`` (its warm-up to
+#: the peak learning rate) the 5x weight of every 5th update made the training loss spike at the end
+#: of the warm-up (2.3 -> 3.0-8.4) in 10-epoch runs; uncompensated it did not (benchmarks/RESULTS.md,
+#: "MLNT inside timm's train.py").
+LOOP_DEFAULTS: dict[str, Any] = {**FINETUNE_PRESET, "compensate_meta_every": False}
 #: What the fine-tuning recipe does before training (``--clean-before``): ``"off"``. Removing what
 #: the neighbour vote over the pretrained features flags (`noisy_meta.detect_label_noise`) helped
 #: the ResNet of the benchmark and hurt its ViT, whose features flag 31% of a clean training set.

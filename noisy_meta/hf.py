@@ -9,7 +9,7 @@ several processes, checkpoints, ``resume_from_checkpoint``, logging):
   module from that forward's logits (`MetaNoiseWrapper.meta_loss`), so the Trainer's one
   backward gives ``grad CE + w * grad J`` and its accumulation divisor, GradScaler and DDP
   all-reduce apply to the whole gradient. All M synthetic sets' graphs live until that
-  backward: memory grows with M (the default, `MetaNoiseConfig.finetune`, has M = 1).
+  backward: memory grows with M (the default, `LOOP_DEFAULTS`, has M = 1).
 * after each optimizer update (``on_step_end``) the mentor averages the student and the
   counter advances; an update fp16's GradScaler skipped leaves both.
 * every checkpoint the Trainer writes gets ``noisy_meta_state.safetensors`` (mentor, counters,
@@ -34,7 +34,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import FINETUNE_PRESET, MetaNoiseConfig
+from .config import LOOP_DEFAULTS, MetaNoiseConfig
 from .loop_state import STATE_FILE, load_loop_state, save_loop_state
 from .wrapper import MetaNoiseWrapper
 
@@ -49,14 +49,15 @@ class MetaNoiseTrainer(Trainer):
 
     Args:
         *args: as for ``Trainer`` (``model``, ``args``, ``train_dataset``, ...).
-        meta_config: a `MetaNoiseConfig`; default `MetaNoiseConfig.finetune` (the fine-tuning
-            recipe: one synthetic set on every 5th update, the scale-free fast step).
+        meta_config: a `MetaNoiseConfig`; default `noisy_meta.config.LOOP_DEFAULTS` (the
+            fine-tuning recipe, uncompensated: one synthetic set on every 5th update, the
+            scale-free fast step).
         **kwargs: as for ``Trainer``.
     """
 
     def __init__(self, *args: Any, meta_config: MetaNoiseConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.meta_config = meta_config if meta_config is not None else MetaNoiseConfig(**FINETUNE_PRESET)
+        self.meta_config = meta_config if meta_config is not None else MetaNoiseConfig(**LOOP_DEFAULTS)
         if self.meta_config.update_rule != "joint":
             raise ValueError("MetaNoiseTrainer supports update_rule='joint' only: the Trainer makes one step per batch")
         #: The MLNT wrapper, built at the first training batch (the optimizer exists then).

@@ -78,9 +78,15 @@ class TrainingRuntime:
         ddp = find_ddp(model)
         group = ddp.process_group if ddp is not None else None
         self.process_group = group if ddp is not None and dist.get_world_size(group) > 1 else None
-        if ddp is None and accelerator is not None and accelerator.num_processes > 1:
-            self.process_group = world_group()  # a part of a DDP-wrapped model (an adapter's timm_model)
         self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
+        if ddp is None and accelerator is not None and accelerator.num_processes > 1:
+            self.use_process_group(world_group())  # a part of a DDP-wrapped model (an adapter's timm_model)
+
+    def use_process_group(self, group: Any | None) -> None:
+        """Synchronise over ``group`` (None: nothing): for a student that is part of a DDP-wrapped
+        module, whose DDP wrapper this runtime cannot find (a Lightning or Trainer adapter's)."""
+        self.process_group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.world_size = dist.get_world_size(group) if self.process_group is not None else 1
 
     # ------------------------------------------------------------------ per micro-batch
 

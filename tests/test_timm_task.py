@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import warnings
 
 import pytest
 import torch
@@ -272,3 +273,16 @@ def test_fit_run_length_is_total_updates_given_at_construction():
     assert fitted.config == built.config and fitted.config.ramp_end == round(0.4 * 300)
     assert fitted.config.mentor_decay == 0.95 and fitted._parts.mentor.config is fitted.config
     assert fitted.meta_weight == built.meta_weight
+
+
+def test_a_task_never_fitted_to_its_run_says_which_line_to_add():
+    task = MetaNoiseTask(tiny_resnet(), verbose=False, num_synthetic=2, num_neighbors=3)
+    with pytest.warns(UserWarning, match=r"task.fit_run_length\(num_epochs \* updates_per_epoch\)"):
+        for _ in range(100):
+            task.update_ema()
+    fitted = MetaNoiseTask(tiny_resnet(), verbose=False)
+    fitted.fit_run_length(500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(100):
+            fitted.update_ema()

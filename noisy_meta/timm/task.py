@@ -25,6 +25,7 @@ your own when it does not fit.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -34,19 +35,19 @@ from timm.task import TrainingTask
 from torch import nn
 
 from ..compat import explain_double_backward_errors, second_order_context
-from ..config import FINETUNE_PRESET, MetaNoiseConfig
-from ..meta_parts import MetaParts, resolve_config
+from ..config import LOOP_DEFAULTS, MetaNoiseConfig
+from ..meta_parts import MetaParts, has_library_schedule, resolve_config
 from ..runtime import TrainingRuntime, find_ddp, shared_seed, world_group
 from ..update_state import UpdateState
+from ..wrapper import SHORT_RUN_WARNING_AFTER
 
 _logger = logging.getLogger(__name__)
 
-#: MetaNoiseConfig fields of a task built without a config, over the library's defaults: the
-#: fine-tuning recipe (`FINETUNE_PRESET`: one synthetic set on every 5th update, the scale-free
-#: fast step that moves each tensor by 0.3% of its norm whatever the learning rate), so that a
-#: first run with timm's own learning rates (a warm-up from 1e-5) does no harm, at about 1.5x the
-#: script's cost (benchmarks/RESULTS.md, "MLNT inside timm's train.py").
-TASK_DEFAULTS: dict[str, Any] = dict(FINETUNE_PRESET)
+#: MetaNoiseConfig fields of a task built without a config, over the library's defaults:
+#: `noisy_meta.config.LOOP_DEFAULTS` (the fine-tuning recipe, uncompensated: one synthetic set on
+#: every 5th update, the scale-free fast step), so that a first run with timm's own learning rates
+#: (a warm-up from 1e-5) does no harm (benchmarks/RESULTS.md, "MLNT inside timm's train.py").
+TASK_DEFAULTS: dict[str, Any] = dict(LOOP_DEFAULTS)
 
 
 class MetaNoiseTask(TrainingTask):
@@ -66,7 +67,7 @@ class MetaNoiseTask(TrainingTask):
         device: as for every timm task.
         dtype: as for every timm task.
         verbose: as for every timm task.
-        config: a `MetaNoiseConfig`; ``None``: `TASK_DEFAULTS` over the library's.
+        config: a `MetaNoiseConfig`; ``None``: `TASK_DEFAULTS` (`noisy_meta.config.LOOP_DEFAULTS`) over the library's.
         total_updates: the run's optimizer updates, when known here (else `fit_run_length`);
             fits the schedule fields left at the library defaults to the run (as
             `MetaNoiseWrapper` does).
@@ -109,6 +110,7 @@ class MetaNoiseTask(TrainingTask):
             config = MetaNoiseConfig(**TASK_DEFAULTS)
         self._given = (config, overrides)
         self.config = config = resolve_config(config, total_updates, overrides)
+        self._short_run_unknown = total_updates is None and has_library_schedule(config)
         if config.update_rule != "joint":
             raise ValueError(
                 "MetaNoiseTask supports update_rule='joint' only: train.py makes one optimizer step per batch"
@@ -174,6 +176,7 @@ class MetaNoiseTask(TrainingTask):
         """
         config, overrides = self._given
         self.config = resolve_config(config, total_updates, overrides)
+        self._short_run_unknown = False
         self._parts.mentor.config = self.config
         if self.verbose:
             _logger.info(f"{type(self).__name__} fitted to {total_updates} updates: {self.config}")
@@ -205,6 +208,15 @@ class MetaNoiseTask(TrainingTask):
         self._runtime.sync_buffers(parts.module, self.config.dist_bn)
         parts.mentor.update(parts.module, self.num_updates)
         self.updates.record_update()
+        if self._short_run_unknown and self.num_updates == SHORT_RUN_WARNING_AFTER:
+            warnings.warn(
+                f"MLNT's meta step is still off after {self.num_updates} updates: the library schedule starts it at "
+                f"update {self.config.ramp_start}. In timm's train.py add "
+                "`task.fit_run_length(num_epochs * updates_per_epoch)` after create_scheduler_v2 (or pass "
+                "total_updates=) so the ramp-up and the mentor's decay fit the run.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an optimizer that needs a ``create_graph`` backward (timm's ``is_second_order``)."""

@@ -1,0 +1,133 @@
+"""`noisy_meta.lightning.MetaNoiseCallback` inside the real Lightning ``Trainer``: the first update
+equals `MetaNoiseWrapper.step`, accumulation equals the summed micro-batches, and a run resumed
+from Lightning's checkpoint ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+L = pytest.importorskip("lightning")
+
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper  # noqa: E402
+from noisy_meta.lightning import MetaNoiseCallback  # noqa: E402
+
+from helpers import image_batch, state, tiny_resnet  # noqa: E402
+
+CONFIG = MetaNoiseConfig(num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, seed=0, mentor_decay=0.5)
+LR = 0.05
+
+
+class Classifier(L.LightningModule):
+    """The user's LightningModule: a timm model, SGD, and the callback's loss in ``training_step``."""
+
+    def __init__(self, model: torch.nn.Module, mlnt: MetaNoiseCallback) -> None:
+        super().__init__()
+        self.model, self.mlnt = model, mlnt
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        with self.mlnt.forward_context():
+            logits = self.model(images)
+        return self.mlnt.loss(images, labels, logits)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.model.parameters(), lr=LR)
+
+
+def loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:
+    inputs, labels = image_batch(seed, batch_size=n)
+    return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, mlnt, **overrides) -> L.Trainer:
+    values = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[mlnt],
+    )
+    return L.Trainer(**{**values, **overrides})
+
+
+def test_the_first_update_equals_the_wrapper_step(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    reference_model = copy.deepcopy(model)
+    mlnt = MetaNoiseCallback(CONFIG, student="model")
+    trainer(tmp_path, mlnt).fit(Classifier(model, mlnt), loader(8, 8))
+
+    reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
+    inputs, labels = image_batch(0, batch_size=8)
+    assert reference.step(inputs, labels)["meta_loss"] > 0
+    for ours, theirs in ((model, reference_model), (mlnt.mentor, reference.mentor)):
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert mlnt.meta.num_updates == 1
+
+
+def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
+    torch.manual_seed(1)
+    model = tiny_resnet()
+    reference_model = copy.deepcopy(model)
+    mlnt = MetaNoiseCallback(CONFIG, student="model")
+    trainer(tmp_path, mlnt, max_steps=2, accumulate_grad_batches=2).fit(Classifier(model, mlnt), loader(16, 4))
+
+    optimizer = torch.optim.SGD(reference_model.parameters(), lr=LR)
+    reference = MetaNoiseWrapper(reference_model, optimizer, CONFIG, total_updates=2)
+    inputs, labels = image_batch(0, batch_size=16)
+    for update in range(2):
+        for micro in range(2):
+            rows = slice(8 * update + 4 * micro, 8 * update + 4 * micro + 4)
+            with reference.forward_context():
+                logits = reference_model(inputs[rows])
+            loss = F.cross_entropy(logits, labels[rows]) + reference.meta_loss(inputs[rows], labels[rows], logits)
+            (loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.update_mentor()
+    assert mlnt.meta.num_updates == 2
+    for ours, theirs in ((model, reference_model), (mlnt.mentor, reference.mentor)):
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_a_run_resumed_from_lightnings_checkpoint_equals_an_uninterrupted_one(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps, ckpt_path=None, save=False):
+        torch.manual_seed(2)
+        model = tiny_resnet()
+        mlnt = MetaNoiseCallback(CONFIG, student="model")
+        callbacks = [mlnt]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True, save_top_k=-1))
+        fit = trainer(tmp_path, mlnt, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=save)
+        # One batch per epoch: the updates see the same batches however Lightning counts a resumed epoch.
+        fit.fit(Classifier(model, mlnt), loader(8, 8), ckpt_path=ckpt_path)
+        return model, mlnt
+
+    model, mlnt = run(4, save=True)
+    checkpoint = next(path for path in (tmp_path / "ckpt").iterdir() if "step=2" in path.name)
+    resumed_model, resumed = run(4, ckpt_path=str(checkpoint))
+    assert resumed.meta.num_updates == mlnt.meta.num_updates == 4
+    for ours, theirs in ((resumed_model, model), (resumed.mentor, mlnt.mentor)):
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+
+
+def test_the_loss_outside_a_trainer_is_refused_with_the_fix():
+    with pytest.raises(RuntimeError, match="pass the callback to the Trainer"):
+        MetaNoiseCallback().loss(*image_batch(0), torch.zeros(12, 4))
+    with pytest.raises(RuntimeError, match="no mentor before training"):
+        _ = MetaNoiseCallback().mentor
