@@ -30,12 +30,16 @@ def make_accelerator():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    def reset():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
     def build(**kwargs):
         return Accelerator(cpu=True, **kwargs)
 
+    reset()  # what another library's trainer left (the Hugging Face Trainer builds an Accelerator)
     yield build
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset()
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,10 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
     }
     from noisy_meta.losses import GeneralizedCrossEntropy
 
-    flags_of_their_own = {"criterion": (["--loss", "gce", "--gce-q", "0.5"], GeneralizedCrossEntropy(0.5))}
+    flags_of_their_own = {
+        "criterion": (["--loss", "gce", "--gce-q", "0.5"], GeneralizedCrossEntropy(0.5)),
+        "mentor_warmup": (["--no-mentor-warmup"], False),  # on by default: the flag turns it off
+    }
     assert set(values) | set(flags_of_their_own) == {f.name for f in dataclasses.fields(MetaNoiseConfig)}, (
         "a new field needs a flag and this test"
     )

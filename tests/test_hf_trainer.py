@@ -20,6 +20,17 @@ from noisy_meta.loop_state import STATE_FILE  # noqa: E402
 
 from helpers import image_batch, state, tiny_resnet  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def reset_accelerate_state():
+    """The Trainer's Accelerator sets Accelerate's shared state; later tests start without it."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 CONFIG = MetaNoiseConfig(num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, seed=0, mentor_decay=0.5)
 LR = 0.05
 
