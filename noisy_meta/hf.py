@@ -143,11 +143,9 @@ class MetaNoiseTrainer(Trainer):
         return resolve_criterion(self.meta_config.criterion)
 
     def _mentor_model(self) -> nn.Module:
+        """The mentor, called as the Trainer calls the student."""
         mentor = self.meta.mentor
-        if not _is_hf_model(self.model):
-            return mentor
-        wrapped = _HFMentor(mentor)
-        return wrapped
+        return _HFMentor(mentor) if _is_hf_model(self.model) else mentor
 
     def _save_meta_state(self) -> None:
         if self.meta is None or not self.args.should_save:
