@@ -391,9 +391,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     Raises ValueError naming the flag: conflicting flags, missing paths, an output directory
     that holds a run (`check_settings`), a cleaning threshold or MetaNoiseConfig values refused.
     """
-    settings = RunSettings.from_args(args)
+    settings = RunSettings.from_args(args)  # the groups check their own values (a cleaning threshold)
     check_settings(settings)
-    settings.iterative.cleaning  # noqa: B018 (CleaningConfig checks its threshold)
     try:
         settings.meta_config(total_updates=1)
     except ValueError as error:

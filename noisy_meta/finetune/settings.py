@@ -171,6 +171,9 @@ class IterativeSettings:
     iteration_mentor: str = "frozen"
     export_pred_probs: bool = False
 
+    def __post_init__(self) -> None:
+        self.cleaning  # noqa: B018 - building the CleaningConfig refuses a threshold out of range
+
     @property
     def cleaning(self) -> CleaningConfig:
         """The `CleaningConfig` of the ``--clean-*`` flags (threshold by criterion when not given)."""
