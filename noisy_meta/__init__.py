@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .labels.noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .losses import CrossEntropy, GeneralizedCrossEntropy, SymmetricCrossEntropy, make_criterion
     from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
+    from .update_state import UpdateState
     from .wrapper import MetaNoiseWrapper
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ _LAZY = {
     **dict.fromkeys(("CrossEntropy", "GeneralizedCrossEntropy", "SymmetricCrossEntropy", "make_criterion"), "losses"),
     **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
     "MetaNoiseWrapper": "wrapper",
+    "UpdateState": "update_state",
     **dict.fromkeys(
         (
             "CleaningConfig",
@@ -109,6 +111,7 @@ __all__ = [
     "SecondOrderUnsupportedError",
     "SymmetricCrossEntropy",
     "SyntheticLabels",
+    "UpdateState",
     "add_label_noise",
     "add_open_set_noise",
     "clean_dataset",
