@@ -76,11 +76,12 @@ class TrainingRuntime:
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         ddp = find_ddp(model)
-        group = ddp.process_group if ddp is not None else None
-        self.process_group = group if ddp is not None and dist.get_world_size(group) > 1 else None
-        self.world_size = dist.get_world_size(self.process_group) if self.process_group is not None else 1
-        if ddp is None and accelerator is not None and accelerator.num_processes > 1:
+        if ddp is not None:
+            self.use_process_group(ddp.process_group)
+        elif accelerator is not None and accelerator.num_processes > 1:
             self.use_process_group(world_group())  # a part of a DDP-wrapped model (an adapter's timm_model)
+        else:
+            self.use_process_group(None)
 
     def use_process_group(self, group: Any | None) -> None:
         """Synchronise over ``group`` (None: nothing): for a student that is part of a DDP-wrapped

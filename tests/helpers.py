@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from noisy_meta import MetaNoiseWrapper
@@ -79,3 +80,31 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def assert_states_close(*pairs: tuple[nn.Module, nn.Module], rtol: float = 1e-6, atol: float = 1e-6) -> None:
+    """Each ``(ours, reference)`` pair of modules holds the same parameters and buffers, within tolerance."""
+    for ours, theirs in pairs:
+        ours_state = state(ours)
+        for name, value in state(theirs).items():
+            torch.testing.assert_close(ours_state[name], value, rtol=rtol, atol=atol, msg=name)
+
+
+def accumulating_reference(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, config, *, micro_batch: int, updates: int, lr: float
+) -> MetaNoiseWrapper:
+    """What a trainer with two micro-batches per update computes: on each micro-batch the forward,
+    ``(CE + meta_loss) / 2`` backward; then one SGD step and `update_mentor`, ``updates`` times."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    reference = MetaNoiseWrapper(model, optimizer, config, total_updates=updates)
+    for update in range(updates):
+        for micro in range(2):
+            rows = slice((2 * update + micro) * micro_batch, (2 * update + micro + 1) * micro_batch)
+            with reference.forward_context():
+                logits = model(inputs[rows])
+            loss = F.cross_entropy(logits, labels[rows]) + reference.meta_loss(inputs[rows], labels[rows], logits)
+            (loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reference.update_mentor()
+    return reference

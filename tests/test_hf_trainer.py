@@ -18,7 +18,7 @@ from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper  # noqa: E402
 from noisy_meta.hf import MetaNoiseTrainer  # noqa: E402
 from noisy_meta.loop_state import STATE_FILE  # noqa: E402
 
-from helpers import image_batch, state, tiny_resnet  # noqa: E402
+from helpers import accumulating_reference, assert_states_close, image_batch, state, tiny_resnet  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -87,10 +87,7 @@ def test_the_first_update_equals_the_wrapper_step(tmp_path):
     reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
     stats = reference.step(data.inputs, data.labels)
     assert stats["meta_weight"] == 1.0 and stats["meta_loss"] > 0
-    for name, value in state(reference_model).items():
-        torch.testing.assert_close(state(model)[name], value, rtol=1e-6, atol=1e-6)
-    for name, value in state(reference.mentor).items():
-        torch.testing.assert_close(state(trainer.meta.mentor)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((model, reference_model), (trainer.meta.mentor, reference.mentor))
     assert trainer.meta.num_updates == trainer.state.global_step == 1
 
 
@@ -104,22 +101,11 @@ def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
     trainer = InOrder(model=model, args=args, train_dataset=data, meta_config=CONFIG)
     trainer.train()
 
-    optimizer = torch.optim.SGD(reference_model.parameters(), lr=LR)
-    reference = MetaNoiseWrapper(reference_model, optimizer, CONFIG, total_updates=2)
-    for update in range(2):
-        for micro in range(2):
-            rows = slice(8 * update + 4 * micro, 8 * update + 4 * micro + 4)
-            inputs, labels = data.inputs[rows], data.labels[rows]
-            with reference.forward_context():
-                logits = reference_model(inputs)
-            ((F.cross_entropy(logits, labels) + reference.meta_loss(inputs, labels, logits)) / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        reference.update_mentor()
+    reference = accumulating_reference(
+        reference_model, data.inputs, data.labels, CONFIG, micro_batch=4, updates=2, lr=LR
+    )
     assert trainer.meta.num_updates == 2
-    for ours, theirs in ((model, reference_model), (trainer.meta.mentor, reference.mentor)):
-        for name, value in state(theirs).items():
-            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((model, reference_model), (trainer.meta.mentor, reference.mentor))
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -137,9 +123,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).is_file()
     resumed_model, resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
     assert resumed.meta.num_updates == trainer.meta.num_updates == 4
-    for ours, theirs in ((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor)):
-        for name, value in state(theirs).items():
-            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor))
     with pytest.raises(FileNotFoundError, match="was it saved by MetaNoiseTrainer"):
         (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).unlink()
         run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
@@ -186,8 +170,7 @@ def test_transformers_timm_wrapper_trains_as_its_timm_model(tmp_path):
     trainer.train()
     reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
     reference.step(data.inputs, data.labels)
-    for name, value in state(reference_model).items():
-        torch.testing.assert_close(state(model.timm_model)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((model.timm_model, reference_model))
     assert trainer.evaluate(Images(8, seed=6), mentor=True)["eval_mentor_loss"] > 0
 
 

@@ -8,7 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 L = pytest.importorskip("lightning")
 
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper  # noqa: E402
 from noisy_meta.lightning import MetaNoiseCallback  # noqa: E402
 
-from helpers import image_batch, state, tiny_resnet  # noqa: E402
+from helpers import accumulating_reference, assert_states_close, image_batch, tiny_resnet  # noqa: E402
 
 CONFIG = MetaNoiseConfig(num_synthetic=2, num_neighbors=3, ramp_start=0, ramp_end=0, seed=0, mentor_decay=0.5)
 LR = 0.05
@@ -70,9 +69,7 @@ def test_the_first_update_equals_the_wrapper_step(tmp_path):
     reference = MetaNoiseWrapper(reference_model, torch.optim.SGD(reference_model.parameters(), lr=LR), CONFIG)
     inputs, labels = image_batch(0, batch_size=8)
     assert reference.step(inputs, labels)["meta_loss"] > 0
-    for ours, theirs in ((model, reference_model), (mlnt.mentor, reference.mentor)):
-        for name, value in state(theirs).items():
-            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((model, reference_model), (mlnt.mentor, reference.mentor))
     assert mlnt.meta.num_updates == 1
 
 
@@ -83,23 +80,10 @@ def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
     mlnt = MetaNoiseCallback(CONFIG, student="model")
     trainer(tmp_path, mlnt, max_steps=2, accumulate_grad_batches=2).fit(Classifier(model, mlnt), loader(16, 4))
 
-    optimizer = torch.optim.SGD(reference_model.parameters(), lr=LR)
-    reference = MetaNoiseWrapper(reference_model, optimizer, CONFIG, total_updates=2)
     inputs, labels = image_batch(0, batch_size=16)
-    for update in range(2):
-        for micro in range(2):
-            rows = slice(8 * update + 4 * micro, 8 * update + 4 * micro + 4)
-            with reference.forward_context():
-                logits = reference_model(inputs[rows])
-            loss = F.cross_entropy(logits, labels[rows]) + reference.meta_loss(inputs[rows], labels[rows], logits)
-            (loss / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        reference.update_mentor()
+    reference = accumulating_reference(reference_model, inputs, labels, CONFIG, micro_batch=4, updates=2, lr=LR)
     assert mlnt.meta.num_updates == 2
-    for ours, theirs in ((model, reference_model), (mlnt.mentor, reference.mentor)):
-        for name, value in state(theirs).items():
-            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((model, reference_model), (mlnt.mentor, reference.mentor))
 
 
 def test_a_run_resumed_from_lightnings_checkpoint_equals_an_uninterrupted_one(tmp_path):
@@ -121,9 +105,7 @@ def test_a_run_resumed_from_lightnings_checkpoint_equals_an_uninterrupted_one(tm
     checkpoint = next(path for path in (tmp_path / "ckpt").iterdir() if "step=2" in path.name)
     resumed_model, resumed = run(4, ckpt_path=str(checkpoint))
     assert resumed.meta.num_updates == mlnt.meta.num_updates == 4
-    for ours, theirs in ((resumed_model, model), (resumed.mentor, mlnt.mentor)):
-        for name, value in state(theirs).items():
-            torch.testing.assert_close(state(ours)[name], value, rtol=1e-6, atol=1e-6)
+    assert_states_close((resumed_model, model), (resumed.mentor, mlnt.mentor))
 
 
 def test_the_loss_outside_a_trainer_is_refused_with_the_fix():

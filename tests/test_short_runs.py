@@ -76,6 +76,8 @@ def digits_run(**overrides) -> tuple[float, float]:
     mentor's decays left at the library's long-run values. Clean test accuracy of student and mentor."""
     from sklearn.datasets import load_digits
 
+    from noisy_meta import inject_noise
+
     from helpers import tiny_resnet
 
     data = load_digits()
@@ -84,9 +86,7 @@ def digits_run(**overrides) -> tuple[float, float]:
     images = torch.tensor(data.images, dtype=torch.float32)[order].div(8.0).sub(1.0).unsqueeze(1).expand(-1, 3, -1, -1)
     labels = torch.tensor(data.target)[order]
     train_x, test_x, test_y = images[:1400], images[1400:], labels[1400:]
-    train_y = labels[:1400].clone()
-    flip = torch.rand(1400, generator=generator) < 0.5
-    train_y[flip] = (train_y[flip] + torch.randint(1, 10, (int(flip.sum()),), generator=generator)) % 10
+    train_y = torch.from_numpy(inject_noise(labels[:1400].numpy(), 10, "symmetric", 0.5, seed=0).labels)
     torch.manual_seed(0)
     model = tiny_resnet(num_classes=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
