@@ -30,11 +30,8 @@ from ..labels.detection import LabelNoiseDetection, detect_label_noise, extract_
 from ..labels.noisy_datasets import CLEAN_LABEL, INDEX, IS_NOISY, LABEL
 from .data import attach_transform, collate
 from .models import create_model, transforms
+from .names import CLEAN_BEFORE_FILE, CLEAN_BEFORE_PRED_PROBS
 from .settings import RunContext
-
-#: Files written beside the run.
-CLEAN_BEFORE_FILE = "clean_before.json"
-CLEAN_BEFORE_PRED_PROBS = "clean_before_pred_probs.npz"
 
 
 def clean_before_training(context: RunContext, train_set: Dataset, num_classes: int, output_dir: Path) -> Dataset:

@@ -11,6 +11,7 @@ from typing import Any, NoReturn, get_args
 from ..config import FINETUNE_CLEANING, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA
 from ..labels.noise import NOISE_KINDS, OPEN_SET
+from .args_file import read_config_file
 from .flag_checks import (
     check_settings,
     flag_of,
@@ -23,7 +24,7 @@ from .flag_checks import (
     probability,
     smoothing_fraction,
 )
-from .names import EMBEDDED, PRED_PROBS_FILE
+from .names import ARGS_FILE, EMBEDDED, MODEL_CARD_FILE, PRED_PROBS_FILE, REPORT_FILE, TRACKERS, TRACKING_DIR
 from .settings import (
     EMBEDDED_DEFAULTS,
     FINETUNE_META_DEFAULTS,
@@ -75,6 +76,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Fine-tune a timm model on noisily labelled images with MLNT (noisy-meta). Defaults marked "
         f"'for {EMBEDDED}' apply to the embedded data set (the default --dataset); others apply everywhere.",
         formatter_class=_Formatter,
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE.yaml",
+        help=f"start from the flags in this YAML file (a run's <output-dir>/{ARGS_FILE}, or any mapping of flag "
+        "names to values); flags given on the command line win",
     )
     for add_flags in (_model_flags, _data_flags, _optim_flags, _meta_flags, _iterative_flags, _output_flags):
         add_flags(parser)
@@ -290,7 +298,10 @@ def _iterative_flags(parser: argparse.ArgumentParser) -> None:
 def _output_flags(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument(
-        "--output-dir", default="output/finetune", help="checkpoints and metrics; an earlier run there is kept"
+        "--output-dir",
+        default="output/finetune",
+        help=f"checkpoints, metrics, {ARGS_FILE} (the resolved flags) and {REPORT_FILE} (the learning curves); "
+        "an earlier run there is kept",
     )
     output.add_argument(
         "--overwrite", action="store_true", help="replace the run already in --output-dir (its checkpoints, metrics)"
@@ -309,6 +320,32 @@ def _output_flags(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="K",
         help="keep the K newest checkpoints: last/ and the K - 1 it replaced, in checkpoints/update_<n>/",
+    )
+    output.add_argument(
+        "--log-with",
+        nargs="+",
+        choices=TRACKERS,
+        metavar="TRACKER",
+        help=f"experiment trackers (Accelerate's: {', '.join(TRACKERS[1:])}; all: every one installed): "
+        "per-update losses, meta weight and learning rate, per-epoch accuracies; local ones write in "
+        f"<output-dir>/{TRACKING_DIR}/",
+    )
+    output.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="the tracker run's name (default: the output directory's name, so --resume continues it)",
+    )
+    output.add_argument(
+        "--export-dir",
+        metavar="DIR",
+        help=f"at the end, save the kept model (student or mentor, whichever validated better) with timm's "
+        f"save_for_hf: config.json with the class names, model.safetensors and a model card ({MODEL_CARD_FILE}); "
+        "load it with timm.create_model('local-dir:DIR')",
+    )
+    output.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload the --export-dir to this Hugging Face Hub repository (where a hub is reachable)",
     )
     output.add_argument(
         "--log-interval",
@@ -400,9 +437,21 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     return settings
 
 
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--config FILE.yaml`` the file's values are the defaults, so flags given win.
+
+    Raises ValueError for a config file that cannot be read or names no flag (`read_config_file`).
+    """
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config_file(args.config, parser))
+        args = parser.parse_args(argv)
+    return args
+
+
 def parse_settings(argv: list[str] | None = None) -> RunSettings:
     """Parse and check a command line (``None``: ``sys.argv``); errors raise as in `settings_from_args`."""
-    return settings_from_args(build_parser().parse_args(argv))
+    return settings_from_args(parse_flags(build_parser(), argv))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -429,6 +478,7 @@ def run_command(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        args = parse_flags(parser, argv)
         settings = settings_from_args(args)
     except ValueError as error:
         parser.error(str(error))

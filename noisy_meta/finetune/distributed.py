@@ -12,19 +12,31 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+from .names import TRACKING_DIR
 from .settings import RunSettings
+from .tracking import check_trackers
 
 
 def make_accelerator(settings: RunSettings) -> Accelerator:
-    """The run's Accelerator; with several processes a collective waits at most ``--rank-timeout`` seconds."""
+    """The run's Accelerator; with several processes a collective waits at most ``--rank-timeout`` seconds.
+
+    ``--log-with`` trackers are Accelerate's, local ones writing in ``<output-dir>/tracking/``
+    (`noisy_meta.finetune.tracking`); one that is not installed is refused here.
+    """
+    output = settings.output
+    check_trackers(output.log_with)
     accelerator = Accelerator(
         cpu=cpu_only_processes(),
         mixed_precision=settings.optim.mixed_precision,
         gradient_accumulation_steps=settings.optim.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=settings.control.rank_timeout))],
+        log_with=list(output.log_with) or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output.output_dir), logging_dir=str(output.output_dir / TRACKING_DIR)
+        ),
     )
     check_process_group(accelerator.num_processes)
     return accelerator

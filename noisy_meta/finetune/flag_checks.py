@@ -16,13 +16,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..labels.noise import OPEN_SET
-from .names import BAD_IMAGES_FILE, EMBEDDED, HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE
+from .names import (
+    ARGS_FILE,
+    BAD_IMAGES_FILE,
+    EMBEDDED,
+    HISTORY_DIR,
+    METRICS_FILE,
+    PRED_PROBS_FILE,
+    REPORT_FILE,
+    TRACKING_DIR,
+)
 
 if TYPE_CHECKING:
     from .settings import RunSettings
 
 #: What a finished or partial run leaves in its output directory (``--overwrite`` removes these).
-RUN_ARTEFACTS = ("last", "best", "stopped", HISTORY_DIR, METRICS_FILE, PRED_PROBS_FILE, BAD_IMAGES_FILE)
+RUN_ARTEFACTS = (
+    "last",
+    "best",
+    "stopped",
+    HISTORY_DIR,
+    METRICS_FILE,
+    PRED_PROBS_FILE,
+    BAD_IMAGES_FILE,
+    ARGS_FILE,
+    REPORT_FILE,
+    TRACKING_DIR,
+)
 _ITERATION_DIRS = "iteration_*"
 
 
@@ -117,6 +137,13 @@ def _check_combinations(settings: RunSettings) -> None:
         raise ValueError("with --iterations, --resume continues --output-dir's iterations: give it no directory")
     if optim.smoothing and optim.loss not in (None, "cross_entropy"):
         raise ValueError(f"--smoothing is label smoothing of --loss cross_entropy, not of --loss {optim.loss}")
+    output = settings.output
+    if output.push_to_hub and output.export_dir is None:
+        raise ValueError("--push-to-hub uploads the --export-dir: give --export-dir too")
+    export = output.export_dir
+    if export is not None and export.expanduser().is_dir() and any(export.expanduser().iterdir()):
+        if not control.overwrite and control.resume is None:
+            raise ValueError(f"--export-dir {export} is not empty: choose another, or --overwrite replaces its files")
     clean_before = settings.meta.clean_before
     if clean_before not in (None, "off") and not model.from_weights:
         raise ValueError(

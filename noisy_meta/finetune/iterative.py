@@ -62,6 +62,7 @@ def train_iterations(
         if done is not None:
             console.print(f"iteration {iteration} finished before: kept")
             record = done
+            context.tracker.finished_run(done["updates"])
         else:
             resume = resuming and (run_dir / "last").exists()
             record = train_run(context, splits, train_set, run_dir, mentor, resume)

@@ -8,8 +8,20 @@ MENTOR_FILE = "mentor.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CLEANING_FILE = "cleaning.json"
 BAD_IMAGES_FILE = "bad_images.json"
+CLEAN_BEFORE_FILE = "clean_before.json"
+CLEAN_BEFORE_PRED_PROBS = "clean_before_pred_probs.npz"
 PRED_PROBS_FILE = "pred_probs.npz"
 POSITION_FILE = "position.json"
+#: The run's resolved flags, MetaNoiseConfig and package versions (``--config`` reads it back).
+ARGS_FILE = "args.yaml"
+#: The run's learning curves as a picture, written at its end.
+REPORT_FILE = "report.png"
+#: Where local experiment trackers (TensorBoard, Aim, ...) write, one directory per ``--experiment``.
+TRACKING_DIR = "tracking"
+#: The model card's file in an ``--export-dir``.
+MODEL_CARD_FILE = "README.md"
+#: ``--log-with`` values: Accelerate's trackers (`accelerate.utils.LoggerType`), ``all`` those installed.
+TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 #: Earlier checkpoints kept with --keep-checkpoints, beside ``last/``.
 HISTORY_DIR = "checkpoints"
 

@@ -32,6 +32,8 @@ class RunCheckpoints:
         every: write ``last/`` every this many updates as well; 0: at epoch ends only.
         keep: how many of the newest ``last/`` states to keep (``last/`` itself included).
         signals: the stop requests the run honours after each update and each epoch.
+        flags: the run's flags as ``args.yaml`` records them (`noisy_meta.finetune.args_file`), kept in
+            each checkpoint's ``position.json`` so that ``--resume`` can say what changed.
     """
 
     def __init__(
@@ -43,10 +45,12 @@ class RunCheckpoints:
         every: int = 0,
         keep: int = 1,
         signals: StopSignals | None = None,
+        flags: dict[str, Any] | None = None,
     ) -> None:
         self.accelerator, self.wrapper, self.state = accelerator, wrapper, state
         self.output_dir, self.every, self.keep = output_dir, every, keep
         self.signals = signals if signals is not None else StopSignals()
+        self.flags = flags
         self._saved_at = wrapper.num_updates  # a resumed run does not rewrite the state it started from
 
     def after_update(self, last_batch: bool) -> None:
@@ -95,5 +99,7 @@ class RunCheckpoints:
             "reason": reason,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if self.flags is not None:
+            position["flags"] = self.flags
         save_checkpoint(self.accelerator, directory, self.wrapper.module, self.wrapper.mentor, position, keep)
         return directory

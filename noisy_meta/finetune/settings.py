@@ -33,6 +33,7 @@ from ..config import (
 )
 from ..labels.cleaning_config import CleaningConfig
 from .names import EMBEDDED
+from .tracking import RunTracker
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -199,10 +200,14 @@ class ControlSettings:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """Where the run writes, and how often it reports to a log file."""
+    """Where the run writes, what it tracks and exports, and how often it reports to a log file."""
 
     output_dir: Path = Path("output/finetune")
     log_interval: int = 50
+    log_with: tuple[str, ...] = ()
+    experiment: str | None = None
+    export_dir: Path | None = None
+    push_to_hub: str | None = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,8 @@ class RunSettings:
     """Every setting of one fine-tuning run, grouped as ``--help`` groups the flags.
 
     Build it with `from_args` from the parsed command line (``cli.parse_settings`` also checks
-    it); ``data_set_defaults`` records what the data set's defaults filled in.
+    it); ``data_set_defaults`` records what the data set's defaults filled in, ``flags`` every
+    flag as resolved (`noisy_meta.finetune.args_file` writes them to ``args.yaml``).
     """
 
     model: ModelSettings
@@ -222,6 +228,8 @@ class RunSettings:
     control: ControlSettings = ControlSettings()
     output: OutputSettings = OutputSettings()
     data_set_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Every flag's value by its ``dest`` name, data-set defaults filled in: what ``args.yaml`` records.
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunSettings:
@@ -254,11 +262,24 @@ class RunSettings:
             ),
             iterative=_group(IterativeSettings, flags),
             control=_group(ControlSettings, flags),
-            output=OutputSettings(Path(flags["output_dir"]), flags["log_interval"]),
+            output=OutputSettings(
+                Path(flags["output_dir"]),
+                flags["log_interval"],
+                tuple(flags["log_with"] or ()),
+                flags["experiment"],
+                Path(flags["export_dir"]) if flags["export_dir"] else None,
+                flags["push_to_hub"],
+            ),
             data_set_defaults=MappingProxyType(filled),
+            flags=MappingProxyType(flags),
         )
 
     # ------------------------------------------------------------------ what the flags resolve to
+
+    @property
+    def experiment(self) -> str:
+        """``--experiment``, or the output directory's name (a resumed run continues the same tracker run)."""
+        return self.output.experiment or self.output.output_dir.resolve().name
 
     @property
     def preset(self) -> str:
@@ -345,11 +366,13 @@ def _group(kind: type, flags: dict[str, Any], **values: Any) -> Any:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What every part of a run is handed, in this order: its settings, its accelerator, its console."""
+    """What every part of a run is handed, in this order: its settings, its accelerator, its console,
+    and the experiment trackers it logs to (none by default)."""
 
     settings: RunSettings
     accelerator: Accelerator
     console: Console
+    tracker: RunTracker = dataclasses.field(default_factory=lambda: RunTracker())
 
     @property
     def is_main_process(self) -> bool:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
     from .settings import RunContext
+    from .tracking import RunTracker
     from .train_batches import TrainBatches
 
 #: The running means `train_one_epoch` reports.
@@ -47,8 +48,11 @@ def train_one_epoch(
     progress: EpochProgress,
     state: RunState,
     checkpoints: RunCheckpoints,
+    tracker: RunTracker | None = None,
 ) -> dict[str, float]:
     """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight.
+
+    ``tracker`` (``--log-with``) gets each update's figures and learning rate.
 
     A run resumed mid-epoch (``state.batch`` > 0) skips the batches done without loading them
     and carries on with the epoch's running sums from the checkpoint. A stream's epoch ends
@@ -67,6 +71,8 @@ def train_one_epoch(
         if not wrapper.updates.accumulating:  # an update made or skipped: every rank sees the same
             if scheduler is not None:
                 scheduler.step_update(num_updates=wrapper.num_updates)
+            if tracker is not None and wrapper.updates.last == "stepped":
+                tracker.log_update(wrapper.num_updates, stats, wrapper.optimizer.param_groups[0]["lr"])
             skips = state.skips
             skips.consecutive = skips.consecutive + 1 if wrapper.updates.last == "skipped" else 0
             if skips.limit and skips.consecutive >= skips.limit:

@@ -7,6 +7,7 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import sys
@@ -26,21 +27,25 @@ from torch.utils.data import DataLoader
 from ..labels.cleaning import save_cleanlab_inputs
 from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
+from .args_file import recorded_flags, resume_differences, write_args_file
 from .checkpoint import CheckpointError, check_checkpoint, find_checkpoint
 from .clean_before import clean_before_training
 from .data import Splits, attach_transform, collate
 from .distributed import check_ranks_agree, make_accelerator
+from .export import export_model, push_to_hub
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
-from .names import MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
+from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, POSITION_FILE, PRED_PROBS_FILE, REPORT_FILE
 from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
+from .report import write_report
 from .run_checkpoints import RunCheckpoints
 from .run_data import load_splits
 from .run_state import MetricsLog, RunState
 from .seeded_augmentation import SeededAugmentation
 from .settings import RunContext, RunSettings
+from .tracking import RunTracker
 from .train_batches import TrainBatches, train_batches
 from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
@@ -58,7 +63,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     """
     accelerator = make_accelerator(settings)
     console = Console(quiet=not accelerator.is_main_process, width=None if sys.stdout.isatty() else LOG_WIDTH)
-    context = RunContext(settings, accelerator, console)
+    context = RunContext(settings, accelerator, console, RunTracker(accelerator, settings))
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         console.print(
             f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32"
@@ -80,17 +85,51 @@ def run(settings: RunSettings) -> dict[str, Any]:
     if iterations == 1:
         record = _train_run(context, splits, splits.train, output_dir)
     else:
+        if accelerator.is_main_process:
+            write_args_file(output_dir / ARGS_FILE, settings.flags)  # each iteration's has its MetaNoiseConfig
         record = train_iterations(context, splits, output_dir, _train_run)
+        _write_report(context, output_dir)
+    final_dir = output_dir if iterations == 1 else output_dir / f"iteration_{iterations}"
     if settings.iterative.export_pred_probs:
-        final_dir = output_dir if iterations == 1 else output_dir / f"iteration_{iterations}"
         mentor = load_mentor(settings.model, splits.num_classes, find_checkpoint(final_dir / "best") / MENTOR_FILE)
         probs = predict_train_set(context, mentor, splits.train)
         if accelerator.is_main_process:
             save_cleanlab_inputs(output_dir / PRED_PROBS_FILE, splits.train[LABEL], probs, splits.train[INDEX])
             console.print(f"best mentor's training-set probabilities for cleanlab: {output_dir / PRED_PROBS_FILE}")
+    if settings.output.export_dir is not None and accelerator.is_main_process:
+        _export(context, splits, final_dir)
     accelerator.wait_for_everyone()  # every rank done (the main one wrote the summary) before the group goes
     accelerator.end_training()
     return record
+
+
+def _export(context: RunContext, splits: Splits, run_dir: Path) -> None:
+    """``--export-dir`` (and ``--push-to-hub``): the kept model with timm's ``save_for_hf`` and a model card."""
+    settings, console = context.settings, context.console
+    export_dir = export_model(context, splits, run_dir)
+    console.print(f"exported the kept model to {export_dir}/ (timm.create_model('local-dir:{export_dir}'))")
+    repo = settings.output.push_to_hub
+    if repo:
+        try:
+            console.print(f"pushed to {push_to_hub(export_dir, repo)}")
+        except Exception as error:  # noqa: BLE001 -- any hub failure leaves the export on disk, said in one line
+            raise OSError(f"--push-to-hub {repo}: the upload failed ({error}); the export is in {export_dir}") from None
+
+
+def _write_report(context: RunContext, output_dir: Path) -> None:
+    """``report.png`` from the run's files (main process); without matplotlib, a line saying so."""
+    if not context.is_main_process:
+        return
+    try:
+        experiment = context.settings.experiment
+        path = write_report(
+            output_dir, experiment if output_dir.name == experiment else f"{experiment}: {output_dir.name}"
+        )
+    except ImportError as error:
+        context.console.print(f"[yellow]no {REPORT_FILE}:[/] {error}")
+        return
+    if path is not None:
+        context.console.print(f"learning curves in {path}")
 
 
 def _remove_previous_run(console: Console, output_dir: Path) -> None:
@@ -139,6 +178,8 @@ def _train_run(
     accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
     if control.resume is not None if resume is None else resume:
         _resume(context, wrapper, state, output_dir)
+    if accelerator.is_main_process:
+        write_args_file(output_dir / ARGS_FILE, settings.flags, wrapper.config)
     log = MetricsLog(output_dir / METRICS_FILE)
     if accelerator.is_main_process:
         log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
@@ -148,7 +189,14 @@ def _train_run(
     record: dict[str, Any] = {}
     with StopSignals() as signals:
         checkpoints = RunCheckpoints(
-            accelerator, wrapper, state, output_dir, control.checkpoint_every, control.keep_checkpoints, signals
+            accelerator,
+            wrapper,
+            state,
+            output_dir,
+            control.checkpoint_every,
+            control.keep_checkpoints,
+            signals,
+            recorded_flags(settings.flags),
         )
         for epoch in range(state.epoch, epochs):
             batches.set_epoch(epoch)
@@ -156,7 +204,7 @@ def _train_run(
             started = time.perf_counter()
             progress.start(epoch, epochs, len(batches), done=state.batch)
             train_stats = train_one_epoch(
-                epoch, wrapper, batches, accelerator, training.scheduler, progress, state, checkpoints
+                epoch, wrapper, batches, accelerator, training.scheduler, progress, state, checkpoints, context.tracker
             )
             if training.scheduler is not None:
                 training.scheduler.step(epoch + 1)
@@ -170,6 +218,7 @@ def _train_run(
             console.print(epoch_line(record))
             if accelerator.is_main_process:  # before the checkpoint: a resume drops records it has not reached
                 log.append(record)
+            context.tracker.log_epoch(record)
             checkpoints.after_epoch(record, final=epoch + 1 == epochs)
 
     if accelerator.is_main_process:
@@ -177,6 +226,8 @@ def _train_run(
         console.print(summary_table(records, state.best_epoch))
         console.print(f"checkpoints and metrics in {output_dir}/ (last/, best/, {METRICS_FILE})")
         record = records[-1] if records else record
+    context.tracker.finished_run(wrapper.num_updates)
+    _write_report(context, output_dir)
     return record
 
 
@@ -257,6 +308,7 @@ def _resume(context: RunContext, wrapper: MetaNoiseWrapper, state: RunState, out
     given = settings.control.resume
     resume_dir = find_checkpoint(Path(given) if given and settings.iterative.iterations == 1 else output_dir / "last")
     check_checkpoint(resume_dir, wrapper.module)
+    _check_resumed_settings(context, resume_dir)
     try:
         accelerator.load_state(str(resume_dir))
     except Exception as error:
@@ -264,3 +316,22 @@ def _resume(context: RunContext, wrapper: MetaNoiseWrapper, state: RunState, out
     check_ranks_agree(accelerator, wrapper.module, wrapper.mentor)
     where = f"epoch {state.epoch + 1}, batch {state.batch + 1}" if state.batch else f"the end of epoch {state.epoch}"
     context.console.print(f"resumed from {resume_dir} at {where} (after update {wrapper.num_updates})")
+
+
+def _check_resumed_settings(context: RunContext, resume_dir: Path) -> None:
+    """Say which settings differ from the run that wrote ``resume_dir``; refuse those that would break it
+    (`noisy_meta.finetune.args_file.RESUME_BREAKING`). A checkpoint that records none is trusted."""
+    position = resume_dir / POSITION_FILE
+    recorded = json.loads(position.read_text()).get("flags") if position.exists() else None
+    if recorded is None:
+        context.console.print(f"[yellow]note:[/] {resume_dir} records no settings: resuming with the command as given")
+        return
+    breaking, others = resume_differences(recorded, context.settings.flags)
+    if breaking:
+        raise CheckpointError(
+            f"--resume {resume_dir}: the checkpoint's run was started with other settings that its state depends on "
+            f"({'; '.join(breaking)}); give the same ones (--config {resume_dir.parent / ARGS_FILE} restores them) "
+            "or start a new run"
+        )
+    if others:
+        context.console.print(f"resuming with settings changed from the checkpoint's run: {'; '.join(others)}")
