@@ -104,7 +104,10 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     except FileNotFoundError:
         raise ValueError(f"--config {path}: no such file") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"--config {path}: not valid YAML ({error})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"--config {path}: not valid YAML{where} ({problem})") from None
     if loaded is None:
         return {}
     if isinstance(loaded, dict) and isinstance(loaded.get("flags"), dict):
@@ -126,7 +129,7 @@ def _checked(path: str, key: Any, value: Any, action: argparse.Action) -> Any:
     """``value`` as the flag's own parsing would give it (its type applied to strings, choices checked)."""
     if value is None:
         return None
-    if action.nargs in ("+", "*", 2) or isinstance(action.nargs, int):
+    if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):
         items = value if isinstance(value, list) else [value]
         return [_one(path, key, item, action) for item in items]
     return _one(path, key, value, action)

@@ -52,7 +52,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train one epoch; returns the mean of `TRAIN_STATS` over its batches and the last meta weight.
 
-    ``tracker`` (``--log-with``) gets each update's figures and learning rate.
+    ``tracker`` (``--log-with``) gets each update's figures and the learning rate it stepped with.
 
     A run resumed mid-epoch (``state.batch`` > 0) skips the batches done without loading them
     and carries on with the epoch's running sums from the checkpoint. A stream's epoch ends
@@ -63,6 +63,7 @@ def train_one_epoch(
     state.totals = dict(state.totals) if done else dict.fromkeys(TRAIN_STATS, 0.0)
     stats: dict[str, float] = {}
     for position, batch in enumerate(loader.batches(done), done + 1):
+        lr = wrapper.optimizer.param_groups[0]["lr"]  # what this update steps with
         with accelerator.accumulate(wrapper.model):
             stats = wrapper.step(batch["pixel_values"], batch["label"])
         for key in TRAIN_STATS:
@@ -72,7 +73,7 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step_update(num_updates=wrapper.num_updates)
             if tracker is not None and wrapper.updates.last == "stepped":
-                tracker.log_update(wrapper.num_updates, stats, wrapper.optimizer.param_groups[0]["lr"])
+                tracker.log_update(wrapper.num_updates, stats, lr)
             skips = state.skips
             skips.consecutive = skips.consecutive + 1 if wrapper.updates.last == "skipped" else 0
             if skips.limit and skips.consecutive >= skips.limit:
