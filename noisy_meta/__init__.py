@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from .update_state import UpdateState
     from .wrapper import MetaNoiseWrapper
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Names imported on first use. ``import noisy_meta`` loads neither torch nor Hugging Face
 #: ``datasets`` (only the config and the noise functions, which need numpy), so that the command

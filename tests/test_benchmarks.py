@@ -118,3 +118,37 @@ def test_cost_chart_gain_kept(tmp_path):
     assert table["sym50", "mlnt_fast"]["gain"] == pytest.approx(8.0) and table["sym50", "mlnt_fast"]["x_ce"] == 1.5
     lines = cost_chart.gain_table(table)
     assert "| mlnt_fast | 90.0 (80%) |" in "\n".join(lines)
+
+
+def test_gpu_benchmark_runs_at_tiny_sizes_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py is prepared for a lent GPU; here its whole path runs on tiny models."""
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--seconds", "0.05", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    gpu = benchmark_module("gpu")
+    assert [m["name"] for m in results["models"]] == ["test_resnet", "test_vit"]
+    for model in results["models"]:
+        assert list(model["configs"]) == list(gpu.CONFIGS)
+        for config, row in model["configs"].items():
+            assert row["images_per_second"] > 0 and row["iterations"] >= 3, (model["name"], config)
+            assert row["peak_mib"] is None  # measured on CUDA only
+    fp16 = results["fp16"]
+    assert fp16["updates"] + fp16["skipped"] == 5 + 5 and fp16["mixed_precision"] == "no"  # no GradScaler on CPU
+    assert "| preset finetune |" in result.stdout and "| sets_per_pass 10, M=10 |" in result.stdout
+
+
+def test_gpu_benchmark_refuses_a_machine_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "no CUDA device here" in result.stderr

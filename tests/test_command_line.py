@@ -101,7 +101,7 @@ def test_help_names_the_program_and_shows_each_default_once(entry, prog):
         (["--mentor-decay", "1.5"], "--mentor-decay must be in [0, 1), got 1.5"),
         (["--clean-criterion", "given_label_prob", "--clean-threshold", "0"], "threshold must be a number in (0, 1]"),
         (["--streaming"], "--streaming cannot be combined with --dataset mnist-5k, --noise symmetric: a stream is"),
-        (["--streaming", "--dataset", ".", "--workers", "2"], "--streaming cannot be combined with --workers 2"),
+        (["--streaming", "--dataset", ".", "--grad-accum-steps", "2"], "--streaming cannot be combined with --grad"),
         (["--streaming", "--dataset", "."], "--streaming needs --val-split"),
         (["--loss", "gce", "--smoothing", "0.1"], "--smoothing is label smoothing of --loss cross_entropy"),
         (["--smoothing", "1"], "argument --smoothing: must be in [0, 1), got 1"),
@@ -143,8 +143,8 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
     again = command(EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--no-meta", "--output-dir", str(output))
     assert again.returncode == 2
     assert again.stderr.strip() == (
-        f"finetune.py: error: --output-dir {output} already holds a run (last, best, metrics.jsonl): pass --resume "
-        "to continue it, another --output-dir for a new run, or --overwrite to replace it"
+        f"finetune.py: error: --output-dir {output} already holds a run (last, best, metrics.jsonl, args.yaml, "
+        "report.png): pass --resume to continue it, another --output-dir for a new run, or --overwrite to replace it"
     )
     assert (output / "metrics.jsonl").read_text() == before
     (output / "notes.txt").write_text("mine")
@@ -152,7 +152,7 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
         EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--no-meta", "--overwrite", "--output-dir", str(output)
     )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert "--overwrite: removed the earlier run's last, best, metrics.jsonl" in replaced.stdout
+    assert "--overwrite: removed the earlier run's last, best, metrics.jsonl, args.yaml, report.png" in replaced.stdout
     (record,) = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert record["epoch"] == 1 and record["meta_weight"] == 0.0  # the --no-meta run's
     assert (output / "notes.txt").read_text() == "mine"  # only the run's own files go

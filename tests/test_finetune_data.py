@@ -292,3 +292,103 @@ def test_an_open_set_run_trains_and_scores_only_in_space_images(tiny_mnist, tmp_
     assert "classes [8, 9] left the label space" in result.stdout and "8 classes" in result.stdout
     (record,) = metrics(output)
     assert 0.0 <= record["val_student"] <= 1.0
+
+
+# ------------------------------------------------------------------- split inference, class names, the carve
+
+
+def test_parquet_splits_are_inferred_as_hugging_face_datasets_infers_them(tmp_path):
+    from noisy_meta.finetune.data import parquet_files_by_split
+
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in ("train-00000-of-00002", "train-00001-of-00002", "dev-00000", "test"):
+        (named / f"{name}.parquet").touch()
+    found = parquet_files_by_split(str(named))
+    assert {split: [Path(p).name for p in paths] for split, paths in found.items()} == {
+        "train": ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"],
+        "validation": ["dev-00000.parquet"],  # a substring test put it in training
+        "test": ["test.parquet"],
+    }
+    (named / "contest.parquet").touch()  # "test" inside a word names no split
+    with pytest.raises(ValueError, match=r"1 parquet file\(s\) name no split while others do \(contest.parquet\)"):
+        parquet_files_by_split(str(named))
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    for name in ("part-0", "part-1"):
+        (unnamed / f"{name}.parquet").touch()
+    assert sorted(parquet_files_by_split(str(unnamed))) == ["train"]
+    assert parquet_files_by_split(str(named / "test.parquet")) == {"train": [str(named / "test.parquet")]}
+    globbed = parquet_files_by_split(str(named / "*-0000*.parquet"))
+    assert sorted(globbed) == ["train", "validation"] and len(globbed["train"]) == 2
+
+
+def test_string_labels_become_one_class_label_with_their_names(tiny_mnist):
+    from datasets import ClassLabel, DatasetDict
+
+    from noisy_meta.finetune.data import encode_string_labels
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    data = load_from_disk(str(tiny_mnist))
+    named = DatasetDict(
+        {
+            split: data[split]
+            .map(lambda row: {"name": words[row["label"]]})
+            .remove_columns("label")
+            .rename_column("name", "label")
+            for split in data
+        }
+    )
+    named["test"] = named["test"].filter(lambda row: row["label"] not in ("zero", "one"))  # fewer classes there
+    assert named["train"].features["label"].dtype == "string"
+    splits = prepare_splits(named, **split_args(noise="none", noise_rate=0.0))
+    assert splits.class_names == sorted(words) and splits.num_classes == 10
+    digits = np.asarray(data["train"]["label"])[np.asarray(splits.train["index"])]
+    assert [splits.class_names[i] for i in splits.train["label"]] == [words[d] for d in digits]
+    test_digits = [d for d in data["test"]["label"] if d > 1]
+    test_names = [splits.class_names[i] for i in splits.test["label"]]
+    assert test_names == [words[d] for d in test_digits]  # the same ids in every split, whatever it holds
+    encoded = encode_string_labels(named, ["train", "test"], ["label"])
+    assert encoded["test"].features["label"] == encoded["train"].features["label"] == ClassLabel(names=sorted(words))
+
+
+def test_the_validation_carve_keeps_every_class_in_proportion(tiny_mnist):
+    data = load_from_disk(str(tiny_mnist))
+    skewed = data["train"].filter(lambda row, i: row["label"] != 7 or i % 8 == 0, with_indices=True)
+    splits = prepare_splits({"train": skewed, "test": data["test"]}, **split_args(noise="none", noise_rate=0.0))
+    counts = np.bincount(np.asarray(skewed["label"]), minlength=10)
+    carved = np.bincount(np.asarray(splits.validation["label"]), minlength=10)
+    assert carved.sum() == round(0.25 * len(skewed)) and len(splits.train) + carved.sum() == len(skewed)
+    assert np.all(np.abs(carved - 0.25 * counts) < 1), (carved, counts)  # each class within one image of its share
+    assert not set(splits.train["index"]) & set(splits.validation["index"])
+    again = prepare_splits({"train": skewed, "test": data["test"]}, **split_args(noise="none", noise_rate=0.0))
+    assert again.validation["index"] == splits.validation["index"]  # seeded
+    with pytest.raises(ValueError, match="--val-fraction 0.001 of the .* carves 0 for validation"):
+        prepare_splits(data, **split_args(noise="none", noise_rate=0.0, val_fraction=0.001))
+
+
+def test_only_the_main_process_decodes_images_to_find_bad_ones(folder_with_bad_images, monkeypatch, tmp_path):
+    """Every rank decoded every image; now the main one scans and the others receive its list."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from noisy_meta.finetune import run_data
+    from noisy_meta.finetune.cli import parse_settings
+    from noisy_meta.finetune.data import BadImage
+    from noisy_meta.finetune.settings import RunContext
+
+    output = ["--output-dir", str(tmp_path / "run")]
+    settings = parse_settings(["--dataset", str(folder_with_bad_images), "--bad-images", "skip", *FAST, *output])
+    data = load_image_dataset(str(folder_with_bad_images))
+    scans, sent = [], []
+    found = [BadImage("train", 3, "x.png", "OSError: truncated")]
+    monkeypatch.setattr(run_data, "find_bad_images", lambda *args: scans.append(args[1]) or found)
+    monkeypatch.setattr(run_data, "broadcast_object_list", lambda objects: sent.append(objects) or [found])
+    for is_main in (False, True):
+        accelerator = SimpleNamespace(is_main_process=is_main, num_processes=2)
+        context = RunContext(settings, accelerator, Console(quiet=True))
+        kept = run_data._handle_bad_images(context, data, ["train"])
+        assert len(kept["train"]) == len(data["train"]) - 1
+        assert scans == ([] if not is_main else ["train"])
+    assert sent == [[None], [found]]  # the other rank sends nothing, the main one its findings

@@ -93,12 +93,13 @@ def two_process_reference(tiny_mnist, tmp_path_factory) -> Path:
 
 def test_step_checkpoints_are_written_and_only_the_newest_kept(reference):
     """--checkpoint-every 3 over 16 updates, --keep-checkpoints 2: last/ and the one it replaced."""
-    assert position(reference) | {"written": None} == {
+    assert position(reference) | {"written": None, "flags": None} == {
         "epoch": 2,
         "batch": 0,
         "updates": 16,
         "reason": "epoch end",
         "written": None,
+        "flags": None,
     }
     kept = [path.name for path in (reference / "checkpoints").iterdir()]
     assert kept == ["update_15"]

@@ -89,6 +89,7 @@ def test_a_tracker_that_is_not_installed_is_refused_by_name():
 def test_iterations_log_to_one_tracker_run_and_one_report(tiny_mnist, tmp_path):
     output = tmp_path / "iterations"
     flags = ["--iterations", "2", "--epochs", "1", "--log-with", "tensorboard", "--experiment", "both"]
+    flags += ["--clean-criterion", "given_label_prob", "--clean-threshold", "0.02"]  # a model of one epoch: flag few
     run_example("--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, *flags)
     logged = scalars(output / "tracking" / "both")
     first, second = metrics(output / "iteration_1")[-1], metrics(output / "iteration_2")[-1]

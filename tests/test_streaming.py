@@ -47,16 +47,17 @@ def test_each_rank_reads_its_own_shard_and_together_they_read_everything(parquet
     assert sorted(first + second) == sorted(fingerprints(whole))
 
 
-def test_a_streamed_run_killed_mid_epoch_resumes_bitwise(parquet_digits, tmp_path):
+def test_a_streamed_run_killed_mid_epoch_resumes_bitwise_with_or_without_loader_workers(parquet_digits, tmp_path):
     reference = tmp_path / "reference"
     result = succeeded(run(parquet_digits, reference, *STREAMING))
     assert "train: a stream of 256 images" in result.stdout
     killed_at = 5  # after the step checkpoint at update 3 (batch 3 of 8), before the one at 6
     output = tmp_path / "killed"
-    killed = run(parquet_digits, output, *STREAMING, signal_at=f"{killed_at}:KILL")
+    workers = ["--workers", "2"]  # loader workers decode: the same batches, the same resume, as without
+    killed = run(parquet_digits, output, *STREAMING, *workers, signal_at=f"{killed_at}:KILL")
     assert killed.returncode == -signal.SIGKILL
     assert position(output)["updates"] == newest_checkpoint(killed_at, 1) == 3 and position(output)["batch"] == 3
-    resumed = succeeded(run(parquet_digits, output, *STREAMING, "--resume"))
+    resumed = succeeded(run(parquet_digits, output, *STREAMING, *workers, "--resume"))
     assert "at epoch 1, batch 4 (after update 3)" in resumed.stdout
     assert_same_run(output, reference)
 

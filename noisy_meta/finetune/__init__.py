@@ -2,8 +2,9 @@
 
 ``python -m noisy_meta.finetune --help`` (or ``accelerate launch examples/finetune.py``) lists the
 flags. `run_command` is the command line (one-line errors, status 2); `main` runs with a list of
-flags and `run` with checked `RunSettings` (`parse_settings`), both raising their errors. Names load on first use, so
-``--help`` does not wait for torch.
+flags and `run` with checked `RunSettings` (`parse_settings`), both raising their errors.
+`write_report` redraws a finished run's ``report.png``; `export_model` is ``--export-dir``. Names
+load on first use, so ``--help`` does not wait for torch.
 """
 
 import importlib
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .cli import build_parser, main, parse_settings, resolve_meta_config, run_command
+    from .export import export_model
+    from .report import write_report
     from .settings import RunContext, RunSettings
     from .trainer import run
 
@@ -23,6 +26,8 @@ _LAZY = {
     "RunContext": "settings",
     "RunSettings": "settings",
     "run": "trainer",
+    "write_report": "report",
+    "export_model": "export",
 }
 
 
@@ -37,9 +42,11 @@ __all__ = [
     "RunContext",
     "RunSettings",
     "build_parser",
+    "export_model",
     "main",
     "parse_settings",
     "resolve_meta_config",
     "run",
     "run_command",
+    "write_report",
 ]

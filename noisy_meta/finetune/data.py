@@ -23,6 +23,7 @@ from datasets import (
 from ..labels.noise import OPEN_SET, NoisyLabels, OpenSetNoise, class_map_without
 from ..labels.noisy_datasets import (
     CLEAN_LABEL,
+    LABEL,
     LABEL_COLUMNS,
     add_label_noise,
     add_open_set_noise,
@@ -111,18 +112,41 @@ def load_eval_splits(source: str, train_split: str) -> DatasetDict:
 def parquet_files_by_split(source: str) -> dict[str, list[str]]:
     """The parquet files of ``source`` (a directory, a file or a glob) by split; empty if none.
 
-    A file whose name (or directory, below ``source``) names a split goes to that split
-    (``train``, ``validation``, ``val``, ``test``), any other to ``train``.
+    Splits are inferred as Hugging Face datasets infers them
+    (`datasets.data_files.get_data_patterns`): a split's keyword as a whole word of a file's or
+    a directory's name, ``train`` / ``training``, ``validation`` / ``valid`` / ``dev`` / ``val``,
+    ``test`` / ``testing`` / ``eval`` / ``evaluation`` (so ``dev-00000.parquet`` is validation
+    data and ``contest.parquet`` no test data). When no name holds a keyword every file is
+    training data; one parquet file given alone is the training split. Raises ValueError
+    naming the files no split takes while others name one (datasets would drop them silently).
     """
     if os.path.isdir(source):
+        base = source
         files = sorted(glob.glob(os.path.join(source, "**", "*.parquet"), recursive=True))
     else:
         files = sorted(glob.glob(source))
-    splits: dict[str, list[str]] = {}
-    for path in files:
-        relative = os.path.relpath(path, source) if os.path.isdir(source) else os.path.basename(path)
-        split = next((s for s in ("train", "validation", "val", "test") if s in relative.lower()), "train")
-        splits.setdefault(split, []).append(path)
+        if len(files) <= 1:
+            return {"train": files} if files else {}
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(path)) for path in files])
+    if not files:
+        return {}
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    inferred = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+    wanted = {os.path.abspath(path): path for path in files}
+    splits = {
+        str(name): [wanted[os.path.abspath(p)] for p in sorted(paths) if os.path.abspath(p) in wanted]
+        for name, paths in inferred.items()
+    }
+    splits = {name: paths for name, paths in splits.items() if paths}
+    taken = {os.path.abspath(path) for paths in splits.values() for path in paths}
+    left = sorted(os.path.relpath(path, base) for path in wanted if path not in taken)
+    if left:
+        raise ValueError(
+            f"{source}: {len(left)} parquet file(s) name no split while others do ({', '.join(left[:5])}"
+            f"{' ...' if len(left) > 5 else ''}); put train / validation / test (or dev, eval) in their names, "
+            "or move them out"
+        )
     return splits
 
 
@@ -166,12 +190,16 @@ def prepare_splits(
     ``open_set_classes`` out of the label space (every split loses their images; the others
     are renumbered in order) and replaces ``noise_rate`` of the training images by theirs, with
     random labels (`noisy_meta.labels.noisy_datasets.add_open_set_noise`). Without ``val_split`` a
-    ``val_fraction`` of the (noisy) training data becomes the validation split.
+    ``val_fraction`` of each class of the (noisy) training data becomes the validation split
+    (`stratified_split`). String labels become a `ClassLabel` whose names are kept
+    (`encode_string_labels`); ``class_names`` are the label feature's names.
     """
     available = list(data.keys())
     for name, split in (("train", train_split), ("validation", val_split), ("test", test_split)):
         if split is not None and split not in data:
             raise ValueError(f"--{name}-split {split!r} not in the data set; it has {available}")
+    used = [split for split in dict.fromkeys((train_split, val_split, test_split)) if split is not None]
+    data = encode_string_labels(data, used, [c for c in (label_column, clean_label_column) if c is not None])
     train = data[train_split]
     for column in filter(None, (image_column, label_column, clean_label_column)):
         if column not in train.column_names:
@@ -226,11 +254,53 @@ def prepare_splits(
     else:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in (0, 1) when there is no --val-split, got {val_fraction}")
-        parts = train.train_test_split(test_size=val_fraction, seed=seed)
-        train, validation = parts["train"], parts["test"]
+        train, validation = stratified_split(train, val_fraction, seed)
         validation_is_clean = has_clean
     test = standardise(data[test_split], inject=False) if test_split is not None else None
     return Splits(train, validation, test, num_classes, class_names, validation_is_clean, noisy_labels)
+
+
+def encode_string_labels(data: DatasetDict, splits: Sequence[str], columns: Sequence[str]) -> DatasetDict:
+    """``data`` with every string label column of ``splits`` cast to one `ClassLabel` (names sorted, shared by
+    the splits and the columns, so a class has one id everywhere); other columns and splits as they were.
+
+    As datasets' ``class_encode_column``, except that every split gets the same ids.
+    """
+    strings = [c for c in columns if all(getattr(data[s].features.get(c), "dtype", None) == "string" for s in splits)]
+    if not strings:
+        return data
+    names = sorted({name for s in splits for c in strings for name in data[s].unique(c) if name is not None})
+    feature = ClassLabel(names=names)
+    encoded = DatasetDict(data)
+    for split in splits:
+        for column in strings:
+            encoded[split] = encoded[split].cast_column(column, feature)
+    return encoded
+
+
+def stratified_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(rest, carved)``: ``fraction`` of each class's rows of ``dataset`` (by its ``label``) carved out.
+
+    Class by class, the rows carved are drawn with ``seed``; the counts are rounded by largest
+    remainders so that ``round(fraction * len(dataset))`` rows are carved in all. Both parts keep
+    the rows' order. Raises ValueError when that carves no row or every row.
+    """
+    labels = np.asarray(dataset[LABEL], dtype=np.int64)
+    total = int(round(fraction * len(labels)))
+    if not 0 < total < len(labels):
+        raise ValueError(
+            f"--val-fraction {fraction} of the {len(labels)} training images carves {total} for validation: "
+            "give a fraction that leaves images on both sides, or --val-split"
+        )
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = fraction * counts
+    take = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - take), kind="stable")
+    take[order[: total - int(take.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    carved = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)]))
+    rest = np.setdiff1d(np.arange(len(labels)), carved)
+    return dataset.select(rest), dataset.select(carved)
 
 
 @dataclass(frozen=True)

@@ -165,15 +165,14 @@ def _check_streaming(settings: RunSettings) -> None:
         "--export-pred-probs": iterative.export_pred_probs,
         "--bad-images skip": data.bad_images == "skip",
         f"--grad-accum-steps {accumulation}": accumulation > 1,
-        f"--workers {data.workers}": data.workers > 0,
         f"--clean-before {clean_before}": clean_before not in (None, "off"),
     }
     refused = [flag for flag, given in needs_whole.items() if given]
     if refused:
         raise ValueError(
-            f"--streaming cannot be combined with {', '.join(refused)}: a stream is read once per epoch, in order, in "
-            "the main process (labels as given, no cleaning, no scan of the training images, whole accumulation "
-            "windows); load the data set whole instead, or leave those out"
+            f"--streaming cannot be combined with {', '.join(refused)}: a stream is read once per epoch, in order "
+            "(labels as given, no cleaning, no scan of the training images, whole accumulation windows); load the "
+            "data set whole instead, or leave those out"
         )
     if data.val_split is None:
         raise ValueError("--streaming needs --val-split: a validation split cannot be carved out of a stream")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 import numpy as np
+from accelerate.utils import broadcast_object_list
 from datasets import DatasetDict
 
 from ..labels.noise import OPEN_SET
@@ -138,11 +139,16 @@ def _handle_bad_images(context: RunContext, data: DatasetDict, names: list[str])
     """Scan the splits used for images that do not decode; refuse them, or drop them counted and listed.
 
     Runs on the data as loaded, before noise injection (instance noise decodes every image).
+    With several processes the main one decodes and sends the others what it found.
     """
-    settings, console = context.settings, context.console
+    settings, console, accelerator = context.settings, context.console, context.accelerator
     if settings.data.bad_images == "unchecked":
         return data
-    bad = [b for name in names for b in find_bad_images(data[name], name, settings.data.image_column)]
+    bad = None
+    if context.is_main_process:
+        bad = [b for name in names for b in find_bad_images(data[name], name, settings.data.image_column)]
+    if accelerator.num_processes > 1:
+        bad = broadcast_object_list([bad])[0]
     if not bad:
         return data
     listing = "; ".join(f"{b.split} sample {b.index} ({b.path or 'in memory'}): {b.error}" for b in bad[:5])

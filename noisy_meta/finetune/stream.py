@@ -12,17 +12,22 @@ The position in the stream is the number of batches this rank has taken in the e
 the same stream and skips that many images without decoding them, so it neither repeats nor
 skips data and ends bitwise equal to a run never interrupted. Ranks may hold different numbers
 of images: an epoch ends on every rank when the first rank's stream ends, so all make the same
-number of updates. Images are decoded and transformed in the main process (no loader workers).
+number of updates. With ``--workers N`` the stream is read with its images undecoded and N
+loader processes decode and transform each batch (`DecodingPool`), a few batches ahead; the
+reading, the shuffle buffer and the position stay in the main process, so batches come out in
+the same order with the same crops as without workers, and resume the same way.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from collections import deque
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
 import torch
-from datasets import IterableDataset, load_dataset, load_from_disk
+from datasets import Image, IterableDataset, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
 
 from .data import CLEAN_COLUMN, collate, is_saved_to_disk, parquet_files_by_split
@@ -71,6 +76,8 @@ class StreamLoader:
         buffer_size: images in the shuffle buffer.
         accelerator: device, rank and the collective that ends an epoch on every rank at once.
         image_column, label_column, clean_label_column: the stream's columns.
+        workers: loader processes that decode and transform the images (`DecodingPool`); 0: the
+            main process does.
     """
 
     def __init__(
@@ -85,8 +92,10 @@ class StreamLoader:
         image_column: str = "image",
         label_column: str = "label",
         clean_label_column: str | None = None,
+        workers: int = 0,
     ) -> None:
         self.stream, self.rows, self.augmentation = stream, rows, augmentation
+        self.workers = workers
         self.batch_size, self.seed, self.buffer_size = batch_size, seed, buffer_size
         self.accelerator = accelerator
         self.columns = (image_column, label_column, clean_label_column)
@@ -103,34 +112,108 @@ class StreamLoader:
 
     def batches(self, done: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's batches after the first ``done`` (skipped undecoded), on the accelerator's device."""
-        stream = self.stream.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+        image_column = self.columns[0]
+        stream = self.stream.cast_column(image_column, Image(decode=False)) if self.workers else self.stream
+        stream = stream.shuffle(seed=self.seed, buffer_size=self.buffer_size)
         stream.set_epoch(self.epoch)
         position = done * self.batch_size
         examples = iter(stream.skip(position) if position else stream)
-        while True:
-            chunk = list(islice(examples, self.batch_size))
-            if not self._every_rank_has_a_batch(len(chunk) == self.batch_size):
+        chunks = (
+            [(example, start + offset) for offset, example in enumerate(chunk)]
+            for start, chunk in _numbered_chunks(examples, self.batch_size, position)
+        )
+        accelerator = self.accelerator
+        recipe = (self.augmentation, self.columns, accelerator.num_processes, accelerator.process_index)
+        if self.workers:
+            decoded = DecodingPool(self.workers, recipe).map(chunks)
+        else:
+            decoded = ([stream_sample(recipe, example, at) for example, at in chunk] for chunk in chunks)
+        for samples in decoded:
+            if not self._every_rank_has_a_batch(len(samples) == self.batch_size):
                 return
-            samples = [self._sample(example, position + offset) for offset, example in enumerate(chunk)]
-            position += self.batch_size
-            yield {key: value.to(self.accelerator.device) for key, value in collate(samples).items()}
+            yield {key: value.to(accelerator.device) for key, value in collate(samples).items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.batches()
-
-    def _sample(self, example: dict[str, Any], position: int) -> dict[str, Any]:
-        image_column, label_column, clean_column = self.columns
-        # A seed per image: its position in this rank's epoch, made unique over ranks.
-        index = position * self.accelerator.num_processes + self.accelerator.process_index
-        return {
-            "pixel_values": self.augmentation(example[image_column].convert("RGB"), index),
-            "label": int(example[label_column]),
-            CLEAN_COLUMN: int(example[clean_column]) if clean_column else -1,
-            "index": index,
-        }
 
     def _every_rank_has_a_batch(self, local: bool) -> bool:
         if self.accelerator.num_processes == 1:
             return local
         flag = torch.tensor([int(local)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
+
+
+def _numbered_chunks(examples: Iterator[Any], size: int, start: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(position of its first example, chunk)`` for each ``size`` examples, up to and including the
+    first chunk that comes up short (empty when the stream ends on a chunk's boundary)."""
+    while True:
+        chunk = list(islice(examples, size))
+        yield start, chunk
+        if len(chunk) < size:
+            return
+        start += size
+
+
+#: What decoding an example needs: the augmentation, the columns (image, label, clean label), the
+#: number of processes and this one's index (they make each image's seed unique over ranks).
+Recipe = tuple[Any, tuple[str, str, "str | None"], int, int]
+
+
+def stream_sample(recipe: Recipe, example: dict[str, Any], position: int) -> dict[str, Any]:
+    """A training sample from a stream's example at ``position`` in this rank's epoch (its image decoded
+    here when the stream left it undecoded, as datasets' `Image` feature decodes it)."""
+    augmentation, (image_column, label_column, clean_column), num_processes, process_index = recipe
+    image = example[image_column]
+    if isinstance(image, dict):  # read with decode=False: a loader worker decodes it
+        image = Image().decode_example(image)
+    index = position * num_processes + process_index  # a seed per image, unique over ranks
+    return {
+        "pixel_values": augmentation(image.convert("RGB"), index),
+        "label": int(example[label_column]),
+        CLEAN_COLUMN: int(example[clean_column]) if clean_column else -1,
+        "index": index,
+    }
+
+
+_WORKER_RECIPE: Recipe | None = None
+
+
+def _start_worker(recipe: Recipe) -> None:
+    global _WORKER_RECIPE
+    _WORKER_RECIPE = recipe
+    torch.set_num_threads(1)  # the workers share the cores with each other and with training
+
+
+def _decode(task: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    assert _WORKER_RECIPE is not None
+    return stream_sample(_WORKER_RECIPE, *task)
+
+
+class DecodingPool:
+    """``workers`` processes that decode and transform a stream's batches, a few batches ahead, in order.
+
+    The main process keeps reading the stream (undecoded bytes, the shuffle buffer, the
+    position); each batch's examples go to the workers as they are read and come back as
+    samples in the stream's order, identical to those `stream_sample` makes in the main
+    process. ``prefetch`` batches per worker are decoded ahead; the processes start with an
+    epoch's first batch and stop when its iteration ends (or is abandoned).
+    """
+
+    def __init__(self, workers: int, recipe: Recipe, prefetch: int = 2) -> None:
+        self.workers, self.recipe, self.ahead = workers, recipe, max(1, prefetch * workers)
+
+    def map(self, chunks: Iterator[list[tuple[dict[str, Any], int]]]) -> Iterator[list[dict[str, Any]]]:
+        context = multiprocessing.get_context("fork")  # the recipe's transforms need not be importable by name
+        pool = context.Pool(self.workers, initializer=_start_worker, initargs=(self.recipe,))
+        try:
+            pending: deque[Any] = deque()
+            for chunk in chunks:
+                size = max(1, len(chunk) // self.workers)
+                pending.append(pool.map_async(_decode, chunk, chunksize=size))
+                if len(pending) >= self.ahead:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+        finally:
+            pool.terminate()
+            pool.join()

@@ -99,4 +99,5 @@ def train_batches(
         data.image_column,
         data.label_column,
         data.clean_label_column,
+        data.workers,
     )
