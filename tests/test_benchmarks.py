@@ -132,11 +132,11 @@ def test_gpu_benchmark_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(out.read_text())
     gpu = benchmark_module("gpu")
-    assert [m["name"] for m in results["models"]] == ["test_resnet", "test_vit"]
+    assert [m["name"] for m in results["models"]] == ["test_resnet"]
     for model in results["models"]:
         assert list(model["configs"]) == list(gpu.CONFIGS)
         for config, row in model["configs"].items():
-            assert row["images_per_second"] > 0 and row["iterations"] >= 3, (model["name"], config)
+            assert row["images_per_second"] > 0 and row["iterations"] >= 2, (model["name"], config)
             assert row["peak_mib"] is None  # measured on CUDA only
     fp16 = results["fp16"]
     assert fp16["updates"] + fp16["skipped"] == 5 + 5 and fp16["mixed_precision"] == "no"  # no GradScaler on CPU

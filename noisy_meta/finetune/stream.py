@@ -20,7 +20,6 @@ the same order with the same crops as without workers, and resume the same way.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import deque
 from collections.abc import Iterator
 from itertools import islice
@@ -127,11 +126,11 @@ class StreamLoader:
         if self.workers:
             decoded = DecodingPool(self.workers, recipe).map(chunks)
         else:
-            decoded = ([stream_sample(recipe, example, at) for example, at in chunk] for chunk in chunks)
-        for samples in decoded:
-            if not self._every_rank_has_a_batch(len(samples) == self.batch_size):
+            decoded = (stream_batch(recipe, chunk) for chunk in chunks)
+        for batch in decoded:
+            if not self._every_rank_has_a_batch(len(batch["label"]) == self.batch_size):
                 return
-            yield {key: value.to(accelerator.device) for key, value in collate(samples).items()}
+            yield {key: value.to(accelerator.device) for key, value in batch.items()}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.batches()
@@ -175,6 +174,13 @@ def stream_sample(recipe: Recipe, example: dict[str, Any], position: int) -> dic
     }
 
 
+def stream_batch(recipe: Recipe, chunk: list[tuple[dict[str, Any], int]]) -> dict[str, torch.Tensor]:
+    """A batch of `stream_sample`'s of ``(example, position)`` pairs, collated (an empty chunk: no images)."""
+    if not chunk:
+        return {"label": torch.zeros(0, dtype=torch.long)}
+    return collate([stream_sample(recipe, example, position) for example, position in chunk])
+
+
 _WORKER_RECIPE: Recipe | None = None
 
 
@@ -184,32 +190,34 @@ def _start_worker(recipe: Recipe) -> None:
     torch.set_num_threads(1)  # the workers share the cores with each other and with training
 
 
-def _decode(task: tuple[dict[str, Any], int]) -> dict[str, Any]:
+def _decode(chunk: list[tuple[dict[str, Any], int]]) -> dict[str, torch.Tensor]:
     assert _WORKER_RECIPE is not None
-    return stream_sample(_WORKER_RECIPE, *task)
+    return stream_batch(_WORKER_RECIPE, chunk)
 
 
 class DecodingPool:
     """``workers`` processes that decode and transform a stream's batches, a few batches ahead, in order.
 
     The main process keeps reading the stream (undecoded bytes, the shuffle buffer, the
-    position); each batch's examples go to the workers as they are read and come back as
-    samples in the stream's order, identical to those `stream_sample` makes in the main
-    process. ``prefetch`` batches per worker are decoded ahead; the processes start with an
-    epoch's first batch and stop when its iteration ends (or is abandoned).
+    position); each batch's examples go to one worker as they are read (as a DataLoader
+    worker makes whole batches) and come back collated, in the stream's order, identical to
+    the batch `stream_batch` makes in the main process. ``prefetch`` batches per worker are
+    decoded ahead; the processes start with an epoch's first batch and stop when its
+    iteration ends (or is abandoned).
     """
 
     def __init__(self, workers: int, recipe: Recipe, prefetch: int = 2) -> None:
         self.workers, self.recipe, self.ahead = workers, recipe, max(1, prefetch * workers)
 
-    def map(self, chunks: Iterator[list[tuple[dict[str, Any], int]]]) -> Iterator[list[dict[str, Any]]]:
-        context = multiprocessing.get_context("fork")  # the recipe's transforms need not be importable by name
+    def map(self, chunks: Iterator[list[tuple[dict[str, Any], int]]]) -> Iterator[dict[str, torch.Tensor]]:
+        # fork: the recipe's transforms need not be importable by name; torch's reductions send tensors
+        # back through shared memory, as a DataLoader's workers do.
+        context = torch.multiprocessing.get_context("fork")
         pool = context.Pool(self.workers, initializer=_start_worker, initargs=(self.recipe,))
         try:
             pending: deque[Any] = deque()
             for chunk in chunks:
-                size = max(1, len(chunk) // self.workers)
-                pending.append(pool.map_async(_decode, chunk, chunksize=size))
+                pending.append(pool.apply_async(_decode, (chunk,)))
                 if len(pending) >= self.ahead:
                     yield pending.popleft().get()
             while pending:
