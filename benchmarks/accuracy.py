@@ -91,6 +91,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_last_stage_every4": {"first_order": False, "fast_params": "last_stage", "meta_every": 4},
     "mlnt_fast": dict(FAST_PRESET),  # the affordable preset, MetaNoiseConfig.fast
     "mlnt_fast_every2": {**FAST_PRESET, "meta_every": 2},
+    # Issue 25's candidates for a preset at <= 1.5x cross-entropy (one synthetic set, weight compensated):
+    "mlnt_fo_every3": {**FAST_PRESET, "first_order": True, "meta_every": 3},
+    "mlnt_fo_every2_sub50": {**FAST_PRESET, "first_order": True, "meta_every": 2, "meta_batch_fraction": 0.5},
 }
 TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
@@ -105,6 +108,8 @@ LABELS = {
     "mlnt_last_stage_every4": "MLNT second order, last stage and classifier, on every 4th update",
     "mlnt_fast": "MLNT, the affordable preset (MetaNoiseConfig.fast)",
     "mlnt_fast_every2": "the affordable preset with the meta step on every 2nd update",
+    "mlnt_fo_every3": "one first-order set on every 3rd update (weight x3)",
+    "mlnt_fo_every2_sub50": "one first-order set on half the batch, every 2nd update (weight x2)",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.

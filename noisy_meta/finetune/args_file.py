@@ -140,9 +140,10 @@ def _one(path: str, key: Any, value: Any, action: argparse.Action) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"--config {path}: {key!r} takes true or false, got {value!r}")
         return value
-    if action.type is not None and isinstance(value, (str, int, float)):
+    if isinstance(value, (str, int, float)):
+        kind = action.type or str  # a flag without a type takes strings: `model: 18` is "18"
         try:
-            value = action.type(value if isinstance(value, str) else str(value))
+            value = kind(value if isinstance(value, str) else str(value))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
             raise ValueError(f"--config {path}: {key!r}: {error}") from None
     if action.choices is not None and value not in action.choices:

@@ -328,9 +328,10 @@ def _check_resumed_settings(context: RunContext, resume_dir: Path) -> None:
         return
     breaking, others = resume_differences(recorded, context.settings.flags)
     if breaking:
+        args_file = Path(recorded.get("output_dir") or resume_dir.parent) / ARGS_FILE
         raise CheckpointError(
             f"--resume {resume_dir}: the checkpoint's run was started with other settings that its state depends on "
-            f"({'; '.join(breaking)}); give the same ones (--config {resume_dir.parent / ARGS_FILE} restores them) "
+            f"({'; '.join(breaking)}); give the same ones (--config {args_file} restores them) "
             "or start a new run"
         )
     if others:
