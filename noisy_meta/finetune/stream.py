@@ -20,6 +20,7 @@ the same order with the same crops as without workers, and resume the same way.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from itertools import islice
@@ -95,6 +96,7 @@ class StreamLoader:
     ) -> None:
         self.stream, self.rows, self.augmentation = stream, rows, augmentation
         self.workers = workers
+        self._decoding: DecodingPool | None = None  # its processes start with the first epoch
         self.batch_size, self.seed, self.buffer_size = batch_size, seed, buffer_size
         self.accelerator = accelerator
         self.columns = (image_column, label_column, clean_label_column)
@@ -124,7 +126,9 @@ class StreamLoader:
         accelerator = self.accelerator
         recipe = (self.augmentation, self.columns, accelerator.num_processes, accelerator.process_index)
         if self.workers:
-            decoded = DecodingPool(self.workers, recipe).map(chunks)
+            if self._decoding is None:
+                self._decoding = DecodingPool(self.workers, recipe)
+            decoded = self._decoding.map(chunks, self.augmentation.epoch)
         else:
             decoded = (stream_batch(recipe, chunk) for chunk in chunks)
         for batch in decoded:
@@ -190,8 +194,9 @@ def _start_worker(recipe: Recipe) -> None:
     torch.set_num_threads(1)  # the workers share the cores with each other and with training
 
 
-def _decode(chunk: list[tuple[dict[str, Any], int]]) -> dict[str, torch.Tensor]:
+def _decode(chunk: list[tuple[dict[str, Any], int]], epoch: int) -> dict[str, torch.Tensor]:
     assert _WORKER_RECIPE is not None
+    _WORKER_RECIPE[0].epoch = epoch  # the augmentation's seeds: (run seed, epoch, image)
     return stream_batch(_WORKER_RECIPE, chunk)
 
 
@@ -202,26 +207,36 @@ class DecodingPool:
     position); each batch's examples go to one worker as they are read (as a DataLoader
     worker makes whole batches) and come back collated, in the stream's order, identical to
     the batch `stream_batch` makes in the main process. ``prefetch`` batches per worker are
-    decoded ahead; the processes start with an epoch's first batch and stop when its
-    iteration ends (or is abandoned).
+    decoded ahead. The processes are spawned (a fork of the main process, whose datasets
+    reader threads may hold locks, can deadlock in the child) at the first epoch, kept for the
+    next ones, and stopped when the pool is garbage collected or the interpreter exits.
+    Results are sent back through shared memory (torch's multiprocessing reductions).
     """
 
     def __init__(self, workers: int, recipe: Recipe, prefetch: int = 2) -> None:
         self.workers, self.recipe, self.ahead = workers, recipe, max(1, prefetch * workers)
+        self._pool: Any = None
 
-    def map(self, chunks: Iterator[list[tuple[dict[str, Any], int]]]) -> Iterator[dict[str, torch.Tensor]]:
-        # fork: the recipe's transforms need not be importable by name; torch's reductions send tensors
-        # back through shared memory, as a DataLoader's workers do.
-        context = torch.multiprocessing.get_context("fork")
-        pool = context.Pool(self.workers, initializer=_start_worker, initargs=(self.recipe,))
-        try:
-            pending: deque[Any] = deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(_decode, (chunk,)))
-                if len(pending) >= self.ahead:
-                    yield pending.popleft().get()
-            while pending:
+    def map(self, chunks: Iterator[list[tuple[dict[str, Any], int]]], epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The collated batches of ``chunks`` (``(example, position)`` lists), in order, with the
+        augmentation seeded for ``epoch`` (the workers' copy of it is the first epoch's)."""
+        pool = self._start()
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_decode, (chunk, epoch)))
+            if len(pending) >= self.ahead:
                 yield pending.popleft().get()
-        finally:
-            pool.terminate()
-            pool.join()
+        while pending:
+            yield pending.popleft().get()
+
+    def _start(self) -> Any:
+        if self._pool is None:
+            context = torch.multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.workers, initializer=_start_worker, initargs=(self.recipe,))
+            weakref.finalize(self, _stop_pool, self._pool)
+        return self._pool
+
+
+def _stop_pool(pool: Any) -> None:
+    pool.terminate()
+    pool.join()
