@@ -66,6 +66,7 @@ def write_report(output_dir: Path, title: str | None = None) -> Path | None:
     panels = 4 if steps else 3
     figure = Figure(figsize=(5.2 * panels, 4.2), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
+    figure.get_layout_engine().set(w_pad=0.15)  # room between a twin axis' label and the next panel
     axes = figure.subplots(1, panels)
     accuracy, losses, schedule = axes[:3]
 
@@ -76,13 +77,13 @@ def write_report(output_dir: Path, title: str | None = None) -> Path | None:
                 values = [100 * record[key] for record in records]
                 accuracy.plot(x, values, _STYLES[split], color=_COLOURS[who], marker=".", label=f"{split} {who}")
     accuracy.set(title="accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")
-    accuracy.legend(loc="lower right", fontsize="small")
+    accuracy.legend(loc="best", fontsize="small")
 
     for key, label in (("train_loss", "total"), ("train_ce_loss", "cross-entropy"), ("train_meta_loss", "meta")):
         if key in records[0]:
             losses.plot(x, [record[key] for record in records], marker=".", label=label)
     losses.set(title="training loss (epoch mean)", xlabel="epoch", ylabel="loss")
-    losses.legend(loc="upper right", fontsize="small")
+    losses.legend(loc="best", fontsize="small")
 
     schedule.plot(x, [record["meta_weight"] for record in records], color="tab:green", marker=".", label="meta weight")
     schedule.set(title="meta weight and learning rate", xlabel="epoch", ylabel="meta weight (end of epoch)")
@@ -90,7 +91,7 @@ def write_report(output_dir: Path, title: str | None = None) -> Path | None:
     rate.plot(x, [record["lr"] for record in records], color="tab:gray", linestyle=":", label="learning rate")
     rate.set_ylabel("learning rate (end of epoch)")
     handles = schedule.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
-    schedule.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize="small")
+    schedule.legend(handles, [h.get_label() for h in handles], loc="best", fontsize="small")
 
     for axis in (accuracy, losses, schedule):
         axis.grid(alpha=0.3)

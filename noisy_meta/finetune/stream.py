@@ -119,8 +119,8 @@ class StreamLoader:
         stream.set_epoch(self.epoch)
         position = done * self.batch_size
         examples = iter(stream.skip(position) if position else stream)
-        chunks = (
-            [(example, start + offset) for offset, example in enumerate(chunk)]
+        chunks = (  # a short chunk ends the epoch undecoded: nothing to send, the ranks agree it is over
+            [(example, start + offset) for offset, example in enumerate(chunk)] if len(chunk) == self.batch_size else []
             for start, chunk in _numbered_chunks(examples, self.batch_size, position)
         )
         accelerator = self.accelerator
