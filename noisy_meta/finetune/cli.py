@@ -174,7 +174,12 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
         "start (naming them), drop them (counted and listed in <output-dir>/bad_images.json), or no scan (a bad "
         "file then stops training when it is loaded)",
     )
-    data.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    data.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="loader worker processes (with --streaming: processes that decode the streamed images)",
+    )
     data.add_argument(
         "--streaming",
         action="store_true",
