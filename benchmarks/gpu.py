@@ -33,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import speed  # noqa: E402
 from results_file import write_section  # noqa: E402
 
 #: Configurations: None is the plain step, else MetaNoiseConfig keyword arguments (a preset's name under "preset").
@@ -54,15 +55,8 @@ TINY = {"models": [("test_resnet", 32)], "batch_size": 12, "dtype": "fp32"}
 
 
 def build(name: str, img_size: int, batch_size: int, device: str):
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    kwargs = {"img_size": img_size} if "vit" in name else {}
-    model = timm.create_model(name, num_classes=10, **kwargs).to(device)
-    inputs = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    targets = torch.randint(0, 10, (batch_size,), device=device)
-    return model, inputs, targets
+    """The model and a random batch, as `benchmarks/speed.py` builds them."""
+    return speed.build(argparse.Namespace(model=name, img_size=img_size, batch_size=batch_size, device=device))
 
 
 def meta_config(options: dict[str, Any]):

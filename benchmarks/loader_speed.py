@@ -79,6 +79,7 @@ def measure(kind: str, workers: int, data: Path, args: argparse.Namespace) -> di
     from noisy_meta.finetune.seeded_augmentation import SeededAugmentation
     from noisy_meta.finetune.stream import StreamLoader, open_stream
     from noisy_meta.finetune.train_batches import ShuffledBatches
+    from noisy_meta.labels.noisy_datasets import with_label_columns
 
     torch.set_num_threads(1)
     transform = create_transform(args.img_size, is_training=True)
@@ -87,8 +88,7 @@ def measure(kind: str, workers: int, data: Path, args: argparse.Namespace) -> di
         from datasets import load_dataset
 
         table = load_dataset("parquet", data_files=parquet_files_by_split(str(data)), split="train")
-        table = table.add_column("index", list(range(len(table))))
-        table = table.add_column("clean_label", [-1] * len(table))
+        table = with_label_columns(table, num_classes=10)  # the run's label columns (clean label unknown)
         loader = ShuffledBatches(table, augmentation, args.batch_size, workers)
         rows = len(table)
     else:

@@ -20,8 +20,8 @@ import yaml
 from .checkpoint import find_checkpoint
 from .data import Splits
 from .models import load_mentor
-from .names import ARGS_FILE, MENTOR_FILE, MODEL_CARD_FILE, STUDENT_FILE
-from .run_state import MetricsLog
+from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, MODEL_CARD_FILE, STUDENT_FILE
+from .run_state import MetricsLog, validation_score
 from .settings import RunContext
 
 __all__ = ["best_record", "export_model", "model_card", "push_to_hub"]
@@ -30,7 +30,7 @@ __all__ = ["best_record", "export_model", "model_card", "push_to_hub"]
 def best_record(records: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The epoch ``best/`` holds (the first with the highest validation score of either model) and which
     model scored it: ``"mentor"`` when it beat the student there, else ``"student"``."""
-    best = max(records, key=lambda record: max(record["val_student"], record["val_mentor"]))
+    best = max(records, key=validation_score)
     return best, "mentor" if best["val_mentor"] > best["val_student"] else "student"
 
 
@@ -42,7 +42,7 @@ def export_model(context: RunContext, splits: Splits, run_dir: Path) -> Path:
     settings = context.settings
     export_dir = settings.output.export_dir
     assert export_dir is not None
-    records = MetricsLog(run_dir / "metrics.jsonl").read()
+    records = MetricsLog(run_dir / METRICS_FILE).read()
     best, kept = best_record(records)
     weights = find_checkpoint(run_dir / "best") / (MENTOR_FILE if kept == "mentor" else STUDENT_FILE)
     model = load_mentor(settings.model, splits.num_classes, weights)

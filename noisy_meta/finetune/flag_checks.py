@@ -140,10 +140,6 @@ def _check_combinations(settings: RunSettings) -> None:
     output = settings.output
     if output.push_to_hub and output.export_dir is None:
         raise ValueError("--push-to-hub uploads the --export-dir: give --export-dir too")
-    export = output.export_dir
-    if export is not None and export.expanduser().is_dir() and any(export.expanduser().iterdir()):
-        if not control.overwrite and control.resume is None:
-            raise ValueError(f"--export-dir {export} is not empty: choose another, or --overwrite replaces its files")
     clean_before = settings.meta.clean_before
     if clean_before not in (None, "off") and not model.from_weights:
         raise ValueError(
@@ -192,6 +188,10 @@ def _check_paths(settings: RunSettings) -> None:
         raise ValueError(f"--checkpoint {checkpoint}: no such file (a .safetensors or torch file)")
     if resume and not Path(resume).expanduser().is_dir():
         raise ValueError(f"--resume {resume}: no such checkpoint directory")
+    export, control = settings.output.export_dir, settings.control
+    if export is not None and export.expanduser().is_dir() and any(export.expanduser().iterdir()):
+        if not control.overwrite and control.resume is None:
+            raise ValueError(f"--export-dir {export} is not empty: choose another, or --overwrite replaces its files")
 
 
 def _looks_local(dataset: str) -> bool:

@@ -34,7 +34,7 @@ def report_data(output_dir: Path) -> tuple[list[dict[str, Any]], list[int], list
     starts: list[int] = []
     steps: list[tuple[str, dict[str, Any]]] = []
     if (output_dir / CLEAN_BEFORE_FILE).exists():
-        steps.append(("before training", json.loads((output_dir / CLEAN_BEFORE_FILE).read_text())["detection"]))
+        steps.append(("before training", _detection(output_dir / CLEAN_BEFORE_FILE)))
     for run_dir in run_dirs:
         if run_dir != output_dir:
             starts.append(len(records))

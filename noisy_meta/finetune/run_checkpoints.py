@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import save_checkpoint
 from .preemption import RunStopped, StopSignals
-from .run_state import RunState
+from .run_state import RunState, validation_score
 
 
 class RunCheckpoints:
@@ -75,7 +75,7 @@ class RunCheckpoints:
         A stop requested during the epoch ends the run here, unless it was the ``final`` one.
         """
         epoch = record["epoch"]  # 1-based: the number of epochs done
-        score = max(record["val_student"], record["val_mentor"])
+        score = validation_score(record)
         state = self.state
         state.epoch, state.batch, state.totals = epoch, 0, {}
         if score > state.best_score:

@@ -37,6 +37,11 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def validation_score(record: dict[str, Any]) -> float:
+    """An epoch's validation score, which ``best/`` keeps the maximum of: the better of student and mentor."""
+    return max(record["val_student"], record["val_mentor"])
+
+
 @dataclass
 class SkipCounter:
     """Consecutive updates skipped for a non-finite loss or gradient; ``limit`` 0 never stops."""

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .settings import RunSettings
 
 #: The package each tracker needs (to name it when it is missing).
-_PACKAGES = {"comet_ml": "comet-ml", "tensorboard": "tensorboard"}
+_PACKAGES = {"comet_ml": "comet-ml"}
 #: The per-update figures logged (keys of `MetaNoiseWrapper.step`'s result).
 UPDATE_FIGURES = ("loss", "ce_loss", "meta_loss", "labels_changed", "meta_weight")
 
@@ -67,10 +67,9 @@ class RunTracker:
     """
 
     def __init__(self, accelerator: Accelerator | None = None, settings: RunSettings | None = None) -> None:
-        self.enabled = settings is not None and accelerator is not None and bool(settings.output.log_with)
         self.offset = 0  # updates of the runs before this one (iterations)
         self._trackers: list[Any] = []
-        if self.enabled:
+        if settings is not None and accelerator is not None and settings.output.log_with:
             accelerator.init_trackers(settings.experiment, config=tracker_config(settings))
             self._trackers = list(accelerator.trackers) if accelerator.is_main_process else []
 

@@ -7,7 +7,6 @@ Hugging Face datasets feeds the images; checkpoints are safetensors; rich shows 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import sys
@@ -28,7 +27,7 @@ from ..labels.cleaning import save_cleanlab_inputs
 from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .args_file import recorded_flags, resume_differences, write_args_file
-from .checkpoint import CheckpointError, check_checkpoint, find_checkpoint
+from .checkpoint import CheckpointError, check_checkpoint, find_checkpoint, read_position
 from .clean_before import clean_before_training
 from .data import Splits, attach_transform, collate
 from .distributed import check_ranks_agree, make_accelerator
@@ -36,7 +35,7 @@ from .export import export_model, push_to_hub
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
-from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, POSITION_FILE, PRED_PROBS_FILE, REPORT_FILE
+from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
 from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
 from .report import write_report
@@ -321,8 +320,7 @@ def _resume(context: RunContext, wrapper: MetaNoiseWrapper, state: RunState, out
 def _check_resumed_settings(context: RunContext, resume_dir: Path) -> None:
     """Say which settings differ from the run that wrote ``resume_dir``; refuse those that would break it
     (`noisy_meta.finetune.args_file.RESUME_BREAKING`). A checkpoint that records none is trusted."""
-    position = resume_dir / POSITION_FILE
-    recorded = json.loads(position.read_text()).get("flags") if position.exists() else None
+    recorded = read_position(resume_dir).get("flags")
     if recorded is None:
         context.console.print(f"[yellow]note:[/] {resume_dir} records no settings: resuming with the command as given")
         return
