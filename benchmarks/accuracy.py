@@ -94,6 +94,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # Issue 25's candidates for a preset at <= 1.5x cross-entropy (one synthetic set, weight compensated):
     "mlnt_fo_every3": {**FAST_PRESET, "first_order": True, "meta_every": 3},
     "mlnt_fo_every2_sub50": {**FAST_PRESET, "first_order": True, "meta_every": 2, "meta_batch_fraction": 0.5},
+    "mlnt_fast_uncomp": {**FAST_PRESET, "compensate_meta_every": False},
+    "mlnt_fast_half_weight": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 2.5},
+    "mlnt_fast_lr05": {**FAST_PRESET, "inner_lr": 0.5},
+    "mlnt_fast_sqrt": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 5**0.5},
+    "mlnt_fast_lr05_sqrt": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 5**0.5, "inner_lr": 0.5},
+    "mlnt_fast_m2_sub50": {**FAST_PRESET, "num_synthetic": 2, "meta_batch_fraction": 0.5},
+    "mlnt_fo_m2_every5": {**FAST_PRESET, "first_order": True, "num_synthetic": 2},
 }
 TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
@@ -110,6 +117,13 @@ LABELS = {
     "mlnt_fast_every2": "the affordable preset with the meta step on every 2nd update",
     "mlnt_fo_every3": "one first-order set on every 3rd update (weight x3)",
     "mlnt_fo_every2_sub50": "one first-order set on half the batch, every 2nd update (weight x2)",
+    "mlnt_fast_uncomp": "the affordable preset without the 5x meta weight on its meta steps",
+    "mlnt_fast_half_weight": "the affordable preset with a 2.5x meta weight on its meta steps",
+    "mlnt_fast_lr05": "the affordable preset at inner_lr 0.5",
+    "mlnt_fast_sqrt": "the affordable preset with a sqrt(5)x meta weight on its meta steps",
+    "mlnt_fast_lr05_sqrt": "the affordable preset with a sqrt(5)x meta weight, inner_lr 0.5",
+    "mlnt_fast_m2_sub50": "the affordable preset with two sets on half the batch",
+    "mlnt_fo_m2_every5": "two first-order sets on every 5th update (weight x5)",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.

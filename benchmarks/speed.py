@@ -27,7 +27,8 @@ second order ``F + Fn + B + M (Bc + F + D)``, first order ``F + Fn + B + M (2B +
 Configuration names: ``plain``; ``fast`` (``MetaNoiseConfig.fast()``); ``<order>_M<m>`` with
 order ``first_order``, ``second_order`` or ``reference`` and any of the suffixes
 ``_last_stage`` / ``_head`` (``fast_params``), ``_every<N>`` (``meta_every``), ``_sub<P>``
-(``meta_batch_fraction`` P%) and ``_batched``. A configuration with ``meta_every`` N is timed
+(``meta_batch_fraction`` P%), ``_batched`` (``sets_per_pass`` = M) and ``_pass<K>``
+(``sets_per_pass`` = K). A configuration with ``meta_every`` N is timed
 over whole cycles of N updates (their mean), the plain step over at least 20 iterations.
 
 ``_batched`` configurations run all M sets in one pass (``sets_per_pass=M``: one batched
@@ -160,14 +161,15 @@ def wrapper_step(wrapper, inputs, targets, args: argparse.Namespace) -> None:
 #: Timed iterations of the plain step, at least (it divides every other configuration's time).
 PLAIN_REPEATS = 20
 #: The suffixes a configuration name may end with (see `parse_config`).
-SUFFIX = r"last_stage|head|batched|every\d+|sub\d+"
+SUFFIX = r"last_stage|head|batched|every\d+|sub\d+|pass\d+"
 
 
 def parse_config(config: str) -> tuple[str, int, dict[str, Any]]:
     """``(kind, M, MetaNoiseConfig overrides)`` of a configuration name such as ``second_order_M1_every4_sub50``.
 
     Suffixes: ``_last_stage`` / ``_head`` (``fast_params``), ``_every<N>`` (``meta_every``),
-    ``_sub<P>`` (``meta_batch_fraction`` P%), ``_batched`` (``sets_per_pass=M``).
+    ``_sub<P>`` (``meta_batch_fraction`` P%), ``_batched`` (``sets_per_pass=M``), ``_pass<K>``
+    (``sets_per_pass=K``).
     """
     match = re.fullmatch(rf"(first_order|second_order|reference)_M(\d+)((?:_(?:{SUFFIX}))*)", config)
     if match is None:
@@ -178,6 +180,8 @@ def parse_config(config: str) -> tuple[str, int, dict[str, Any]]:
             options["fast_params"] = suffix
         elif suffix == "batched":
             options["sets_per_pass"] = m
+        elif suffix.startswith("pass"):
+            options["sets_per_pass"] = int(suffix[len("pass") :])
         elif suffix.startswith("every"):
             options["meta_every"] = int(suffix[len("every") :])
         else:

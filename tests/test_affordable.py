@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -142,6 +143,20 @@ def test_compensated_meta_every_keeps_the_average_weight():
     assert ramping.meta_weight_at(4) == pytest.approx(2.0 * torch.tensor(-5 * 0.5**2).exp().item())
 
 
+def test_sqrt_compensation_keeps_the_noise_of_one_set_per_update():
+    config = MetaNoiseConfig(ramp_start=0, ramp_end=0, meta_every=4, meta_weight=0.5, compensate_meta_every="sqrt")
+    assert config.meta_step_factor == 2.0
+    assert [config.meta_weight_at(step) for step in range(8)] == [1.0, 0, 0, 0, 1.0, 0, 0, 0]
+    # The sum of squared weights over a cycle (the meta gradient's variance) equals one set on every update's.
+    every_update = config.with_overrides(meta_every=1)
+    assert every_update.meta_step_factor == 1.0
+    variance = [sum(c.meta_weight_at(s) ** 2 for s in range(4)) for c in (config, every_update)]
+    assert variance[0] == variance[1]
+    ramping = config.with_overrides(ramp_start=0, ramp_end=8)
+    assert ramping.meta_weight_at(4) == pytest.approx(1.0 * math.exp(-5 * 0.5**2))
+    assert MetaNoiseConfig(meta_every=5, compensate_meta_every="sqrt").meta_step_factor == pytest.approx(5**0.5)
+
+
 def test_compensated_meta_every_in_a_wrapper():
     torch.manual_seed(0)
     wrapper = make_wrapper(tiny_resnet(), meta_every=3, compensate_meta_every=True)
@@ -172,7 +187,8 @@ def test_fast_preset_fields_and_overrides():
         ("meta_batch_fraction", 1.5, "meta_batch_fraction must be in \\(0, 1\\], got 1.5"),
         ("meta_batch_fraction", float("nan"), "meta_batch_fraction must be in"),
         ("meta_batch_fraction", True, "meta_batch_fraction must be in"),
-        ("compensate_meta_every", 1, "compensate_meta_every must be a bool, got 1"),
+        ("compensate_meta_every", 1, "compensate_meta_every must be True, False or 'sqrt', got 1"),
+        ("compensate_meta_every", "mean", "compensate_meta_every must be True, False or 'sqrt', got 'mean'"),
     ],
 )
 def test_invalid_affordable_fields(field, value, message):

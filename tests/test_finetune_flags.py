@@ -77,8 +77,24 @@ def test_run_length_defaults_and_no_meta():
     assert (long_run.mentor_decay, long_run.mentor_decay_ramp) == (0.999, 0.99)  # the reference's
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], True),  # the finetune preset's
+        (["--compensate-meta-every"], True),
+        (["--compensate-meta-every", "sqrt"], "sqrt"),
+        (["--no-compensate-meta-every"], False),
+    ],
+)
+def test_compensate_meta_every_takes_sqrt_and_stays_a_switch(argv, expected):
+    config, _ = resolve_meta_config(build_parser().parse_args(["--preset", "finetune", *argv]), total_updates=100)
+    assert config.compensate_meta_every == expected
+
+
 def test_bad_flag_values_are_refused():
     with pytest.raises(ValueError, match="num_synthetic"):
         resolve_meta_config(build_parser().parse_args(["--num-synthetic", "-1"]), total_updates=100)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--update-rule", "both"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--compensate-meta-every", "half"])

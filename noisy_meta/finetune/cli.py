@@ -16,6 +16,7 @@ from .flag_checks import (
     check_settings,
     flag_of,
     half_open_unit,
+    meta_every_compensation,
     non_negative_float,
     non_negative_int,
     open_fraction,
@@ -389,6 +390,21 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
         flag = "--meta-seed"
     note = f"default {_default_note(field)}"
+    if field.name == "compensate_meta_every":  # a bool that also takes "sqrt"
+        no_flag = f"--no-{flag[2:]}"
+        group.add_argument(no_flag, dest=dest, action="store_const", const=False, default=None, help=f"see {flag}")
+        note += f"; without a value: x meta-every on the meta steps; sqrt: x sqrt(meta-every); {no_flag}: x 1"
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=meta_every_compensation,
+            nargs="?",
+            const=True,
+            default=None,
+            metavar="sqrt",
+            help=note,
+        )
+        return
     if isinstance(field.default, bool):
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=note)
         return

@@ -68,6 +68,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def meta_every_compensation(text: str) -> bool | str:
+    """``--compensate-meta-every`` values: ``sqrt``, or true / false (a ``--config`` file's booleans)."""
+    value = text.strip().lower()
+    if value == "sqrt":
+        return "sqrt"
+    if value in ("true", "false"):
+        return value == "true"
+    raise argparse.ArgumentTypeError(f"takes sqrt (or nothing, for true), got {text!r}")
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float)
     if not value > 0 or value == float("inf"):
