@@ -103,13 +103,14 @@ class MetaNoiseConfig:
             loss's average weight is ``meta_weight / meta_every``.
         compensate_meta_every: what the meta weight is multiplied by on the updates that run
             the meta step. ``True``: ``meta_every``, so that its average weight over updates
-            stays ``meta_weight``; the meta gradient's noise then grows ``meta_every``-fold in
-            variance (one set's noise, ``meta_every`` times as loud, once per cycle).
-            ``"sqrt"``: ``sqrt(meta_every)``, which keeps that noise, summed over a cycle, at
-            what one set on every update would give; the average weight is
-            ``meta_weight / sqrt(meta_every)`` (what `fast` uses; on the from-scratch benchmark
-            it kept 78% of full MLNT's gain at 80% symmetric noise where ``True`` kept 49%).
-            ``False``: 1, ``meta_every`` also weakens the meta loss.
+            stays ``meta_weight`` (what `fast` and `finetune` use); the meta gradient's variance
+            then grows ``meta_every``-fold (one set's noise, ``meta_every`` times as loud, once
+            per cycle). ``"sqrt"``: ``sqrt(meta_every)``, which keeps that noise, summed over a
+            cycle, at what one set on every update would give, the average weight falling to
+            ``meta_weight / sqrt(meta_every)``. On the from-scratch benchmark ``"sqrt"`` kept
+            77% of full MLNT's gain at 80% symmetric noise where ``True`` kept 49% (and 90%
+            against 99% on instance-dependent noise); fine-tuning, it kept less than ``True``
+            (benchmarks/RESULTS.md). ``False``: 1, ``meta_every`` also weakens the meta loss.
         meta_batch_fraction: the fraction of the batch the meta step runs on: a random
             subset (drawn with the synthetic labels' generator) of
             ``max(num_neighbors + 1, round(fraction * B))`` samples, at most the batch, gets

@@ -95,6 +95,7 @@ def test_speed_configuration_names():
     )
     assert speed.parse_config("first_order_M10_last_stage") == ("first_order", 10, {"fast_params": "last_stage"})
     assert speed.parse_config("second_order_M5_batched") == ("second_order", 5, {"sets_per_pass": 5})
+    assert speed.parse_config("second_order_M10_pass2") == ("second_order", 10, {"sets_per_pass": 2})
     assert speed.cycle("plain") == speed.cycle("reference_M5") == speed.cycle("second_order_M1") == 1
     assert speed.cycle("second_order_M1_every3") == 3
     from noisy_meta.config import FAST_PRESET
