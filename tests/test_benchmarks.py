@@ -105,6 +105,19 @@ def test_speed_configuration_names():
         speed.parse_config("second_order_M1_every")
 
 
+def test_meta_schedule_probe_switches_meta_every_at_half_the_run():
+    probe = benchmark_module("meta_schedule_probe")
+    configs = probe.ScheduledConfigs()
+    config = configs.for_run_length(60, ramp_start=0, ramp_end=0, **probe.METHODS["dense_early"])
+    assert config.switch_at == 30
+    weights = {step: config.meta_weight_at(step) for step in range(60) if config.meta_weight_at(step)}
+    assert sorted(weights) == [*range(0, 30, 3), 30, 40, 50]
+    assert weights[3] == pytest.approx(3**0.5) and weights[40] == pytest.approx(10**0.5)
+    full = configs.for_run_length(60, ramp_start=0, ramp_end=0, **probe.METHODS["dense_early_full"])
+    assert full.meta_weight_at(3) == 3.0 and full.meta_weight_at(40) == 10.0
+    assert type(configs.for_run_length(60)) is probe.MetaNoiseConfig  # no schedule asked: the plain config
+
+
 def test_cost_chart_gain_kept(tmp_path):
     """Gains and costs against the cross-entropy runs of the same file; the share of second order's gain."""
     cost_chart = benchmark_module("cost_chart")
