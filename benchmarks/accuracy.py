@@ -97,8 +97,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_fast_uncomp": {**FAST_PRESET, "compensate_meta_every": False},
     "mlnt_fast_half_weight": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 2.5},
     "mlnt_fast_lr05": {**FAST_PRESET, "inner_lr": 0.5},
-    "mlnt_fast_sqrt": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 5**0.5},
-    "mlnt_fast_lr05_sqrt": {**FAST_PRESET, "compensate_meta_every": False, "meta_weight": 5**0.5, "inner_lr": 0.5},
+    "mlnt_fast_sqrt": {**FAST_PRESET, "compensate_meta_every": "sqrt"},
+    "mlnt_fast_lr05_sqrt": {**FAST_PRESET, "compensate_meta_every": "sqrt", "inner_lr": 0.5},
     "mlnt_fast_m2_sub50": {**FAST_PRESET, "num_synthetic": 2, "meta_batch_fraction": 0.5},
     "mlnt_fo_m2_every5": {**FAST_PRESET, "first_order": True, "num_synthetic": 2},
 }

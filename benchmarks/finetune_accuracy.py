@@ -130,10 +130,7 @@ METHODS: dict[str, Method] = {
     "mlnt_rel_gce": Method({**FAST_PRESET, **RELATIVE_STEP}, loss="gce"),  # step and loss, no detection
     "recipe": Method(dict(FINETUNE_PRESET), clean=FINETUNE_CLEANING),  # MetaNoiseConfig.finetune + detection
     # issue 25: the recipe with the meta weight sqrt(meta_every) x on its meta steps instead of meta_every x
-    "recipe_sqrt": Method(
-        {**FINETUNE_PRESET, "compensate_meta_every": False, "meta_weight": FINETUNE_PRESET["meta_every"] ** 0.5},
-        clean=FINETUNE_CLEANING,
-    ),
+    "recipe_sqrt": Method({**FINETUNE_PRESET, "compensate_meta_every": "sqrt"}, clean=FINETUNE_CLEANING),
 }
 #: Rows in the report: baselines first, then the levers alone, then the recipe.
 BASELINES = ("ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema")

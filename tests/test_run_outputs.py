@@ -142,6 +142,10 @@ def test_config_starts_the_same_run_and_the_command_line_wins(tracked_run, tmp_p
     settings = parse_settings(["--config", str(plain), "--output-dir", str(tmp_path / "plain")])
     assert (settings.optim.epochs, settings.optim.batch_size, settings.meta.no_meta) == (3, 16, True)
     assert settings.data.scale == (0.5, 1.0)
+    # flag names whose destination differs (MetaNoiseConfig fields) and the names args.yaml records
+    plain.write_text("num-synthetic: 3\nmeta_num_neighbors: 4\nmentor_warmup: false\n")
+    flags = parse_settings(["--config", str(plain)]).flags
+    assert (flags["meta_num_synthetic"], flags["meta_num_neighbors"], flags["meta_mentor_warmup"]) == (3, 4, False)
     # a flag that is a switch and also takes a value: YAML's booleans and its value
     for text, expected in (("true", True), ("false", False), ("sqrt", "sqrt")):
         plain.write_text(f"compensate_meta_every: {text}\n")
@@ -156,10 +160,11 @@ def test_config_starts_the_same_run_and_the_command_line_wins(tracked_run, tmp_p
         ("epochs: -2\n", r"'epochs'"),
         ("no_meta: maybe\n", r"'no_meta' takes true or false"),
         ("compensate_meta_every: half\n", r"'compensate_meta_every': takes sqrt"),
+        ("no_mentor_warmup: true\n", r"'no_mentor_warmup': write 'mentor_warmup: false'"),
         ("[1, 2]\n", r"expected a mapping of flag names"),
         ("epochs: [\n", r"not valid YAML"),
     ],
-    ids=["unknown", "choice", "type", "bool", "bool-or-sqrt", "not-a-mapping", "bad-yaml"],
+    ids=["unknown", "choice", "type", "bool", "bool-or-sqrt", "negated-switch", "not-a-mapping", "bad-yaml"],
 )
 def test_a_bad_config_file_is_refused_in_one_line(tmp_path, capsys, text, message):
     config = tmp_path / "config.yaml"

@@ -93,11 +93,12 @@ def write_args_file(path: Path, flags: Mapping[str, Any], meta_config: Any | Non
 def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The flag values of a ``--config`` file, checked against ``parser``: ``{dest: value}``.
 
-    The file is YAML: a mapping of flag names (``lr``, ``batch_size``; ``-`` may stand for
-    ``_``) to values, or an ``args.yaml`` a run wrote (its ``flags`` section; ``meta_config``
-    and ``versions`` are what the run resolved and ran with, not read). Raises ValueError
-    naming the file and the key for a name that is no flag, a value not among a flag's
-    choices or one its type refuses.
+    The file is YAML: a mapping of flag names (``lr``, ``batch_size``, ``num_synthetic``; ``-``
+    may stand for ``_``; the names ``args.yaml`` records, such as ``meta_num_synthetic``, work
+    too) to values, or an ``args.yaml`` a run wrote (its ``flags`` section; ``meta_config`` and
+    ``versions`` are what the run resolved and ran with, not read). Raises ValueError naming
+    the file and the key for a name that is no flag, the ``no_`` form of a switch (write the
+    switch's name and ``false``), a value not among a flag's choices or one its type refuses.
     """
     try:
         loaded = yaml.safe_load(Path(path).read_text())
@@ -114,15 +115,27 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         loaded = loaded["flags"]
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(loaded).__name__}")
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions = [action for action in parser._actions if action.dest not in ("help", "config")]
+    by_dest = {action.dest: action for action in actions}  # what args.yaml records
+    by_flag = {flag: action for action in actions for flag in action.option_strings}  # what --help shows
     values: dict[str, Any] = {}
     for key, value in loaded.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        action = actions.get(dest)
+        name = str(key).lstrip("-")
+        flag = "--" + name.replace("_", "-")
+        action = by_dest.get(name.replace("-", "_"), by_flag.get(flag))
         if action is None:
             raise ValueError(f"--config {path}: {key!r} is not a flag (see --help)")
-        values[dest] = _checked(path, key, value, action)
+        if action is by_flag.get(flag) and flag.startswith("--no-") and _negates(action, flag):
+            raise ValueError(f"--config {path}: {key!r}: write '{flag[len('--no-') :].replace('-', '_')}: false'")
+        values[action.dest] = _checked(path, key, value, action)
     return values
+
+
+def _negates(action: argparse.Action, flag: str) -> bool:
+    """Whether ``flag`` is the ``--no-`` form of a switch (its value in a file would read backwards)."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return True
+    return isinstance(action, argparse._StoreConstAction) and action.const is False
 
 
 def _checked(path: str, key: Any, value: Any, action: argparse.Action) -> Any:
