@@ -101,6 +101,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlnt_fast_lr05_sqrt": {**FAST_PRESET, "compensate_meta_every": "sqrt", "inner_lr": 0.5},
     "mlnt_fast_m2_sub50": {**FAST_PRESET, "num_synthetic": 2, "meta_batch_fraction": 0.5},
     "mlnt_fo_m2_every5": {**FAST_PRESET, "first_order": True, "num_synthetic": 2},
+    "mlnt_fo_every2_sqrt": {**FAST_PRESET, "first_order": True, "meta_every": 2, "compensate_meta_every": "sqrt"},
+    "mlnt_fo_every3_sqrt": {**FAST_PRESET, "first_order": True, "meta_every": 3, "compensate_meta_every": "sqrt"},
 }
 TABLE_METHODS = ["ce", "ema", "mlnt_fo", "mlnt_so", "mlnt_clean"]
 LABELS = {
@@ -124,6 +126,8 @@ LABELS = {
     "mlnt_fast_lr05_sqrt": "the affordable preset with a sqrt(5)x meta weight, inner_lr 0.5",
     "mlnt_fast_m2_sub50": "the affordable preset with two sets on half the batch",
     "mlnt_fo_m2_every5": "two first-order sets on every 5th update (weight x5)",
+    "mlnt_fo_every2_sqrt": "one first-order set on every 2nd update (weight x sqrt 2)",
+    "mlnt_fo_every3_sqrt": "one first-order set on every 3rd update (weight x sqrt 3)",
 }
 #: Hyper-parameters shared by every method, chosen with --tune on sym50 / pair40 (see RESULTS.md);
 #: the ramp (10%-40% of the updates) comes from `MetaNoiseConfig.for_run_length`.
