@@ -116,7 +116,8 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(loaded).__name__}")
     actions = [action for action in parser._actions if action.dest not in ("help", "config")]
-    by_dest = {action.dest: action for action in actions}  # what args.yaml records
+    # what args.yaml records; of two flags sharing a destination (--no-X, then --X VALUE) the last
+    by_dest = {action.dest: action for action in actions}
     by_flag = {flag: action for action in actions for flag in action.option_strings}  # what --help shows
     values: dict[str, Any] = {}
     for key, value in loaded.items():
@@ -125,14 +126,14 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         action = by_dest.get(name.replace("-", "_"), by_flag.get(flag))
         if action is None:
             raise ValueError(f"--config {path}: {key!r} is not a flag (see --help)")
-        if action is by_flag.get(flag) and flag.startswith("--no-") and _negates(action, flag):
+        if action is by_flag.get(flag) and flag.startswith("--no-") and _negates(action):
             raise ValueError(f"--config {path}: {key!r}: write '{flag[len('--no-') :].replace('-', '_')}: false'")
         values[action.dest] = _checked(path, key, value, action)
     return values
 
 
-def _negates(action: argparse.Action, flag: str) -> bool:
-    """Whether ``flag`` is the ``--no-`` form of a switch (its value in a file would read backwards)."""
+def _negates(action: argparse.Action) -> bool:
+    """Whether the ``--no-`` flag of ``action`` turns a switch off (its value in a file would read backwards)."""
     if isinstance(action, argparse.BooleanOptionalAction):
         return True
     return isinstance(action, argparse._StoreConstAction) and action.const is False
