@@ -19,7 +19,6 @@ About as many meta steps as the preset's (18% of the updates). An exploration fo
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,18 +44,8 @@ class ScheduledConfig(MetaNoiseConfig):
         return self.early_every if step < self.switch_at else self.late_every
 
     def meta_weight_at(self, step: int) -> float:
-        every = self.meta_every_at(step)
-        if step < self.ramp_start or step % every:
-            return 0.0
-        if self.compensate_meta_every == "sqrt":
-            factor = math.sqrt(every)
-        else:
-            factor = float(every) if self.compensate_meta_every else 1.0
-        weight = self.meta_weight * factor
-        if step >= self.ramp_end:
-            return float(weight)
-        u = (step - self.ramp_start) / (self.ramp_end - self.ramp_start)
-        return float(weight * math.exp(-5.0 * (1.0 - u) ** 2))
+        """`MetaNoiseConfig.meta_weight_at` with the ``meta_every`` of ``step``'s half of the run."""
+        return MetaNoiseConfig.meta_weight_at(dataclasses.replace(self, meta_every=self.meta_every_at(step)), step)
 
 
 class ScheduledConfigs:

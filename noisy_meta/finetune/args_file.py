@@ -123,10 +123,11 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     for key, value in loaded.items():
         name = str(key).lstrip("-")
         flag = "--" + name.replace("_", "-")
-        action = by_dest.get(name.replace("-", "_"), by_flag.get(flag))
+        flagged = by_flag.get(flag)
+        action = by_dest.get(name.replace("-", "_"), flagged)
         if action is None:
             raise ValueError(f"--config {path}: {key!r} is not a flag (see --help)")
-        if action is by_flag.get(flag) and flag.startswith("--no-") and _negates(action):
+        if action is flagged and flag.startswith("--no-") and _negates(action):
             raise ValueError(f"--config {path}: {key!r}: write '{flag[len('--no-') :].replace('-', '_')}: false'")
         values[action.dest] = _checked(path, key, value, action)
     return values

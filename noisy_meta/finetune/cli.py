@@ -16,7 +16,6 @@ from .flag_checks import (
     check_settings,
     flag_of,
     half_open_unit,
-    meta_every_compensation,
     non_negative_float,
     non_negative_int,
     open_fraction,
@@ -24,6 +23,7 @@ from .flag_checks import (
     positive_int,
     probability,
     smoothing_fraction,
+    switch_or,
 )
 from .names import ARGS_FILE, EMBEDDED, MODEL_CARD_FILE, PRED_PROBS_FILE, REPORT_FILE, TRACKERS, TRACKING_DIR
 from .settings import (
@@ -390,20 +390,13 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
         flag = "--meta-seed"
     note = f"default {_default_note(field)}"
-    if field.name == "compensate_meta_every":  # a bool that also takes "sqrt"
+    named = field_choices(field.name)
+    if isinstance(field.default, bool) and named:  # a switch that also takes named values (compensate_meta_every)
         no_flag = f"--no-{flag[2:]}"
         group.add_argument(no_flag, dest=dest, action="store_const", const=False, default=None, help=f"see {flag}")
-        note += f"; without a value: x meta-every on the meta steps; sqrt: x sqrt(meta-every); {no_flag}: x 1"
-        group.add_argument(
-            flag,
-            dest=dest,
-            type=meta_every_compensation,
-            nargs="?",
-            const=True,
-            default=None,
-            metavar="sqrt",
-            help=note,
-        )
+        note += f"; without a value: true; {no_flag}: false (see MetaNoiseConfig.{field.name} for the values)"
+        metavar = "{" + ",".join(named) + "}"
+        group.add_argument(flag, dest=dest, type=switch_or(*named), nargs="?", const=True, metavar=metavar, help=note)
         return
     if isinstance(field.default, bool):
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=note)
@@ -411,7 +404,7 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     kind = _FIELD_TYPES.get(field.name, type(field.default))
     if field.name == "fast_params":
         note += "; or comma-separated glob patterns such as 'layer4.*,fc.*'"
-    choices = None if field.name in _OPEN_CHOICES else field_choices(field.name) or None
+    choices = None if field.name in _OPEN_CHOICES else named or None
     metavar = None if choices else field.name.upper()
     group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None, metavar=metavar, help=note)
 

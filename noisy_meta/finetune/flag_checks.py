@@ -12,6 +12,7 @@ import argparse
 import glob
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,14 +69,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def meta_every_compensation(text: str) -> bool | str:
-    """``--compensate-meta-every`` values: ``sqrt``, or true / false (a ``--config`` file's booleans)."""
-    value = text.strip().lower()
-    if value == "sqrt":
-        return "sqrt"
-    if value in ("true", "false"):
-        return value == "true"
-    raise argparse.ArgumentTypeError(f"takes sqrt (or nothing, for true), got {text!r}")
+def switch_or(*names: str) -> Callable[[str], bool | str]:
+    """The parser of a switch that also takes named values: one of ``names``, or true / false
+    (what a ``--config`` file's booleans arrive as)."""
+
+    def parse(text: str) -> bool | str:
+        value = text.strip().lower()
+        if value in names:
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        raise argparse.ArgumentTypeError(f"takes {' or '.join(names)} (or nothing, for true), got {text!r}")
+
+    return parse
 
 
 def positive_float(text: str) -> float:
