@@ -45,6 +45,18 @@ def check_batch(
     return targets.long()  # int32 / int16 / uint8 labels work as well
 
 
+def check_label_mask(label_mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor | None:
+    """``label_mask`` as a ``[B]`` bool tensor on the targets' device (``None`` stays ``None``)."""
+    if label_mask is None:
+        return None
+    if not isinstance(label_mask, torch.Tensor) or label_mask.dtype != torch.bool:
+        got = label_mask.dtype if isinstance(label_mask, torch.Tensor) else type(label_mask).__name__
+        raise TypeError(f"label_mask must be a bool tensor (True: the given label counts), got {got}")
+    if label_mask.shape != targets.shape:
+        raise ValueError(f"label_mask must have the targets' shape {list(targets.shape)}, got {list(label_mask.shape)}")
+    return label_mask.to(targets.device)
+
+
 def check_outputs(outputs: torch.Tensor, targets: torch.Tensor, num_classes: int | None) -> None:
     """The model's output must be ``[B, C]`` floating-point logits that the labels fit."""
     if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != targets.shape[0]:

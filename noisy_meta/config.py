@@ -34,7 +34,7 @@ else:
     FeatureSourceSpec = Literal["mentor", "student"] | Callable[..., Any]  # an nn.Module is callable
 
 #: How the fast-weight step is sized (`noisy_meta.fast_weights.InnerStep`).
-InnerStepKind = Literal["sgd", "normalized", "relative", "global_relative"]
+InnerStepKind = Literal["sgd", "normalized", "relative", "global_relative", "adaptive"]
 #: The losses on the given labels known by name (`noisy_meta.losses`); a callable is accepted too.
 CriterionName = Literal["cross_entropy", "label_smoothing", "gce", "sce"]
 CriterionSpec = CriterionName | Callable[..., Any]
@@ -80,19 +80,27 @@ class MetaNoiseConfig:
             ``"sgd"`` (the paper: ``theta - inner_lr * g``), ``"normalized"`` (the fast
             weights move by the radius ``inner_radius`` along ``g / ||g||``, one norm over all
             fast parameters), ``"relative"`` (each tensor moves by ``inner_radius`` times its
-            own norm along its ``g_t / ||g_t||``) or ``"global_relative"`` (all fast weights
+            own norm along its ``g_t / ||g_t||``), ``"global_relative"`` (all fast weights
             together move by ``inner_radius * ||theta||`` along ``g / ||g||``: scale-free like
             ``"relative"``, but each tensor's share of the step follows its gradient, as SGD's
-            does, so a tensor with almost no gradient is not pushed as far as the others).
-            The SGD step's length ``inner_lr * ||g||`` depends on the learning rate's scale,
-            the architecture and the data; the relative steps depend on none of these, though
-            on the fine-tuning benchmark a ViT still tolerated only a tenth of the radius that
-            helped a ResNet most (benchmarks/RESULTS.md).
+            does, so a tensor with almost no gradient is not pushed as far as the others) or
+            ``"adaptive"`` (ASAM's ``inner_radius * T^2 g / ||T g||``, ``T = |theta| + 0.01``
+            on weight tensors: invariant to a layer's scale). Every parameter-space size moves
+            different models' predictions by different amounts; ``inner_divergence`` sizes the
+            step in the predictions instead.
         inner_lr: alpha, the step size of the SGD step (``inner_step="sgd"``). The reference
             uses 0.02 on Clothing1M, CIFAR re-implementations 0.2.
         inner_radius: the size of the ``"normalized"`` step (an L2 length in parameter space)
             or of the relative steps (a fraction of each tensor's norm, or of all fast
-            weights' norm).
+            weights' norm), or of the adaptive one.
+        inner_divergence: size the fast step where the meta loss feels it, in the
+            predictions: the mean ``KL(student || fast-weight student)`` on the meta batch
+            that each meta step's fast step should cause. Each meta step measures it in a
+            no-grad trial forward at the current size and rescales the step by the quadratic
+            law (`noisy_meta.fast_weights.FastStepSize`); ``inner_lr`` / ``inner_radius`` is
+            only the first trial's size. A batch that would need a step longer than half the
+            fast weights' norm is skipped and counted. ``None``: the size is ``inner_lr`` /
+            ``inner_radius`` as configured.
         first_order: drop the second-order term (detach the inner gradient). Cheaper, and
             works with ops that have no double backward.
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others
@@ -183,6 +191,7 @@ class MetaNoiseConfig:
     inner_step: InnerStepKind = "sgd"
     inner_lr: float = 0.2
     inner_radius: float = 0.01
+    inner_divergence: float | None = None
     first_order: bool = False
     fast_params: FastParamsSpec = "all"
     meta_every: int = 1
@@ -219,6 +228,8 @@ class MetaNoiseConfig:
         for name in ("inner_lr", "inner_radius"):
             if not _is_real(getattr(self, name)) or getattr(self, name) <= 0:
                 yield f"{name} must be a finite number > 0, got {getattr(self, name)!r}"
+        if self.inner_divergence is not None and (not _is_real(self.inner_divergence) or self.inner_divergence <= 0):
+            yield f"inner_divergence must be a finite number > 0 or None, got {self.inner_divergence!r}"
         if not _is_real(self.meta_weight) or self.meta_weight < 0:
             yield f"meta_weight must be a finite number >= 0, got {self.meta_weight!r}"
         for name in ("first_order", "mentor_warmup"):

@@ -14,11 +14,13 @@ in one batched vector-Jacobian product, their fast forwards in one `torch.func.v
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
@@ -31,6 +33,12 @@ if TYPE_CHECKING:
 #: Added to a squared norm before its square root: the step stays finite (and twice
 #: differentiable) for a gradient or a tensor that is exactly zero.
 _NORM_FLOOR = 1e-24
+#: ASAM's ``eta``: the floor of the adaptive step's per-weight scale ``|theta| + eta``.
+ADAPTIVE_ETA = 0.01
+#: The largest fast step `PredictionStepSize` takes, as ``||theta' - theta|| / ||theta||``: a batch
+#: whose target divergence asks for more (or whose step moves the predictions not at all) is
+#: clipped to it, counted, and its meta step skipped.
+MAX_RELATIVE_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class InnerStep:
     * ``"global_relative"``: ``delta = size * ||theta|| * g / ||g||``, both norms over all fast
       parameters together: the step is ``size * ||theta||`` long, whatever the model's or the
       gradient's scale, and shared among the tensors as SGD shares it.
+    * ``"adaptive"`` (ASAM's step, Kwon et al. 2021): ``delta = size * T^2 g / ||T g||`` with
+      ``T = |theta| + 0.01`` on weight tensors (two or more dimensions) and ``T = 1`` on biases
+      and norm gains, the norm over all fast parameters together: invariant to rescaling a
+      layer's weights, and a tensor with almost no gradient moves almost not at all.
 
     In second order the norms are differentiated like the rest of the step (the meta-gradient
     is the exact gradient of the meta loss the forward computes); ``first_order`` detaches the
@@ -79,6 +91,11 @@ class InnerStep:
             total = sum(_squared_norm(g, batched) for g in grads)
             scale = self.size * (total + _NORM_FLOOR).rsqrt()
             deltas = [_times(scale, g, batched) for g in grads]
+        elif self.kind == "adaptive":
+            scales = [_adaptive_scale(p, batched) for p in params]
+            total = sum(_squared_norm(t * g, batched) for t, g in zip(scales, grads))
+            scale = self.size * (total + _NORM_FLOOR).rsqrt()
+            deltas = [_times(scale, t.square() * g, batched) for t, g in zip(scales, grads)]
         elif self.kind == "global_relative":
             norm_p, norm_g = (sum(_squared_norm(t, batched) for t in ts) + _NORM_FLOOR for ts in (params, grads))
             scale = self.size * norm_p.sqrt() * norm_g.rsqrt()
@@ -100,6 +117,13 @@ class InnerStep:
             moved = sum(float((s - p).square().sum()) for s, p in zip(stepped, params))
             norm = sum(float(p.square().sum()) for p in params)
         return (moved / max(norm, _NORM_FLOOR)) ** 0.5
+
+
+def _adaptive_scale(param: torch.Tensor, batched: bool) -> torch.Tensor:
+    """ASAM's ``T``: ``|theta| + eta`` on a weight tensor (not differentiated), 1 on a bias or norm gain."""
+    if param.dim() - int(batched) < 2:
+        return torch.ones((), dtype=param.dtype, device=param.device)
+    return param.detach().abs() + ADAPTIVE_ETA
 
 
 def _squared_norm(tensor: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -180,6 +204,104 @@ def kl_to_mentor(student_logits: torch.Tensor, mentor_log_probs: torch.Tensor) -
     return per_class.sum(dim=(-2, -1)) / log_probs.shape[-2]
 
 
+class FastStepSize:
+    """Sizes each meta step's fast step in the predictions, and measures what every fast step did.
+
+    What the meta loss feels is how far a fast step moves the student's *predictions*: to second
+    order ``KL(f(theta) || f(theta')) ~ (1/2) delta^T F delta`` (``F`` the Fisher information of
+    the predictions), so one parameter-space radius moves a ViT's outputs much further than a
+    ResNet's. With a ``target`` (`MetaNoiseConfig.inner_divergence`) each meta step first takes
+    the step at the current ``scale`` (times the configured ``inner_lr`` / ``inner_radius``) in a
+    no-grad trial forward, measures the mean ``KL(student || fast-weight student)`` on the meta
+    batch and rescales by the quadratic law, ``scale * sqrt(target / measured)``; the step it
+    trains on has that size (a constant to the meta-gradient). The next meta step starts its
+    trial there, so the trial lands near the target and the law is used over a short range.
+
+    A batch that would need a step longer than `MAX_RELATIVE_STEP` of the fast weights' norm,
+    or whose step does not move the predictions at all, is not trained on: its meta step is
+    skipped, ``num_clipped`` counts it, and the scale is clipped (or kept). With several
+    processes the measurement is averaged over ranks first, so every rank uses one scale.
+
+    Without a target the scale stays 1. Either way ``divergence`` and ``relative_step`` hold
+    what the last meta step's first synthetic set did: ``KL(student || fast student)`` and
+    ``||theta' - theta|| / ||theta||`` over the fast parameters.
+    """
+
+    def __init__(self, target: float | None = None) -> None:
+        self.target = target
+        self.scale = 1.0
+        self.num_clipped = 0
+        self.divergence: torch.Tensor | None = None
+        self.relative_step: torch.Tensor | None = None
+
+    def fit(
+        self,
+        module: nn.Module,
+        params: dict[str, torch.Tensor],
+        step: InnerStep,
+        grads: _InnerGradients,
+        inputs: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> float | None:
+        """The scale of this meta step's fast step (``None``: skip the meta step); trial at `scale`."""
+        if self.target is None:
+            return 1.0
+        with torch.no_grad():
+            trial_step = replace(step, size=step.size * self.scale, first_order=True)
+            stepped = grads.first_set(trial_step(grads.params, grads.grads, grads.batched))
+            trial = forward_with_cloned_buffers(module, {**params, **stepped}, inputs)
+            measured = torch.stack([prediction_divergence(logits, trial), _relative_step(grads, stepped)])
+            divergence, relative = _mean_over_ranks(measured).tolist()
+        if not (math.isfinite(divergence) and divergence > 0.0 and math.isfinite(relative) and relative > 0.0):
+            self.num_clipped += 1
+            return None
+        wanted = self.scale * math.sqrt(self.target / divergence)
+        largest = self.scale * MAX_RELATIVE_STEP / relative
+        if wanted > largest:
+            self.scale = largest
+            self.num_clipped += 1
+            return None
+        self.scale = wanted
+        return wanted
+
+    def observe(self, logits: torch.Tensor, fast_logits: torch.Tensor, grads: _InnerGradients, stepped: dict) -> None:
+        """Record what the first set's fast step did (detached; no extra pass)."""
+        with torch.no_grad():
+            self.divergence = prediction_divergence(logits, fast_logits)
+            self.relative_step = _relative_step(grads, grads.first_set(stepped))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "num_clipped": self.num_clipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self.num_clipped = int(state["num_clipped"])
+
+
+def prediction_divergence(logits: torch.Tensor, fast_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``KL(softmax(logits) || softmax(fast_logits))`` (both ``[B, C]``)."""
+    log_p = F.log_softmax(upcast(logits.detach()), dim=-1)
+    log_q = F.log_softmax(upcast(fast_logits.detach()), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+
+
+def _relative_step(grads: _InnerGradients, stepped: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``||theta' - theta|| / ||theta||`` over the stepped parameters (one set)."""
+    params = grads.first_set(dict(zip(grads.names, grads.params)))
+    moved = sum(_squared_norm((stepped[n] - params[n]).detach(), False) for n in stepped)
+    norm = sum(_squared_norm(params[n].detach(), False) for n in stepped)
+    return (moved / (norm + _NORM_FLOOR)).sqrt()
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the processes of the default group (as they are with one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
 def meta_losses(
     module: nn.Module,
     inputs: torch.Tensor,
@@ -190,6 +312,7 @@ def meta_losses(
     inner_step: InnerStep,
     grad_scale: float = 1.0,
     sets_per_pass: int = 1,
+    step_size: FastStepSize | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the meta losses ``J_m`` of the synthetic label sets, ``sets_per_pass`` at a time.
 
@@ -203,7 +326,10 @@ def meta_losses(
     ``sets_per_pass > 1`` a pass computes its sets' inner gradients in one batched
     vector-Jacobian product and their fast forwards in one ``torch.func.vmap``.
 
-    ``inner_step`` takes each set's inner gradient to its fast weights (`InnerStep`).
+    ``inner_step`` takes each set's inner gradient to its fast weights (`InnerStep`);
+    ``step_size`` (`FastStepSize`) sizes it in the predictions when it has a target (on the
+    first set; every set of the meta step takes that size) and records what it did. When it
+    skips the meta step the generator yields nothing.
 
     ``grad_scale`` (fp16's loss scale, a power of two) multiplies each inner loss before its
     gradient and divides the gradient after, so half-precision backward passes do not
@@ -212,30 +338,61 @@ def meta_losses(
     if synthetic_labels.shape[0] == 0:  # no synthetic set: consistency at the student's own weights
         yield kl_to_mentor(logits, mentor_log_probs).reshape(1)
         return
+    step_size = FastStepSize() if step_size is None else step_size
     params = dict(module.named_parameters())
     fast_tensors = [params[name] for name in fast_names]
+    scale = None
     for labels in synthetic_labels.split(sets_per_pass):
         one_set = labels.shape[0] == 1
-        step_labels = labels[0] if one_set else labels
-        fast = _fast_weights(logits, step_labels, fast_names, fast_tensors, inner_step, grad_scale)
+        grads = _inner_gradients(
+            logits, labels[0] if one_set else labels, fast_names, fast_tensors, inner_step, grad_scale
+        )
+        first = scale is None
+        if first:
+            scale = step_size.fit(module, params, inner_step, grads, inputs, logits)
+            if scale is None:
+                return
+        step = inner_step if scale == 1.0 else replace(inner_step, size=inner_step.size * scale)
+        fast = dict(zip(grads.names, step(grads.params, grads.grads, grads.batched)))
         if one_set:
             student = forward_with_cloned_buffers(module, {**params, **fast}, inputs)
         else:
             student = _batched_forward(module, params, fast, inputs, labels.shape[0])
+        if first:
+            step_size.observe(logits, student if one_set else student[0], grads, fast)
         yield kl_to_mentor(student, mentor_log_probs).reshape(-1)
 
 
-def _fast_weights(
+@dataclass
+class _InnerGradients:
+    """The inner gradients of one pass: the parameters in the graph of the logits, and their gradients.
+
+    With ``batched`` every gradient is ``[S, *p.shape]`` and every parameter ``[1, *p.shape]``.
+    """
+
+    names: list[str]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    batched: bool
+
+    def first_set(self, tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> Any:
+        """The first set's (or only) slice of per-set tensors (a dict by name, or the stepped list)."""
+        if isinstance(tensors, list):
+            tensors = dict(zip(self.names, tensors))
+        return {name: t[0] for name, t in tensors.items()} if self.batched else tensors
+
+
+def _inner_gradients(
     logits: torch.Tensor,
     labels: torch.Tensor,
     names: list[str],
     params: list[torch.Tensor],
     inner_step: InnerStep,
     grad_scale: float,
-) -> dict[str, torch.Tensor]:
-    """``{name: inner_step(p, grad_p CE(logits, labels))}`` for the parameters in the graph of ``logits``.
+) -> _InnerGradients:
+    """``grad_p CE(logits, labels)`` for the parameters in the graph of ``logits``.
 
-    ``labels`` is one set ``[B]``, or S sets ``[S, B]`` at once (``{name: [S, *p.shape]}``).
+    ``labels`` is one set ``[B]``, or S sets ``[S, B]`` at once (gradients ``[S, *p.shape]``).
     The S inner losses share ``logits``, so their gradients differ only in the gradient at the
     logits, ``(softmax(logits) - onehot(y_s)) / B`` (cross-entropy's, written out so that it
     stays differentiable for second order); one batched vector-Jacobian product
@@ -269,8 +426,7 @@ def _fast_weights(
     used = [(name, p, g) for name, p, g in zip(names, params, grads) if g is not None]
     if grad_scale != 1.0:
         used = [(name, p, g / grad_scale) for name, p, g in used]
-    stepped = inner_step([p for _, p, _ in used], [g for _, _, g in used], batched=labels.dim() > 1)
-    return {name: p for (name, _, _), p in zip(used, stepped)}
+    return _InnerGradients([n for n, _, _ in used], [p for _, p, _ in used], [g for _, _, g in used], labels.dim() > 1)
 
 
 def _batched_forward(

@@ -29,7 +29,7 @@ from .checks import check_features
 from .compat import explain_double_backward_errors
 from .config import MetaNoiseConfig
 from .fast_scope import FastPass, StudentForward
-from .fast_weights import InnerStep, meta_losses, upcast
+from .fast_weights import FastStepSize, InnerStep, meta_losses, upcast
 from .features import features_of
 from .gradients import GradientUpdate
 from .mentor import Mentor
@@ -53,12 +53,21 @@ class MetaResult:
     loss: torch.Tensor
     changed: torch.Tensor
     through: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    #: what the first set's fast step did: ``KL(student || fast student)`` and ``||theta' - theta|| / ||theta||``
+    #: (NaN when no fast step ran)
+    divergence: torch.Tensor | None = None
+    relative_step: torch.Tensor | None = None
 
     @classmethod
     def off(cls, device: torch.device) -> MetaResult:
         """No meta step (weight 0)."""
         zero = torch.zeros((), device=device)
         return cls(zero, zero)
+
+    def fast_step_values(self) -> list[torch.Tensor]:
+        """``[divergence, relative_step]`` as scalars on the loss's device (NaN when no fast step ran)."""
+        nan = torch.full((), float("nan"), device=self.loss.device)
+        return [nan if v is None else v.to(nan.device) for v in (self.divergence, self.relative_step)]
 
 
 class MetaObjective:
@@ -77,6 +86,8 @@ class MetaObjective:
         self.mentor = mentor
         self.seed = seed
         self.inner_step = InnerStep.of(config)
+        #: sizes the fast step in the predictions (``config.inner_divergence``) and records what it did
+        self.step_size = FastStepSize(config.inner_divergence)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> MetaTargets:
@@ -112,13 +123,23 @@ class MetaObjective:
         retain = not self.config.first_order or num_sets == 0  # M = 0: the loss is on the student's graph
         scale = weight / max(num_sets, 1)  # M = 0: one consistency loss
         total, trunk_grad = None, None
+        self.step_size.divergence = self.step_size.relative_step = None
         with fast.open() as logits, explain_double_backward_errors():
             for losses in self._losses(fast, logits, targets, grads.runtime.loss_scale()):
                 grad = grads.add(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
                 if fast.trunk_leaf is not None:
                     trunk_grad = grad if trunk_grad is None else trunk_grad + grad
                 total = losses.detach().sum() if total is None else total + losses.detach().sum()
-        return MetaResult(total / max(num_sets, 1), targets.changed, student.through(trunk_grad))
+        if total is None:  # the fast step's size was clipped: no meta step on this batch
+            return MetaResult(student.logits.new_zeros(()).float(), targets.changed, student.through(None))
+        sizes = self.step_size
+        return MetaResult(
+            total / max(num_sets, 1),
+            targets.changed,
+            student.through(trunk_grad),
+            sizes.divergence,
+            sizes.relative_step,
+        )
 
     def loss(
         self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward, weight: float, grad_scale: float
@@ -130,8 +151,10 @@ class MetaObjective:
         targets = self.targets(inputs, labels)
         fast = student.fast
         with fast.open() as logits, explain_double_backward_errors():
-            losses = torch.cat(list(self._losses(fast, logits, targets, grad_scale)))
-        return losses.mean() * weight
+            losses = list(self._losses(fast, logits, targets, grad_scale))
+        if not losses:  # the fast step's size was clipped: no meta step on this batch
+            return student.logits.new_zeros(()).float()
+        return torch.cat(losses).mean() * weight
 
     def meta_batch(
         self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward
@@ -160,6 +183,7 @@ class MetaObjective:
             self.inner_step,
             grad_scale,
             config.sets_per_pass,
+            self.step_size,
         )
 
     def _mentor_logits_and_features(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +210,16 @@ class MetaObjective:
         return generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+        return {
+            "seed": self.seed,
+            "generators": {str(d): g.get_state() for d, g in self._generators.items()},
+            "fast_step_size": self.step_size.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
+        if "fast_step_size" in state:  # checkpoints before 0.3 have none (their steps were never rescaled)
+            self.step_size.load_state_dict(state["fast_step_size"])
         self._generators = {}
         for device, generator_state in state["generators"].items():
             self.generator(torch.device(device)).set_state(generator_state)

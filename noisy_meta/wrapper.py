@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_label_mask
 from .compat import second_order_context
 from .config import MetaNoiseConfig
 from .fast_scope import SharedTrunk
@@ -142,12 +143,23 @@ class MetaNoiseWrapper:
 
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, label_mask: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """One whole MLNT iteration on a batch; returns its statistics.
+
+        ``label_mask`` (``[B]`` bool, optional): the samples whose given label the loss on the
+        labels uses. The others still go through the forward, the meta step (their labels seed
+        the synthetic sets, the mentor's predictions on them are the meta targets) and hence the
+        mentor: e.g. ``~flagged`` for the samples `noisy_meta.detect_label_noise` flags, so that
+        detection removes suspected labels, not images.
 
         Keys: ``loss`` (``ce_loss + meta_weight * meta_loss``), ``ce_loss``, ``meta_loss``
         (mean KL over the synthetic sets), ``meta_weight``, ``labels_changed`` (mean fraction
-        of labels the synthetic sets changed), ``mentor_decay``, ``skipped`` (1.0 when a
+        of labels the synthetic sets changed), ``fast_divergence`` and ``fast_step`` (how far
+        the first set's fast step moved the predictions, ``KL(student || fast student)``, and
+        the fast weights, ``||theta' - theta|| / ||theta||``; NaN when no meta step ran),
+        ``mentor_decay``, ``skipped`` (1.0 when a
         non-finite loss or gradient skipped the update), ``num_skipped`` and ``step`` (updates
         so far). On any error the model's parameters, buffers and optimizer state are left as
         they were.
@@ -156,11 +168,12 @@ class MetaNoiseWrapper:
         returns its losses with no update made (``step`` unchanged).
         """
         targets = self._check_batch(inputs, targets)
+        label_mask = check_label_mask(label_mask, targets)
         index, weight = self.num_updates, self.meta_weight
         self._grads.begin()
         with self._grads.rollback(self.module) as rollback, self.runtime.autocast():
             # forward -> CE -> synthetic labels -> fast weights -> KL to the mentor -> update
-            outcome = self._update_rule(self._stages, inputs, targets, weight)
+            outcome = self._update_rule(self._stages, inputs, targets, weight, label_mask)
             if outcome.stepped:
                 self.update_mentor()  # the mentor's EMA
         if not self.updates.accumulating:
@@ -203,8 +216,8 @@ class MetaNoiseWrapper:
         ``outputs`` are the student's logits for ``inputs`` from your own forward; their graph
         stays alive, so call your own ``loss.backward()`` (or ``accelerator.backward(loss)``)
         after this. One synthetic set's graph is held at a time. Returns ``meta_loss``,
-        ``meta_weight`` and ``labels_changed``. For second order run that forward inside
-        ``with wrapper.forward_context():``.
+        ``meta_weight``, ``labels_changed``, ``fast_divergence`` and ``fast_step`` (see `step`).
+        For second order run that forward inside ``with wrapper.forward_context():``.
 
         The gradient is added to ``.grad`` directly (with the accelerator's accumulation
         divisor and fp16 loss scale), without firing DDP's hooks: your own backward through
@@ -215,8 +228,16 @@ class MetaNoiseWrapper:
         weight = self.meta_weight
         with self.runtime.autocast():
             meta = self._meta.backward(inputs, targets, self._scope.around(inputs, outputs), weight, self._grads)
-        values = torch.stack([meta.loss, meta.changed]).tolist()
-        return {"meta_loss": values[0], "meta_weight": weight, "labels_changed": values[1]}
+        loss, changed, divergence, relative_step = torch.stack(
+            [meta.loss, meta.changed, *meta.fast_step_values()]
+        ).tolist()
+        return {
+            "meta_loss": loss,
+            "meta_weight": weight,
+            "labels_changed": changed,
+            "fast_divergence": divergence,
+            "fast_step": relative_step,
+        }
 
     def meta_loss(self, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """The weighted meta loss ``w * mean_m J_m`` as one differentiable scalar.
