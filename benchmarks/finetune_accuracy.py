@@ -113,6 +113,8 @@ class Method:
     clean: str = "off"
     #: epochs of linear probing (the head alone, cross-entropy) before the fine-tuning (LP-FT)
     probe: int = 0
+    #: the detection's threshold (`noisy_meta.detect_label_noise`): None, the majority vote, or "per_class"
+    threshold: str | None = None
 
 
 #: The scale-free fast step the fine-tuning recipe uses (chosen on noisy validation, RESULTS.md).
@@ -144,6 +146,8 @@ METHODS: dict[str, Method] = {
     "ce_lpft": Method(probe=PROBE_EPOCHS),
     "mask_ema": Method({"num_synthetic": 0}, clean="mask"),
     "mlnt_kl_mask": Method({**FAST_PRESET, **KL_STEP}, clean="mask"),
+    "mlnt_kl_mask_pc": Method({**FAST_PRESET, **KL_STEP}, clean="mask", threshold="per_class"),
+    "clean_ce_pc": Method(clean="remove", threshold="per_class"),
     "mlnt_kl_lpft": Method({**FAST_PRESET, **KL_STEP}, probe=PROBE_EPOCHS),
     "mlnt_kl_mask_lpft": Method({**FAST_PRESET, **KL_STEP}, clean="mask", probe=PROBE_EPOCHS),
     "mlnt_kl_head": Method({**FAST_PRESET, **KL_STEP, "fast_params": "head"}),
@@ -155,7 +159,7 @@ BASELINES = ("ce", "ce_early", "ce_ema", "ce_ls", "gce", "ema", "clean_ce", "ce_
 DERIVED = {"ce_early": "ce", "ce_ema": "ce"}
 ROWS = [*BASELINES, "mlnt_so", "mlnt_fo", "mlnt_head", "mlnt_last_stage", "mlnt_fast", "mlnt_rel"]
 ROWS += ["mlnt_rel_gce", "recipe", "recipe_sqrt", "mlnt_kl", "mlnt_kl_asam", "mask_ema", "mlnt_kl_mask"]
-ROWS += ["mlnt_kl_lpft", "mlnt_kl_mask_lpft", "mlnt_kl_head", "mlnt_kl_last"]
+ROWS += ["mlnt_kl_mask_pc", "clean_ce_pc", "mlnt_kl_lpft", "mlnt_kl_mask_lpft", "mlnt_kl_head", "mlnt_kl_last"]
 #: The methods a plain command runs (the costly full-M modes were measured in the earlier, short protocol).
 DEFAULT_METHODS = ["ce", "ce_ls", "gce", "ema", "clean_ce", "mlnt_fast", "recipe"]
 #: Regimes: epochs of fine-tuning (25 epochs: long enough that cross-entropy memorises).
@@ -184,6 +188,8 @@ class Job:
     #: ``--clean-before`` / ``--loss`` of the command: replace the method's (exploration)
     clean: str | None = None
     loss: str | None = None
+    #: --tune: the progress lines show the noisy validation split only
+    tune: bool = False
 
 
 # ------------------------------------------------------------------------------------ the runs
@@ -226,7 +232,7 @@ def mlnt_config(job: Job, total: int) -> MetaNoiseConfig:
 
 
 def clean_before(
-    model: nn.Module, data: Target, action: str
+    model: nn.Module, data: Target, action: str, threshold: str | None = None
 ) -> tuple[Target, dict[str, Any] | None, torch.Tensor | None]:
     """Detection before training with the starting weights: the training split with the flagged
     samples removed or relabelled, what detection found (precision / recall against the truth), and
@@ -239,6 +245,7 @@ def clean_before(
         data.train_y.numpy(),
         num_classes=len(TARGET_CLASSES),
         k=DETECTION_K,
+        threshold=threshold,
         clean_labels=data.train_clean.numpy(),
     )
     flagged = torch.from_numpy(found.flagged)
@@ -289,7 +296,7 @@ def run(job: Job) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(job.seed)
     model = load_pretrained(Path(job.pretrained), job.arch, len(TARGET_CLASSES))
-    data, detection, label_mask = clean_before(model, data, method.clean)
+    data, detection, label_mask = clean_before(model, data, method.clean, method.threshold)
     steps_per_epoch = len(data.train_y) // job.batch_size
     if method.probe:
         linear_probe(model, data, method.probe, job)
@@ -393,12 +400,12 @@ def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
 
 
 def _progress_line(job: Job, r: dict[str, Any]) -> str:
-    return (
-        f"  {job.regime:<5} {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
-        f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f} "
-        f"(noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}) "
-        f"{r['seconds']:5.0f} s"
-    )
+    where = f"  {job.regime:<5} {job.arch:<6} {job.setting:<6} {job.method:<15} seed {job.seed}: "
+    val = f"noisy val {100 * r['student_val'][-1]:5.1f} / {100 * r['mentor_val'][-1]:5.1f}"
+    if job.tune:  # tuning looks at the noisy validation split only
+        return f"{where}{val} {r['seconds']:5.0f} s"
+    test = f"student {100 * r['student_test'][-1]:5.1f} mentor {100 * r['mentor_test'][-1]:5.1f}"
+    return f"{where}{test} ({val}) {r['seconds']:5.0f} s"
 
 
 # ------------------------------------------------------------------------------------ report
@@ -475,6 +482,7 @@ def summarise(results: list[dict[str, Any]], regimes, archs, settings, split: st
                     if detections:
                         entry["f1"] = statistics.fmean(d["f1"] or 0.0 for d in detections)
                         entry["noise_left"] = statistics.fmean(d["noise_left"] for d in detections)
+                        entry["flagged"] = statistics.fmean(d["num_flagged"] / d["num_samples"] for d in detections)
                     table.append(entry)
     return table
 
@@ -497,11 +505,11 @@ def markdown(table: list[dict[str, Any]], regimes, archs, settings, split: str) 
         "`ce_early` is `ce` selected; `ce_ema` the cross-entropy run's `ModelEmaV3`. Then the student and the "
         "mentor at the final epoch; wall time per run relative to `ce`; the fast step's mean divergence "
         "`KL(student || fast student)` and relative length `||theta' - theta|| / ||theta||` over the meta steps; "
-        "for the rows that detect noise before training, the detection's F1 and the noise left in the labels "
-        "the loss uses:",
+        "for the rows that detect noise before training, the detection's F1, the noise left in the labels "
+        "the loss uses and the share of the training set flagged:",
         "",
         "| regime | model | setting | method | final | selected | student | mentor | x ce | fast KL / step "
-        "| detection F1 / noise left |",
+        "| detection F1 / noise left (flagged) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in table:
@@ -510,7 +518,9 @@ def markdown(table: list[dict[str, Any]], regimes, archs, settings, split: str) 
         where = f"| {entry['regime']} | {entry['arch']} | {entry['setting']} | {entry['row']}"
         ratio = f"{entry['x_ce']:.1f}" if math.isfinite(entry["x_ce"]) else "n/a"
         fast = f"{entry['fast_divergence']:.3f} / {entry['fast_step']:.4f}" if "fast_step" in entry else ""
-        detection = f"{entry['f1']:.2f} / {100 * entry['noise_left']:.1f}%" if "f1" in entry else ""
+        detection = ""
+        if "f1" in entry:
+            detection = f"{entry['f1']:.2f} / {100 * entry['noise_left']:.1f}% ({100 * entry['flagged']:.0f}% flagged)"
         lines.append(f"{where} | {' | '.join(cells)} | {ratio} | {fast} | {detection} |")
     lines += ["", "The recipe and the best of our rows against the best baseline (means), at both epochs:"]
     lines += ["", "| regime | model | setting | epoch | best baseline | recipe | margin | best of ours | margin |"]
@@ -638,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
             pretrained=backbones[arch],
             clean=args.clean_before,
             loss=args.loss,
+            tune=args.tune,
         )
         for regime in args.regimes
         for arch in args.archs

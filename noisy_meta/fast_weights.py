@@ -39,6 +39,12 @@ ADAPTIVE_ETA = 0.01
 #: whose target divergence asks for more (or whose step moves the predictions not at all) is
 #: clipped to it, counted, and its meta step skipped.
 MAX_RELATIVE_STEP = 0.5
+#: `FastStepSize` takes up to this many no-grad trials per meta step (one when its scale is already near the
+#: target's: the steady state), stopping once a rescale changes the radius by less than `TRIAL_TOLERANCE` x.
+MAX_TRIALS = 4
+TRIAL_TOLERANCE = 1.25
+#: A measured divergence below this is float rounding (float32 KL of two nearly equal distributions).
+DIVERGENCE_FLOOR = 1e-7
 
 
 @dataclass(frozen=True)
@@ -213,9 +219,11 @@ class FastStepSize:
     ResNet's. With a ``target`` (`MetaNoiseConfig.inner_divergence`) each meta step first takes
     the step at the current ``scale`` (times the configured ``inner_lr`` / ``inner_radius``) in a
     no-grad trial forward, measures the mean ``KL(student || fast-weight student)`` on the meta
-    batch and rescales by the quadratic law, ``scale * sqrt(target / measured)``; the step it
-    trains on has that size (a constant to the meta-gradient). The next meta step starts its
-    trial there, so the trial lands near the target and the law is used over a short range.
+    batch and rescales by the quadratic law, ``scale * sqrt(target / measured)``; while that
+    changes the radius by more than `TRIAL_TOLERANCE` x it tries again at the new radius (up to
+    `MAX_TRIALS`, from the second trial on with the power law the last two trials measured).
+    The step it trains on has the last size (a constant to the meta-gradient). The next meta
+    step starts there, so in the steady state one trial lands near the target.
 
     A batch that would need a step longer than `MAX_RELATIVE_STEP` of the fast weights' norm,
     or whose step does not move the predictions at all, is not trained on: its meta step is
@@ -246,23 +254,44 @@ class FastStepSize:
         """The scale of this meta step's fast step (``None``: skip the meta step); trial at `scale`."""
         if self.target is None:
             return 1.0
+        scale, previous = self.scale, None
+        for _ in range(MAX_TRIALS):
+            divergence, relative = self._trial(module, params, step, grads, inputs, logits, scale)
+            if not (math.isfinite(divergence) and math.isfinite(relative) and relative > 0.0):
+                return self._clipped(self.scale)  # the step moves nothing (or overflows): keep the scale
+            below_rounding = divergence < DIVERGENCE_FLOOR  # float rounding, not a measurement: go up to the cap
+            divergence = max(divergence, DIVERGENCE_FLOOR)
+            exponent = 2.0  # the quadratic law; from the second trial on, the power law the two trials measured
+            if previous is not None and previous[0] != scale and previous[1] != divergence:
+                exponent = math.log(divergence / previous[1]) / math.log(scale / previous[0])
+                exponent = min(max(exponent, 0.5), 4.0)
+            wanted = scale * (self.target / divergence) ** (1.0 / exponent)
+            largest = scale * MAX_RELATIVE_STEP / relative
+            if wanted >= largest:
+                if scale >= largest * (1.0 - 1e-9):  # already at the largest step, and still short of the target
+                    return self._clipped(largest)
+                wanted = largest
+            close = abs(math.log(wanted / scale)) <= math.log(TRIAL_TOLERANCE)
+            previous, scale = (None if below_rounding else (scale, divergence)), wanted
+            if close:
+                break
+        self.scale = scale
+        return scale
+
+    def _trial(self, module, params, step, grads, inputs, logits, scale: float) -> tuple[float, float]:
+        """The divergence and relative length of the first set's step at ``scale`` (no grad; rank mean)."""
         with torch.no_grad():
-            trial_step = replace(step, size=step.size * self.scale, first_order=True)
+            trial_step = replace(step, size=step.size * scale, first_order=True)
             stepped = grads.first_set(trial_step(grads.params, grads.grads, grads.batched))
             trial = forward_with_cloned_buffers(module, {**params, **stepped}, inputs)
             measured = torch.stack([prediction_divergence(logits, trial), _relative_step(grads, stepped)])
             divergence, relative = _mean_over_ranks(measured).tolist()
-        if not (math.isfinite(divergence) and divergence > 0.0 and math.isfinite(relative) and relative > 0.0):
-            self.num_clipped += 1
-            return None
-        wanted = self.scale * math.sqrt(self.target / divergence)
-        largest = self.scale * MAX_RELATIVE_STEP / relative
-        if wanted > largest:
-            self.scale = largest
-            self.num_clipped += 1
-            return None
-        self.scale = wanted
-        return wanted
+        return divergence, relative
+
+    def _clipped(self, scale: float) -> None:
+        self.scale = scale
+        self.num_clipped += 1
+        return None
 
     def observe(self, logits: torch.Tensor, fast_logits: torch.Tensor, grads: _InnerGradients, stepped: dict) -> None:
         """Record what the first set's fast step did (detached; no extra pass)."""

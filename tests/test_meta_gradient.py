@@ -218,8 +218,16 @@ def global_relative_step(params, grads):
     return [p - RADIUS * norm_p * g / norm_g for p, g in zip(params, grads)]
 
 
+def adaptive_step(params, grads):
+    """ASAM: theta - r * T^2 g / ||T g||, T = |theta| + 0.01 on weight matrices (held constant), 1 on biases."""
+    scales = [p.detach().abs() + 0.01 if p.dim() > 1 else torch.ones_like(p) for p in params]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scales, grads)))
+    return [p - RADIUS * t**2 * g / norm for p, t, g in zip(params, scales, grads)]
+
+
 STEPS = {"sgd": sgd_step, "normalized": normalized_step, "relative": relative_step}
 STEPS["global_relative"] = global_relative_step
+STEPS["adaptive"] = adaptive_step
 
 
 def reference_with_step(params, x, label_sets, mentor_log_probs, step, first_order, fast_mask):
@@ -241,7 +249,7 @@ def reference_with_step(params, x, label_sets, mentor_log_probs, step, first_ord
     return total / len(label_sets)
 
 
-@pytest.mark.parametrize("kind", ["normalized", "relative", "global_relative"])
+@pytest.mark.parametrize("kind", ["normalized", "relative", "global_relative", "adaptive"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("sets_per_pass", [1, 3])
 @pytest.mark.parametrize("fast_params", ["all", ["fc2.*"]])

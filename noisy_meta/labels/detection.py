@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ def detect_label_noise(
     *,
     num_classes: int | None = None,
     k: int = 10,
-    threshold: float | None = None,
+    threshold: float | Literal["per_class"] | None = None,
     clean_labels: np.ndarray | None = None,
     chunk_size: int = 1024,
 ) -> LabelNoiseDetection:
@@ -86,8 +87,15 @@ def detect_label_noise(
         k: neighbours per sample (itself excluded). Larger k is steadier at high noise
             rates and blurs small classes; k must be below N.
         threshold: ``None`` (the default, SimiFeat's vote): flag a sample when some other
-            class has strictly more neighbour votes than its given label. A number in (0, 1]:
-            flag when ``pred_probs[i, labels[i]] < threshold`` instead.
+            class has strictly more neighbour votes than its given label. ``"per_class"``
+            (confident learning's thresholds, read from the data): each class's threshold
+            ``t_c`` is the mean vote for ``c`` among the samples labelled ``c`` (how much the
+            features agree with that class's labels); flag a sample when the vote for its
+            given label is below its class's threshold *and* the vote for some other class
+            ``j`` reaches ``t_j``. Features that mix the classes lower every threshold
+            together, so a clean training set on weak features loses few samples where the
+            majority vote flags many. A number in (0, 1]: flag when
+            ``pred_probs[i, labels[i]] < threshold``.
         clean_labels: ``[N]`` the true labels where known (a noisy-label benchmark), to
             measure the flags' precision, recall and F1 in ``report``. A negative entry (an
             open-set image with no true class) counts as mislabelled.
@@ -107,8 +115,9 @@ def detect_label_noise(
         raise ValueError("features must be finite floating-point numbers")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
         raise ValueError(f"k must be an integer in [1, N - 1] = [1, {n - 1}], got {k!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise ValueError(f"threshold must be None (majority vote) or in (0, 1], got {threshold!r}")
+    number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not (threshold is None or threshold == "per_class" or (number and 0 < threshold <= 1)):
+        raise ValueError(f"threshold must be None (majority vote), 'per_class' or in (0, 1], got {threshold!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
@@ -121,11 +130,27 @@ def detect_label_noise(
     given = pred_probs.gather(1, labels[:, None]).squeeze(1)
     top = pred_probs.max(dim=1).values
     suggested = torch.where(given >= top, labels, pred_probs.argmax(dim=1))
-    flagged = given < top if threshold is None else given < threshold
+    if threshold is None:
+        flagged = given < top
+    elif threshold == "per_class":
+        flagged = _below_class_thresholds(pred_probs, labels, given)
+    else:
+        flagged = given < threshold
     report = DetectionReport.measure(flagged.numpy(), _is_noisy(labels, clean_labels))
     return LabelNoiseDetection(
         pred_probs.numpy(), (1.0 - given).numpy(), flagged.numpy(), suggested.numpy(), neighbors.numpy(), report
     )
+
+
+def _below_class_thresholds(pred_probs: torch.Tensor, labels: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """Confident learning's rule: the given label's vote below its class's mean self-vote, and some other
+    class's vote at or above that class's (a class with no sample has threshold 1: it is never reached)."""
+    num_classes = pred_probs.shape[1]
+    sums = torch.zeros(num_classes, dtype=pred_probs.dtype).index_add_(0, labels, given)
+    counts = torch.bincount(labels, minlength=num_classes).to(pred_probs.dtype)
+    thresholds = torch.where(counts > 0, sums / counts.clamp(min=1), torch.ones_like(sums))
+    others = pred_probs.scatter(1, labels[:, None], -1.0)
+    return (given < thresholds[labels]) & (others >= thresholds).any(dim=1)
 
 
 def _is_noisy(labels: torch.Tensor, clean_labels) -> np.ndarray | None:
