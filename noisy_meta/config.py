@@ -179,9 +179,11 @@ class MetaNoiseConfig:
             averages them (timm's default), ``"broadcast"`` copies rank 0's (what DDP does).
 
     Reproducibility
-        seed: seeds the ``torch.Generator`` that draws the synthetic labels. ``None`` draws a
-            seed from PyTorch's global RNG once, so ``torch.manual_seed`` still makes runs
-            repeatable. With several processes every rank uses rank 0's seed.
+        seed: seeds the ``torch.Generator`` that draws the synthetic labels. ``None`` derives
+            one from PyTorch's global seed (``torch.initial_seed()``, which ``torch.manual_seed``
+            and the frameworks' ``set_seed`` set) without drawing from the global RNG, so
+            building the meta step never shifts a run's random augmentation or shuffling. With
+            several processes every rank uses rank 0's seed.
     """
 
     num_synthetic: int = 10

@@ -206,7 +206,7 @@ class TrainingRuntime:
         return self._flat_collective(tensors, mean)
 
     def shared_seed(self, seed: int | None, device: torch.device) -> int:
-        """``seed``, or one drawn from PyTorch's global RNG; rank 0's on every rank."""
+        """``seed``, or one derived from PyTorch's global seed (no draw); rank 0's on every rank."""
         return shared_seed(seed, device, self.process_group)
 
     def broadcast_from_first_rank(self, tensor: torch.Tensor) -> None:
@@ -229,14 +229,28 @@ class TrainingRuntime:
 
 
 def shared_seed(seed: int | None, device: torch.device, group: Any | None) -> int:
-    """``seed``, or one drawn from PyTorch's global RNG; the first rank's of ``group`` (None: this process's)."""
+    """``seed``, or one derived from PyTorch's global seed; the first rank's of ``group`` (None: this process's).
+
+    The derived seed reads ``torch.initial_seed()`` (what ``torch.manual_seed`` or a framework's
+    ``set_seed`` set) without drawing from the global RNG: building the meta step then leaves the
+    random stream of the run's augmentation and shuffling where the framework put it, so a run
+    resumed by a framework that restores its RNG states equals the uninterrupted one.
+    """
     if seed is None:
-        seed = int(torch.randint(2**62, (1,)).item())
+        seed = (torch.initial_seed() * SEED_MULTIPLIER + 1) % 2**62  # not the global seed itself: another stream
     if group is not None:
         value = torch.tensor([seed], dtype=torch.int64, device=device)
         broadcast_from_first_rank(value, group)
         seed = int(value.item())
     return seed
+
+
+#: Mixes the global seed into the synthetic labels' seed (an odd 64-bit constant, as splitmix64's).
+SEED_MULTIPLIER = 0x9E3779B97F4A7C15
+
+
+#: Mixes the global seed into the synthetic labels' seed (an odd 64-bit constant, as splitmix64's).
+SEED_MULTIPLIER = 0x9E3779B97F4A7C15
 
 
 def broadcast_from_first_rank(tensor: torch.Tensor, group: Any) -> None:

@@ -36,7 +36,8 @@ from .settings import (
 )
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
-_FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "seed": int, "fast_params": str, "feature_source": str}
+_FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "inner_divergence": float, "seed": int}
+_FIELD_TYPES.update(fast_params=str, feature_source=str)
 #: Fields whose flag also takes values beyond the named choices (comma-separated glob patterns).
 _OPEN_CHOICES = ("fast_params",)
 #: ``--loss`` values (`noisy_meta.losses`).

@@ -12,6 +12,7 @@ line where each one starts. Needs matplotlib (``pip install 'noisy-meta[examples
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ def write_report(output_dir: Path, title: str | None = None) -> Path | None:
     for key, label in (("train_loss", "total"), ("train_ce_loss", "cross-entropy"), ("train_meta_loss", "meta")):
         if key in records[0]:
             losses.plot(x, [record[key] for record in records], marker=".", label=label)
+    divergence = [record.get("fast_divergence") for record in records]
+    if any(value is not None for value in divergence):  # None: an epoch without a meta step
+        divergence = [math.nan if value is None else value for value in divergence]
+        losses.plot(x, divergence, color="tab:purple", linestyle="--", marker=".", label="fast step's KL")
     losses.set(title="training loss (epoch mean)", xlabel="epoch", ylabel="loss")
     losses.legend(loc="best", fontsize="small")
 

@@ -7,7 +7,9 @@ a resumed run continues the same one) and gets the run's flags as its configurat
 on the main process only:
 
 - every update: ``train/loss``, ``train/ce_loss``, ``train/meta_loss``, ``train/labels_changed``,
-  ``train/meta_weight``, ``train/lr``;
+  ``train/meta_weight``, ``train/lr``, and on the updates that run the meta step what its fast
+  step did: ``train/fast_divergence`` (``KL(student || fast student)``) and ``train/fast_step``
+  (``||theta' - theta|| / ||theta||``);
 - every epoch: ``val/student``, ``val/mentor``, ``test/student``, ``test/mentor``, the epoch's mean
   losses (``epoch/train_loss`` ...), ``epoch/images_per_second`` and ``epoch``.
 
@@ -17,6 +19,7 @@ run whose step keeps rising across iterations.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from .names import TRACKERS
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 #: The package each tracker needs (to name it when it is missing).
 _PACKAGES = {"comet_ml": "comet-ml"}
 #: The per-update figures logged (keys of `MetaNoiseWrapper.step`'s result).
-UPDATE_FIGURES = ("loss", "ce_loss", "meta_loss", "labels_changed", "meta_weight")
+UPDATE_FIGURES = ("loss", "ce_loss", "meta_loss", "labels_changed", "meta_weight", "fast_divergence", "fast_step")
 
 
 def check_trackers(log_with: tuple[str, ...]) -> None:
@@ -80,7 +83,8 @@ class RunTracker:
     def log_update(self, updates: int, stats: dict[str, float], lr: float) -> None:
         """One update's figures (``stats``: `MetaNoiseWrapper.step`'s result)."""
         if self._trackers:
-            values = {f"train/{key}": float(stats[key]) for key in UPDATE_FIGURES if key in stats}
+            figures = {key: float(stats[key]) for key in UPDATE_FIGURES if key in stats}
+            values = {f"train/{key}": value for key, value in figures.items() if math.isfinite(value)}
             self._log({**values, "train/lr": float(lr)}, self.step(updates))
 
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -92,7 +96,10 @@ class RunTracker:
             for who in ("student", "mentor"):
                 if f"{split}_{who}" in record:
                     values[f"{split}/{who}"] = record[f"{split}_{who}"]
-        for key in ("train_loss", "train_ce_loss", "train_meta_loss", "images_per_second", "seconds"):
+        for key in ("train_loss", "train_ce_loss", "train_meta_loss", "fast_divergence", "fast_step"):
+            if record.get(key) is not None:  # fast_*: None in an epoch without a meta step
+                values[f"epoch/{key}"] = record[key]
+        for key in ("images_per_second", "seconds"):
             if key in record:
                 values[f"epoch/{key}"] = record[key]
         self._log(values, self.step(record["updates"]))

@@ -9,6 +9,7 @@ cleanlab export), through `noisy_meta.labels.cleaning.iter_probabilities`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 #: The running means `train_one_epoch` reports.
 TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")
+#: What the fast step did, averaged over the epoch's meta steps only (NaN in an epoch without one).
+FAST_STATS = ("fast_divergence", "fast_step")
 
 
 def train_one_epoch(
@@ -60,7 +63,7 @@ def train_one_epoch(
     """
     wrapper.module.train()
     done = state.batch
-    state.totals = dict(state.totals) if done else dict.fromkeys(TRAIN_STATS, 0.0)
+    state.totals = dict(state.totals) if done else dict.fromkeys((*TRAIN_STATS, *FAST_STATS, "meta_steps"), 0.0)
     stats: dict[str, float] = {}
     for position, batch in enumerate(loader.batches(done), done + 1):
         lr = wrapper.optimizer.param_groups[0]["lr"]  # what this update steps with
@@ -68,6 +71,10 @@ def train_one_epoch(
             stats = wrapper.step(batch["pixel_values"], batch["label"])
         for key in TRAIN_STATS:
             state.totals[key] += stats[key]
+        if math.isfinite(stats["fast_step"]):  # a meta step ran
+            state.totals["meta_steps"] = state.totals.get("meta_steps", 0.0) + 1
+            for key in FAST_STATS:
+                state.totals[key] = state.totals.get(key, 0.0) + stats[key]
         state.batch = position
         if not wrapper.updates.accumulating:  # an update made or skipped: every rank sees the same
             if scheduler is not None:
@@ -82,8 +89,10 @@ def train_one_epoch(
             checkpoints.after_update(last_batch=position == len(loader))
         progress.update(stats, batch["label"].shape[0] * accelerator.num_processes)
     progress.stop()
-    means = {key: value / max(state.batch, 1) for key, value in state.totals.items()}
-    return {**means, "meta_weight": stats.get("meta_weight", wrapper.meta_weight)}
+    means = {key: state.totals[key] / max(state.batch, 1) for key in TRAIN_STATS}
+    meta_steps = state.totals.get("meta_steps", 0.0)
+    fast = {key: state.totals.get(key, 0.0) / meta_steps if meta_steps else math.nan for key in FAST_STATS}
+    return {**means, **fast, "meta_weight": stats.get("meta_weight", wrapper.meta_weight)}
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ from .seeded_augmentation import SeededAugmentation
 from .settings import RunContext, RunSettings
 from .tracking import RunTracker
 from .train_batches import TrainBatches, train_batches
-from .train_loop import TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
+from .train_loop import FAST_STATS, TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
 __all__ = ["run"]
 
@@ -235,6 +235,7 @@ def _training_record(training: Training, stats: dict[str, float], throughput: fl
     wrapper = training.wrapper
     return {
         **{f"train_{key}": stats[key] for key in TRAIN_STATS},
+        **{key: stats[key] if math.isfinite(stats[key]) else None for key in FAST_STATS},  # None: no meta step
         "meta_weight": stats["meta_weight"],
         "updates": wrapper.num_updates,
         "num_skipped": wrapper.num_skipped,
