@@ -15,7 +15,10 @@ several processes, checkpoints, ``resume_from_checkpoint``, logging):
 * every checkpoint the Trainer writes gets ``noisy_meta_state.safetensors`` (mentor, counters,
   synthetic labels' generator); ``train(resume_from_checkpoint=...)`` restores it.
 * `MetaNoiseTrainer.evaluate` takes ``mentor=True`` to score the mentor (metrics prefixed
-  ``eval_mentor``).
+  ``eval_mentor``), after a resumed ``train`` too, even one with no steps left.
+* the Trainer's training logs (its log history, its reporters) carry the meta step beside
+  ``loss``: ``meta_loss``, ``meta_weight``, ``labels_changed`` and, where a fast step ran,
+  ``fast_divergence`` and ``fast_step``, each the mean over the batches since the last log.
 
 The model: a timm model (``timm.create_model``; batches ``{"pixel_values", "labels"}``) or
 transformers' ``TimmWrapperForImageClassification`` (MLNT runs on its ``timm_model``).
@@ -70,6 +73,8 @@ class MetaNoiseTrainer(Trainer):
         if not self.label_names:  # a timm model's forward names no labels: evaluation still scores them
             self.label_names = [LABEL_KEY]
         self._meta_resume: Path | None = None
+        self._meta_sums: dict[str, torch.Tensor] = {}  # the meta step's figures since the last log
+        self._meta_counts: dict[str, torch.Tensor] = {}
         self.add_callback(_MentorCallback(self))
 
     # ------------------------------------------------------------------ the loss
@@ -91,7 +96,25 @@ class MetaNoiseTrainer(Trainer):
         loss = criterion(logits, labels)
         if meta is not None:
             loss = loss + meta.meta_loss(pixels, labels, logits)
+            self._add_meta_figures(meta.last_meta)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log``; a training log (one with ``loss``) also gets the meta step's means since the last."""
+        if "loss" in logs and self._meta_sums:
+            for key, total in self._meta_sums.items():
+                count = float(self._meta_counts[key])
+                if count:
+                    logs[key] = round(float(total) / count, 6)
+            self._meta_sums, self._meta_counts = {}, {}
+        super().log(logs, *args, **kwargs)
+
+    def _add_meta_figures(self, figures: dict[str, torch.Tensor]) -> None:
+        """Sum the figures on their device (no sync until the log); NaN ones (no fast step) are not counted."""
+        for key, value in figures.items():
+            finite = torch.isfinite(value)
+            self._meta_sums[key] = self._meta_sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+            self._meta_counts[key] = self._meta_counts.get(key, 0.0) + finite.float()
 
     # ------------------------------------------------------------------ training, resuming, evaluating
 
@@ -106,7 +129,10 @@ class MetaNoiseTrainer(Trainer):
                     f"{resume_from_checkpoint} has no {STATE_FILE}: was it saved by MetaNoiseTrainer?"
                 )
             self._meta_resume = state
-        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+        result = super().train(resume_from_checkpoint or None, *args, **kwargs)
+        if self.meta is None and self._meta_resume is not None and self.optimizer is not None:
+            self._meta_wrapper()  # a resumed run with no step left: its mentor still comes from the checkpoint
+        return result
 
     def evaluate(self, *args: Any, mentor: bool = False, metric_key_prefix: str = "eval", **kwargs: Any) -> Any:
         """``Trainer.evaluate``; ``mentor=True`` scores the mentor instead (prefix ``eval_mentor``)."""

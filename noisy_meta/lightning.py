@@ -21,6 +21,9 @@ gradient accumulation divides it, its DDP all-reduces it once, its fp16 GradScal
 averages the student (BatchNorm statistics averaged over ranks first); the mentor, the
 counters and the synthetic labels' generator are the callback's state in Lightning's
 checkpoints, so ``fit(ckpt_path=...)`` resumes them. ``mlnt.mentor`` is the mentor, to validate.
+`MetaNoiseCallback.loss` logs the meta step through the LightningModule's ``self.log`` (each
+step and the epoch's mean, under ``meta/``): ``meta_loss``, ``meta_weight``, ``labels_changed``
+and, where a fast step ran, ``fast_divergence`` and ``fast_step``.
 """
 
 from __future__ import annotations
@@ -70,7 +73,12 @@ class MetaNoiseCallback(L.Callback):
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``CE + w * J`` of a batch whose student logits your ``training_step`` computed."""
         meta = self._wrapper()
-        return meta.criterion(logits, targets) + meta.meta_loss(inputs, targets, logits)
+        loss = meta.criterion(logits, targets) + meta.meta_loss(inputs, targets, logits)
+        module = self._module
+        if getattr(module, "_trainer", None) is not None:  # inside a Trainer's loop: its logger
+            figures = {f"meta/{key}": value for key, value in meta.last_meta.items() if bool(torch.isfinite(value))}
+            module.log_dict(figures, on_step=True, on_epoch=True, batch_size=int(targets.shape[0]))
+        return loss
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """For your student forward: math attention when second order needs it."""

@@ -64,6 +64,20 @@ class MetaResult:
         zero = torch.zeros((), device=device)
         return cls(zero, zero)
 
+    def figures(self, weight: float) -> dict[str, torch.Tensor]:
+        """What `MetaNoiseWrapper.last_meta` holds: the loss, its weight, the labels changed, the fast step's
+        divergence and relative length (NaN when no fast step ran), as detached scalars on one device."""
+        divergence, relative_step = self.fast_step_values()
+        loss = self.loss.detach()
+        dtype = torch.promote_types(loss.dtype, torch.float32)  # float64 stays float64
+        return {
+            "meta_loss": loss.to(dtype),
+            "meta_weight": torch.tensor(float(weight), device=loss.device, dtype=dtype),
+            "labels_changed": self.changed.detach().to(loss.device, dtype),
+            "fast_divergence": divergence.to(dtype),
+            "fast_step": relative_step.to(dtype),
+        }
+
     def fast_step_values(self) -> list[torch.Tensor]:
         """``[divergence, relative_step]`` as scalars on the loss's device (NaN when no fast step ran)."""
         nan = torch.full((), float("nan"), device=self.loss.device)
@@ -143,18 +157,23 @@ class MetaObjective:
 
     def loss(
         self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward, weight: float, grad_scale: float
-    ) -> torch.Tensor:
-        """``weight * J`` as one differentiable scalar (all M graphs alive until its backward)."""
+    ) -> tuple[torch.Tensor, MetaResult]:
+        """``weight * J`` as one differentiable scalar (all M graphs alive until its backward), and what the meta
+        step did (`MetaResult`, detached)."""
+        zero = student.logits.new_zeros(()).float()
         if weight == 0.0:
-            return student.logits.new_zeros(()).float()
+            return zero, MetaResult.off(zero.device)
         inputs, labels, student = self.meta_batch(inputs, labels, student)
         targets = self.targets(inputs, labels)
         fast = student.fast
+        self.step_size.divergence = self.step_size.relative_step = None
         with fast.open() as logits, explain_double_backward_errors():
             losses = list(self._losses(fast, logits, targets, grad_scale))
         if not losses:  # the fast step's size was clipped: no meta step on this batch
-            return student.logits.new_zeros(()).float()
-        return torch.cat(losses).mean() * weight
+            return zero, MetaResult(zero, targets.changed)
+        mean = torch.cat(losses).mean()
+        sizes = self.step_size
+        return mean * weight, MetaResult(mean.detach(), targets.changed, None, sizes.divergence, sizes.relative_step)
 
     def meta_batch(
         self, inputs: torch.Tensor, labels: torch.Tensor, student: StudentForward

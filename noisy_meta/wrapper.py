@@ -140,6 +140,11 @@ class MetaNoiseWrapper:
             self._scope, self._meta, self._grads, self.forward_context, self._check_outputs, parts.criterion
         )
         self._update_rule = UPDATE_RULES[config.update_rule]
+        #: What the last meta step did (`step`, `meta_backward` or `meta_loss`), as detached scalar tensors
+        #: (read them when you log: no device sync until then): ``meta_loss`` (``J``, unweighted),
+        #: ``meta_weight``, ``labels_changed``, ``fast_divergence``, ``fast_step`` (NaN: no fast step ran).
+        #: For the loops of other libraries, which log it in their own way.
+        self.last_meta: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ one iteration
 
@@ -180,6 +185,7 @@ class MetaNoiseWrapper:
             self.updates.record(outcome.stepped, outcome.complete)
         if not outcome.complete:
             rollback.restore()
+        self.last_meta = outcome.meta.figures(weight)
         return outcome.stats(weight, self._mentor.decay_at(index), self.num_skipped, self.num_updates)
 
     @torch.no_grad()
@@ -228,16 +234,8 @@ class MetaNoiseWrapper:
         weight = self.meta_weight
         with self.runtime.autocast():
             meta = self._meta.backward(inputs, targets, self._scope.around(inputs, outputs), weight, self._grads)
-        loss, changed, divergence, relative_step = torch.stack(
-            [meta.loss, meta.changed, *meta.fast_step_values()]
-        ).tolist()
-        return {
-            "meta_loss": loss,
-            "meta_weight": weight,
-            "labels_changed": changed,
-            "fast_divergence": divergence,
-            "fast_step": relative_step,
-        }
+        self.last_meta = meta.figures(weight)
+        return {key: float(value) for key, value in self.last_meta.items()}
 
     def meta_loss(self, inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """The weighted meta loss ``w * mean_m J_m`` as one differentiable scalar.
@@ -249,8 +247,11 @@ class MetaNoiseWrapper:
         targets = self._check_batch(inputs, targets)
         self._check_outputs(outputs, targets)
         student = self._scope.around(inputs, outputs)
+        weight = self.meta_weight
         with self.runtime.autocast():
-            return self._meta.loss(inputs, targets, student, self.meta_weight, self.runtime.loss_scale())
+            loss, meta = self._meta.loss(inputs, targets, student, weight, self.runtime.loss_scale())
+        self.last_meta = meta.figures(weight)
+        return loss
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for your own student forward: math attention when second order needs it."""

@@ -199,3 +199,84 @@ def test_bf16_autocast_trains(tmp_path):
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss)) and trainer.meta.num_updates == 2
     assert any(not torch.equal(before[k], v) for k, v in state(trainer.meta.mentor).items())
+
+
+class Augmented(Images):
+    """A random augmentation drawing from torch's global RNG, as a user's transform does."""
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        return {**item, "pixel_values": item["pixel_values"] + 0.1 * torch.randn_like(item["pixel_values"])}
+
+
+def test_a_resumed_run_with_augmentation_and_no_seed_equals_the_uninterrupted_one(tmp_path):
+    """The Trainer restores its RNG states on resume; building the meta step (at the first batch after it) must
+    draw nothing from the global RNG, or every augmentation after it shifts. The plain Trainer is the control."""
+    config = CONFIG.with_overrides(seed=None)
+
+    def run(output, resume=None):
+        torch.manual_seed(2)
+        model = tiny_resnet()
+        # two epochs of three batches, resumed at the second (where the plain Trainer's resume is bit-for-bit: the
+        # control below); Accelerate's loader fetches one batch ahead, so the epoch's
+        # third batch sees any draw the first resumed batch makes
+        args = arguments(output, max_steps=6, save_strategy="steps", save_steps=3)
+        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Augmented(24), meta_config=config)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    model, trainer = run(tmp_path / "whole")
+    resumed_model, resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert_states_close((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor), rtol=0, atol=0)
+
+
+class PlainCrossEntropy(transformers.Trainer):
+    """The control: the plain Trainer with cross-entropy on the same batches."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return F.cross_entropy(model(inputs["pixel_values"]), inputs["labels"])
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["pixel_values", "labels"]
+
+
+def test_control_the_plain_trainer_resumes_that_run_bit_for_bit(tmp_path):
+    def run(resume=None):
+        torch.manual_seed(2)
+        model = tiny_resnet()
+        args = arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+        PlainCrossEntropy(model=model, args=args, train_dataset=Augmented(24)).train(resume_from_checkpoint=resume)
+        return model
+
+    whole = run()
+    resumed = run(str(tmp_path / "checkpoint-3"))
+    assert_states_close((resumed, whole), rtol=0, atol=0)
+
+
+def test_the_training_logs_carry_the_meta_step(tmp_path):
+    torch.manual_seed(4)
+    args = arguments(tmp_path, max_steps=3, logging_steps=1)
+    trainer = MetaNoiseTrainer(model=tiny_resnet(), args=args, train_dataset=Images(16), meta_config=CONFIG)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["meta_weight"] == 1.0 and entry["meta_loss"] > 0 and 0 < entry["labels_changed"] <= 1
+        assert entry["fast_divergence"] > 0 and entry["fast_step"] > 0
+
+
+def test_the_mentor_is_restored_by_a_resume_with_no_step_left(tmp_path):
+    torch.manual_seed(5)
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    data, held_out = Images(16), Images(8, seed=5)
+    trainer = MetaNoiseTrainer(
+        model=tiny_resnet(), args=args, train_dataset=data, eval_dataset=held_out, meta_config=CONFIG
+    )
+    trainer.train()
+    finished = trainer.evaluate(mentor=True)
+    again = MetaNoiseTrainer(
+        model=tiny_resnet(), args=args, train_dataset=data, eval_dataset=held_out, meta_config=CONFIG
+    )
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert again.evaluate(mentor=True)["eval_mentor_loss"] == pytest.approx(finished["eval_mentor_loss"], rel=1e-6)
+    assert again.meta.num_updates == 2

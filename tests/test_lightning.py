@@ -113,3 +113,13 @@ def test_the_loss_outside_a_trainer_is_refused_with_the_fix():
         MetaNoiseCallback().loss(*image_batch(0), torch.zeros(12, 4))
     with pytest.raises(RuntimeError, match="no mentor before training"):
         _ = MetaNoiseCallback().mentor
+
+
+def test_the_meta_step_is_in_lightnings_logged_metrics(tmp_path):
+    torch.manual_seed(6)
+    mlnt = MetaNoiseCallback(CONFIG, student="model")
+    fit = trainer(tmp_path, mlnt, max_steps=2)
+    fit.fit(Classifier(tiny_resnet(), mlnt), loader(16, 8))
+    logged = fit.logged_metrics
+    assert float(logged["meta/meta_weight_step"]) == 1.0 and float(logged["meta/meta_loss_step"]) > 0
+    assert float(logged["meta/fast_divergence_epoch"]) > 0 and float(logged["meta/fast_step_epoch"]) > 0
