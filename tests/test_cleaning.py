@@ -205,3 +205,17 @@ def _all_wrong(dataset: Dataset) -> np.ndarray:
     probs = np.zeros((len(labels), 4))
     probs[np.arange(len(labels)), (labels + 1) % 4] = 1.0
     return probs
+
+
+def test_mask_keeps_every_row_and_marks_the_flagged_labels():
+    from datasets import Dataset
+
+    from noisy_meta.labels.cleaning import LABEL_KEPT, apply_flags
+
+    data = Dataset.from_dict(
+        {"label": [0, 1, 2, 1], "clean_label": [0, 1, 1, 1], "is_noisy": [False, False, True, False]}
+    )
+    flagged = np.array([False, False, True, True])
+    masked, per_class, relabelled = apply_flags(data, flagged, np.array([0, 1, 1, 1]), "mask", 3)
+    assert masked["label"] == data["label"] and masked[LABEL_KEPT] == [True, True, False, False]
+    assert per_class == [1, 1, 0] and relabelled is None

@@ -70,10 +70,11 @@ def test_clean_before_defaults_follow_the_preset(monkeypatch):
     assert action(["--pretrained", "--streaming"]) == "off"
 
 
-@pytest.mark.parametrize("action", ["remove", "relabel"])
+@pytest.mark.parametrize("action", ["remove", "relabel", "mask"])
 def test_clean_before_flags_the_training_split_with_the_starting_weights(tiny_mnist, tmp_path, action):
     """A run from --checkpoint: the vote over the starting model's features flags images, the run
-    trains on what is left (or relabelled), and clean_before.json lists what was flagged."""
+    trains on what is left (or relabelled, or on every image with the flagged labels masked), and
+    clean_before.json lists what was flagged."""
     from noisy_meta.finetune.checkpoint import save_weights
 
     torch.manual_seed(0)
@@ -88,6 +89,7 @@ def test_clean_before_flags_the_training_split_with_the_starting_weights(tiny_mn
     record = json.loads((output / "clean_before.json").read_text())
     flagged = len(record["flagged_index"])
     assert record["action"] == action and record["k"] == 5 and flagged == record["detection"]["num_flagged"] > 0
+    assert record["threshold"] == "per_class"
     assert record["detection"]["num_noisy"] > 0 and record["detection"]["precision"] is not None
     assert f"--clean-before {action}: {flagged} of 256 samples flagged" in " ".join(result.stdout.split())
     (epoch,) = metrics(output)

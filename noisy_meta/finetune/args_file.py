@@ -66,6 +66,7 @@ RESUME_BREAKING = (
     "iterations",
     "clean_before",
     "clean_before_k",
+    "clean_before_threshold",
 )
 #: Packages whose versions ``args.yaml`` records.
 _PACKAGES = ("noisy-meta", "torch", "timm", "accelerate", "datasets", "safetensors")

@@ -2,11 +2,13 @@
 
 The starting model (``--pretrained`` / ``--checkpoint`` weights) embeds every training image
 (eval transform, no augmentation); `noisy_meta.detect_label_noise` flags the images whose
-nearest neighbours mostly carry another label; the flagged images are removed from the
-training split, or relabelled with their neighbours' class. What was flagged is written to
-``<output-dir>/clean_before.json`` (the flagged images' ``index``, the suggested labels, the
-detection quality where clean labels are known) and the vote as cleanlab's ``pred_probs``
-(``clean_before_pred_probs.npz``).
+nearest neighbours mostly carry another label (``--clean-before-threshold``: per-class
+thresholds or the majority vote); the flagged images are removed from the training split,
+relabelled with their neighbours' class, or masked: kept, with a ``label_kept`` column that
+keeps their labels out of the loss on the labels while the meta step and the mentor still see
+them. What was flagged is written to ``<output-dir>/clean_before.json`` (the flagged images'
+``index``, the suggested labels, the detection quality where clean labels are known) and the
+vote as cleanlab's ``pred_probs`` (``clean_before_pred_probs.npz``).
 
 Every rank computes the same flags (same weights, same images, a deterministic search), so
 the training split stays identical across processes. The draw of the classifier's random
@@ -35,9 +37,10 @@ from .settings import RunContext
 
 
 def clean_before_training(context: RunContext, train_set: Dataset, num_classes: int, output_dir: Path) -> Dataset:
-    """The training split after ``--clean-before remove|relabel``."""
+    """The training split after ``--clean-before remove|relabel|mask``."""
     settings, accelerator, console = context.settings, context.accelerator, context.console
     action, k = settings.clean_before, settings.meta.clean_before_k
+    threshold = settings.meta.clean_before_threshold
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         model = create_model(settings.model, num_classes)
@@ -52,18 +55,20 @@ def clean_before_training(context: RunContext, train_set: Dataset, num_classes: 
     labels = np.asarray(train_set[LABEL], dtype=np.int64)
     clean = np.asarray(train_set[CLEAN_LABEL], dtype=np.int64)  # OUTSIDE (< 0) for an open-set image
     known = clean if all(value is not None for value in train_set[IS_NOISY]) else None
-    found = detect_label_noise(features, labels, num_classes=num_classes, k=k, clean_labels=known)
+    vote = None if threshold == "majority" else threshold
+    found = detect_label_noise(features, labels, num_classes=num_classes, k=k, threshold=vote, clean_labels=known)
     cleaned, per_class, relabelled_correct = apply_flags(
         train_set, found.flagged, found.suggested_labels, action, num_classes
     )
     seconds = time.perf_counter() - started
+    left = f"{int((~found.flagged).sum())} labels" if action == "mask" else f"{len(cleaned)} training images"
     console.print(
-        f"--clean-before {action}: {found.summary()}; {len(cleaned)} training images left "
+        f"--clean-before {action}: {found.summary()}; {left} left "
         f"({seconds:.1f} s; flags in {output_dir / CLEAN_BEFORE_FILE})"
     )
     if accelerator.is_main_process:
         index = np.asarray(train_set[INDEX], dtype=np.int64)
-        _write(output_dir, action, k, found, labels, index, per_class, relabelled_correct, seconds)
+        _write(output_dir, action, k, threshold, found, labels, index, per_class, relabelled_correct, seconds)
     return cleaned
 
 
@@ -71,6 +76,7 @@ def _write(
     output_dir: Path,
     action: str,
     k: int,
+    threshold: str,
     found: LabelNoiseDetection,
     labels: np.ndarray,
     index: np.ndarray,
@@ -82,6 +88,7 @@ def _write(
     record = {
         "action": action,
         "k": k,
+        "threshold": threshold,
         "detection": vars(found.report),
         "remaining_per_class": per_class,
         "relabelled_correct": relabelled_correct,

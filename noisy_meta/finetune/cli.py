@@ -43,7 +43,9 @@ _OPEN_CHOICES = ("fast_params",)
 #: ``--loss`` values (`noisy_meta.losses`).
 LOSSES = ("cross_entropy", "gce", "sce")
 #: ``--clean-before`` values: noise detection with the starting weights before training.
-CLEAN_BEFORE_ACTIONS = ("off", "remove", "relabel")
+CLEAN_BEFORE_ACTIONS = ("off", "remove", "relabel", "mask")
+#: ``--clean-before-threshold`` values (`noisy_meta.detect_label_noise`'s ``threshold``).
+CLEAN_BEFORE_THRESHOLDS = ("per_class", "majority")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,11 +252,20 @@ def _meta_flags(parser: argparse.ArgumentParser) -> None:
         choices=CLEAN_BEFORE_ACTIONS,
         default=None,
         help="before training, flag the training images whose nearest neighbours in the starting model's features "
-        "mostly carry another label (noisy_meta.detect_label_noise) and remove or relabel them; the flags go to "
+        "mostly carry another label (noisy_meta.detect_label_noise) and remove or relabel them, or mask them (their "
+        "labels out of the loss on the labels, the images still in the meta step and the mentor); the flags go to "
         f"<output-dir>/clean_before.json. Default: {FINETUNE_CLEANING} with --preset finetune from pretrained weights, "
         "off otherwise (on the fine-tuning benchmark removing helped a ResNet and hurt a ViT: benchmarks/RESULTS.md)",
     )
     meta.add_argument("--clean-before-k", type=positive_int, default=10, help="neighbours in the --clean-before vote")
+    meta.add_argument(
+        "--clean-before-threshold",
+        choices=CLEAN_BEFORE_THRESHOLDS,
+        default="per_class",
+        help="which images the --clean-before vote flags: per_class (confident learning's per-class thresholds read "
+        "from the vote: few flags on a clean training set) or majority (another class has more votes than the given "
+        "label)",
+    )
     for field in dataclasses.fields(MetaNoiseConfig):
         if field.name not in NO_FLAG_FIELDS:
             _add_field_flag(meta, field)

@@ -20,6 +20,7 @@ from datasets import (
     load_from_disk,
 )
 
+from ..labels.cleaning import LABEL_KEPT
 from ..labels.noise import OPEN_SET, NoisyLabels, OpenSetNoise, class_map_without
 from ..labels.noisy_datasets import (
     CLEAN_LABEL,
@@ -358,20 +359,26 @@ def attach_transform(dataset: Dataset, transform: Callable[[Any], torch.Tensor] 
         return transform(image, index) if isinstance(transform, SeededAugmentation) else transform(image)
 
     def apply(batch: dict[str, list]) -> dict[str, Any]:
-        return {
+        columns = {
             "pixel_values": [pixels(image, index) for image, index in zip(batch["image"], batch["index"])],
             "label": batch["label"],
             CLEAN_COLUMN: batch[CLEAN_COLUMN],
             "index": batch["index"],
         }
+        if LABEL_KEPT in batch:  # --clean-before mask
+            columns[LABEL_KEPT] = batch[LABEL_KEPT]
+        return columns
 
     return dataset.with_transform(apply)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
+    batch = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
         CLEAN_COLUMN: torch.tensor([s[CLEAN_COLUMN] for s in samples], dtype=torch.long),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
     }
+    if LABEL_KEPT in samples[0]:  # --clean-before mask
+        batch[LABEL_KEPT] = torch.tensor([s[LABEL_KEPT] for s in samples], dtype=torch.bool)
+    return batch

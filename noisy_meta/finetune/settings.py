@@ -157,6 +157,7 @@ class MetaSettings:
     preset: str | None = None
     clean_before: str | None = None
     clean_before_k: int = 10
+    clean_before_threshold: str = "per_class"
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     defaulted: frozenset[str] = frozenset()
 
@@ -257,6 +258,7 @@ class RunSettings:
                 flags["preset"],
                 flags["clean_before"],
                 flags["clean_before_k"],
+                flags["clean_before_threshold"],
                 MappingProxyType(meta_fields),
                 frozenset(name[len("meta_") :] for name in filled if name.startswith("meta_")),
             ),

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from ..labels.cleaning import iter_probabilities
+from ..labels.cleaning import LABEL_KEPT, iter_probabilities
 from ..labels.noise import OUTSIDE
 from ..labels.noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
@@ -68,7 +68,7 @@ def train_one_epoch(
     for position, batch in enumerate(loader.batches(done), done + 1):
         lr = wrapper.optimizer.param_groups[0]["lr"]  # what this update steps with
         with accelerator.accumulate(wrapper.model):
-            stats = wrapper.step(batch["pixel_values"], batch["label"])
+            stats = wrapper.step(batch["pixel_values"], batch["label"], batch.get(LABEL_KEPT))
         for key in TRAIN_STATS:
             state.totals[key] += stats[key]
         if math.isfinite(stats["fast_step"]):  # a meta step ran

@@ -128,10 +128,15 @@ def clean_dataset(
     return result, CleaningReport(config, detection, counts, relabelled_correct)
 
 
+#: The column `apply_flags` adds for ``action="mask"``: whether the loss on the labels uses the row's label.
+LABEL_KEPT = "label_kept"
+
+
 def apply_flags(
     dataset: Dataset, flagged: np.ndarray, suggested: np.ndarray, action: str, num_classes: int
 ) -> tuple[Dataset, list[int], int | None]:
-    """``dataset`` with the ``flagged`` rows removed, or relabelled with ``suggested`` (``is_noisy`` updated).
+    """``dataset`` with the ``flagged`` rows removed, relabelled with ``suggested`` (``is_noisy`` updated), or
+    masked: every row kept, with a `LABEL_KEPT` column (False where flagged) for the loss on the labels.
 
     Returns the new data set, the samples left per class, and (relabel, clean labels known) how
     many relabelled samples got their true class.
@@ -141,6 +146,9 @@ def apply_flags(
     relabelled_correct = None
     if action == "remove":
         result = dataset.select(np.flatnonzero(~flagged))
+        remaining = labels[~flagged]
+    elif action == "mask":
+        result = dataset.add_column(LABEL_KEPT, (~np.asarray(flagged, dtype=bool)).tolist())
         remaining = labels[~flagged]
     else:
         new_labels = np.where(flagged, suggested, labels)
