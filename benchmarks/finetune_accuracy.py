@@ -302,6 +302,7 @@ def run(job: Job) -> dict[str, Any]:
         linear_probe(model, data, method.probe, job)
     total = job.epochs * steps_per_epoch
     meta_stats: dict[str, list[float]] = {}
+    meta_epochs: list[int] = []  # the epoch of each meta step
     if method.meta is None:
         loop = PlainLoop(model, job.lr, total, method.loss)
         mentor = loop.ema.module
@@ -322,6 +323,7 @@ def run(job: Job) -> dict[str, Any]:
             if stats["meta_weight"] > 0:  # what the meta step did once it was on
                 for key in ("labels_changed", "meta_loss", "fast_divergence", "fast_step"):
                     meta_stats.setdefault(key, []).append(float(stats[key]))
+                meta_epochs.append((wrapper.num_updates - 1) // steps_per_epoch)
 
         mentor = wrapper.mentor
     curves: dict[str, list[float]] = {f"{w}_{split}": [] for w in ("student", "mentor") for split in ("val", "test")}
@@ -338,7 +340,7 @@ def run(job: Job) -> dict[str, Any]:
     return {
         "fit": {who: training_fit(network, data) for who, network in (("student", model), ("mentor", mentor))},
         "meta_stats": {k: _finite_mean(v) for k, v in meta_stats.items()} if meta_stats else None,
-        "meta_curves": meta_curves(meta_stats, steps_per_epoch) if meta_stats else None,
+        "meta_curves": meta_curves(meta_stats, meta_epochs, job.epochs) if meta_stats else None,
         "detection": detection,
         "arch": job.arch,
         "setting": job.setting,
@@ -361,11 +363,10 @@ def _finite_mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
-def meta_curves(meta_stats: dict[str, list[float]], steps_per_epoch: int) -> dict[str, list[float]]:
-    """The meta step's statistics averaged over blocks of about an epoch's meta steps (for per-epoch curves)."""
-    block = max(1, steps_per_epoch // 5)  # the recipe's schedule: a meta step on every 5th update
+def meta_curves(meta_stats: dict[str, list[float]], epochs_of: list[int], epochs: int) -> dict[str, list[float]]:
+    """The meta step's statistics per epoch (the mean over the epoch's meta steps; NaN before the meta step starts)."""
     return {
-        key: [_finite_mean(values[i : i + block]) for i in range(0, len(values), block)]
+        key: [_finite_mean([v for v, e in zip(values, epochs_of) if e == epoch]) for epoch in range(epochs)]
         for key, values in meta_stats.items()
     }
 

@@ -166,3 +166,23 @@ def test_gpu_benchmark_refuses_a_machine_without_cuda():
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "no CUDA device here" in result.stderr
+
+
+def test_fast_step_curves_plots_both_models(tmp_path):
+    pytest.importorskip("matplotlib")
+    curves = benchmark_module("fast_step_curves")
+    runs = [
+        {
+            "arch": arch,
+            "setting": "sym40",
+            "seed": 0,
+            "method": "mlnt_kl",
+            "config": {"inner_divergence": 0.05},
+            "student_val": [0.4, 0.5, 0.55],
+            "meta_curves": {"fast_divergence": [float("nan"), 0.05, 0.049], "fast_step": [float("nan"), 0.01, 0.02]},
+        }
+        for arch in ("resnet", "vit")
+    ]
+    (tmp_path / "tune.json").write_text(json.dumps(runs))
+    curves.main([str(tmp_path / "tune.json"), "--output", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
