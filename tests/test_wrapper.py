@@ -1,4 +1,6 @@
-"""Invariants of a whole iteration: BatchNorm buffers, determinism, mentor, schedules, own loops."""
+"""Invariants of a whole iteration: BatchNorm buffers, determinism, mentor, schedules, own loops, state.
+
+Where the fast weights act: test_fast_scopes.py; the consistency-only and batched variants: test_meta_variants.py."""
 
 from __future__ import annotations
 
@@ -6,12 +8,10 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
-from noisy_meta.fast_weights import forward_with_cloned_buffers, select_fast_params
 
 from helpers import TinyMLP, buffers, image_batch, make_wrapper, tiny_resnet
 
@@ -73,6 +73,18 @@ def test_seed_none_follows_torch_manual_seed():
         return make_wrapper(model, seed=None).step(*resnet_batch())["labels_changed"]
 
     assert labels_changed() == labels_changed()
+
+
+def test_building_the_meta_step_draws_nothing_from_the_global_rng():
+    """A framework that restores its RNG states on resume builds the wrapper after it: a draw would shift the run."""
+    from noisy_meta import compat
+
+    compat._replacements.cache_clear()  # the double-backward probe runs again
+    torch.manual_seed(9)
+    model = tiny_resnet()
+    before = torch.get_rng_state()
+    make_wrapper(model, seed=None, first_order=False)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_zero_meta_weight_is_plain_cross_entropy_training():
@@ -291,183 +303,6 @@ def test_mlp_without_timm_api_uses_outputs_as_features(mlp64, batch64):
     assert isinstance(mlp64, TinyMLP)
 
 
-@pytest.mark.parametrize(
-    "name, first, last",
-    [("resnet18", "layer4.0.conv1.weight", "fc.bias"), ("test_vit", "blocks.5.norm1.weight", "head.bias")],
-)
-def test_last_stage_selects_the_last_feature_stage_and_everything_after(name, first, last):
-    import timm
-
-    from noisy_meta import select_fast_params
-
-    model = timm.create_model(name, num_classes=4)
-    selected = select_fast_params(model, "last_stage")
-    names = [n for n, _ in model.named_parameters()]
-    assert selected[0] == first and selected[-1] == last
-    assert selected == names[names.index(first) :]  # contiguous: the stage, final norms, the head
-    assert set(select_fast_params(model, "head")) < set(selected)
-
-
-def test_meta_every_runs_the_meta_step_on_every_nth_update_only():
-    torch.manual_seed(0)
-    model = tiny_resnet()
-    wrapper = make_wrapper(model, meta_every=3)
-    x, y = resnet_batch()
-    weights = [wrapper.step(x, y)["meta_weight"] for _ in range(6)]
-    assert weights == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    config = MetaNoiseConfig(ramp_start=4, ramp_end=4, meta_every=2)
-    assert [config.meta_weight_at(step) for step in range(8)] == [0, 0, 0, 0, 1, 0, 1, 0]
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
-def test_cheap_modes_share_the_trunk_and_equal_the_general_path(first_order, mode, same_params):
-    """`fast_params="head"` / `"last_stage"` (trunk once) == the same parameters selected by pattern (trunk per set)."""
-    torch.manual_seed(0)
-    model = tiny_resnet().double()
-    general_model = copy.deepcopy(model)
-    shared = make_wrapper(model, fast_params=mode, first_order=first_order)
-    general = make_wrapper(general_model, fast_params=same_params, first_order=first_order)
-    assert select_fast_params(model, mode) == select_fast_params(general_model, same_params)
-    calls = []
-    handle = model.layer1.register_forward_hook(
-        lambda _m, args, _out: calls.append((args[0].shape[0], torch.is_grad_enabled()))
-    )
-    for seed in range(3):
-        x, y = resnet_batch(seed=seed)
-        a, b = shared.step(x.double(), y), general.step(x.double(), y)
-        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
-    handle.remove()
-    assert shared.trunk_shared is True
-    full_batch = [grad for size, grad in calls if size == 12]
-    assert len(full_batch) == 1 + 3  # the one-time check, then the student's forward only, once per step
-    skipped = [(size, grad) for size, grad in calls if size != 12]  # last_stage: the trunk before the substitution
-    assert all(size == 2 and not grad for size, grad in skipped) and (len(skipped) > 0) == (mode == "last_stage")
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
-
-
-def test_the_shared_trunk_with_the_relative_step_equals_the_general_path():
-    """The scale-free step on the last stage: trunk once == the same parameters by pattern (trunk per set)."""
-    torch.manual_seed(0)
-    model = tiny_resnet().double()
-    general_model = copy.deepcopy(model)
-    step = dict(inner_step="relative", inner_radius=0.02)
-    shared = make_wrapper(model, fast_params="last_stage", **step)
-    general = make_wrapper(general_model, fast_params=["layer4.*", "fc.*"], **step)
-    for seed in range(2):
-        x, y = resnet_batch(seed=seed)
-        a, b = shared.step(x.double(), y), general.step(x.double(), y)
-        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
-    assert shared.trunk_shared is True
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
-def test_cheap_modes_with_a_frozen_trunk(mode, same_params):
-    """Linear probing / last-stage tuning: a trunk without trainable parameters still trains the rest."""
-    torch.manual_seed(0)
-    model = tiny_resnet().double()
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name.startswith(prefix.rstrip("*")) for prefix in same_params))
-    general_model = copy.deepcopy(model)
-    shared, general = make_wrapper(model, fast_params=mode), make_wrapper(general_model, fast_params=same_params)
-    x, y = resnet_batch()
-    a, b = shared.step(x.double(), y), general.step(x.double(), y)
-    assert shared.trunk_shared is True and a["skipped"] == 0.0
-    assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-10)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-10, atol=1e-12)
-
-
-def test_head_mode_falls_back_when_the_model_is_not_its_timm_split():
-    torch.manual_seed(0)
-    model = tiny_resnet()
-    model.forward = lambda x: type(model).forward(model, x) * 2.0  # no longer classifier(pre_logits)
-    wrapper = make_wrapper(model, fast_params="head")
-    stats = wrapper.step(*resnet_batch())
-    assert wrapper.trunk_shared is False and stats["skipped"] == 0.0
-
-
-@pytest.mark.parametrize("bypass", ["batch mean", "per sample"])
-def test_last_stage_falls_back_when_the_input_reaches_the_output_around_the_stage(bypass):
-    """A path from the input to the output that skips the last stage: no shared trunk, same training."""
-    torch.manual_seed(0)
-    model = tiny_resnet()
-    extra = {"batch mean": lambda x: x.mean(), "per sample": lambda x: x.flatten(1).mean(1, keepdim=True)}[bypass]
-    model.forward = lambda x: type(model).forward(model, x) + extra(x)
-    general_model = copy.deepcopy(model)
-    general_model.forward = lambda x: type(general_model).forward(general_model, x) + extra(x)
-    wrapper = make_wrapper(model, fast_params="last_stage")
-    general = make_wrapper(general_model, fast_params=["layer4.*", "fc.*"])
-    x, y = resnet_batch()
-    a, b = wrapper.step(x, y), general.step(x, y)
-    assert wrapper.trunk_shared is False and torch.is_grad_enabled()
-    assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-6)
-
-
-# ------------------------------------------------------------------ num_synthetic=0: the consistency-only ablation
-
-
-@pytest.mark.parametrize("fast_params, update_rule", [("all", "joint"), ("head", "joint"), ("all", "sequential")])
-def test_no_synthetic_sets_is_consistency_with_the_mentor_at_the_student_weights(fast_params, update_rule):
-    """num_synthetic=0: CE + w * KL(mentor || student) on the real forward, no neighbours, no fast weights."""
-    torch.manual_seed(0)
-    model = tiny_resnet().double()
-    reference = copy.deepcopy(model)
-    wrapper = make_wrapper(
-        model,
-        num_synthetic=0,
-        meta_weight=0.7,
-        fast_params=fast_params,
-        update_rule=update_rule,
-        mentor_decay_ramp=0.5,
-        mentor_decay=0.5,
-        mentor_warmup=False,
-    )
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-    mentor = copy.deepcopy(reference).eval()
-    for seed in range(3):
-        x, y = resnet_batch(seed=seed)
-        x = x.double()
-        stats = wrapper.step(x, y)
-        with torch.no_grad():
-            mentor_log_probs = F.log_softmax(mentor(x), dim=1)
-
-        def consistency(logits, mentor_log_probs=mentor_log_probs):
-            return F.kl_div(F.log_softmax(logits, 1), mentor_log_probs, log_target=True, reduction="batchmean")
-
-        if update_rule == "joint":
-            logits = reference(x)
-            meta = consistency(logits)
-            (F.cross_entropy(logits, y) + 0.7 * meta).backward()
-            optimizer.step()
-        else:  # the meta update on cloned BN buffers, then the CE update
-            meta = consistency(forward_with_cloned_buffers(reference, dict(reference.named_parameters()), x))
-            (0.7 * meta).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            F.cross_entropy(reference(x), y).backward()
-            optimizer.step()
-        optimizer.zero_grad()
-        with torch.no_grad():  # the mentor's EMA (decay 0.5), parameters and buffers
-            for (_, m), (_, s) in zip(mentor.state_dict().items(), reference.state_dict().items()):
-                m.copy_(s if not m.is_floating_point() else 0.5 * m + 0.5 * s)
-        assert stats["labels_changed"] == 0.0 and stats["meta_weight"] == 0.7
-        assert stats["meta_loss"] == pytest.approx(float(meta.detach()), rel=1e-9) and stats["meta_loss"] > 0
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference.state_dict()[name], rtol=1e-9, atol=1e-11)
-
-
-def test_no_synthetic_sets_needs_no_neighbours():
-    torch.manual_seed(0)
-    wrapper = make_wrapper(tiny_resnet(), num_synthetic=0, num_neighbors=10)
-    x, y = resnet_batch()
-    stats = wrapper.step(x[:4], y[:4])  # fewer samples than num_neighbors: fine without neighbour search
-    assert stats["skipped"] == 0.0
-
-
 def test_for_run_length_scales_the_schedules_and_keeps_overrides():
     config = MetaNoiseConfig.for_run_length(1000, meta_weight=2.0)
     assert (config.ramp_start, config.ramp_end) == (100, 400) and config.meta_weight == 2.0
@@ -480,63 +315,3 @@ def test_for_run_length_scales_the_schedules_and_keeps_overrides():
         MetaNoiseConfig.for_run_length(0)
     with pytest.raises(TypeError, match="unknown MetaNoiseConfig field"):
         MetaNoiseConfig.for_run_length(100, meta_wieght=1.0)
-
-
-# ------------------------------------------------------------------ sets_per_pass: several sets in one batched pass
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("fast_params", ["all", "last_stage", "head"])
-def test_batched_sets_give_the_sequential_update_on_a_batchnorm_resnet(first_order, fast_params):
-    """sets_per_pass=M: the same parameters, BatchNorm buffers and mentor as one set at a time."""
-    torch.manual_seed(0)
-    model = tiny_resnet().double()
-    batched_model = copy.deepcopy(model)
-    one_at_a_time = make_wrapper(model, first_order=first_order, fast_params=fast_params)
-    batched = make_wrapper(batched_model, first_order=first_order, fast_params=fast_params, sets_per_pass=3)
-    calls = []
-    handle = batched_model.layer4.register_forward_hook(lambda *args: calls.append(1))
-    for seed in range(2):
-        x, y = resnet_batch(seed=seed)
-        a, b = one_at_a_time.step(x.double(), y), batched.step(x.double(), y)
-        assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-9) and a["meta_loss"] > 0
-    handle.remove()
-    # all: per step the student's forward and all 3 fast forwards in one vmap (one at a time: 1 + 3);
-    # head: the one-time trunk check, then the student's forward; last_stage: the check (model and
-    # resumed model), then per step the student, the suffix on the trunk output, one vmap
-    assert len(calls) == {"all": 2 * 2, "head": 1 + 2, "last_stage": 2 + 2 * 3}[fast_params]
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, batched_model.state_dict()[name], rtol=1e-9, atol=1e-11)
-    for name, value in one_at_a_time.mentor.state_dict().items():
-        torch.testing.assert_close(value, batched.mentor.state_dict()[name], rtol=1e-9, atol=1e-11)
-
-
-def test_batched_sets_draw_dropout_per_set():
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "resnet18", num_classes=4, layers=(1, 1, 1, 1), stem_width=8, channels=(8, 16, 16, 32), drop_rate=0.3
-    )
-    wrapper = make_wrapper(model, sets_per_pass=3)
-    stats = wrapper.step(*resnet_batch())  # vmap refuses random ops unless told how to draw them
-    assert stats["skipped"] == 0.0 and math.isfinite(stats["meta_loss"])
-
-
-def test_a_model_that_vmap_cannot_run_is_named_with_the_fix():
-    class ItemCallingMLP(TinyMLP):
-        def forward(self, x):
-            hidden = torch.tanh(self.fc1(x))
-            if hidden.isnan().any().item():  # .item() of a tensor that differs per set: no batched form
-                raise ValueError("NaN activations")
-            return self.fc2(hidden)
-
-    torch.manual_seed(0)
-    model = ItemCallingMLP()
-    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
-    before = copy.deepcopy(model.state_dict())
-    wrapper = make_wrapper(model, num_neighbors=3, sets_per_pass=2)
-    with pytest.raises(RuntimeError, match="sets_per_pass > 1 runs the fast forwards under torch.func.vmap"):
-        wrapper.step(x, y)
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name])
-    assert all(p.grad is None for p in model.parameters())
-    assert make_wrapper(ItemCallingMLP(), num_neighbors=3).step(x, y)["skipped"] == 0.0  # one set per pass works
