@@ -21,6 +21,7 @@ def test_every_config_field_has_a_flag_that_reaches_the_config():
         "inner_step": ("relative", "relative"),
         "inner_lr": ("0.05", 0.05),
         "inner_radius": ("0.02", 0.02),
+        "inner_divergence": ("0.05", 0.05),
         "first_order": (None, True),
         "fast_params": ("layer4.*,fc.*", ("layer4.*", "fc.*")),
         "meta_every": ("2", 2),

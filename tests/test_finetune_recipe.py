@@ -25,7 +25,7 @@ def test_runs_from_pretrained_weights_get_the_fine_tuning_recipe():
     for name, value in FINETUNE_PRESET.items():
         assert getattr(config, name) == value and chosen[name] == value
     config, _ = resolve_meta_config(parse(["--pretrained", "--inner-radius", "0.2", "--meta-every", "2"]), 1000)
-    assert (config.inner_radius, config.meta_every, config.inner_step) == (0.2, 2, "relative")  # flags win
+    assert (config.inner_radius, config.meta_every, config.inner_step) == (0.2, 2, FINETUNE_PRESET["inner_step"])
     config, _ = resolve_meta_config(parse([]), 1000)  # from scratch: the library's
     assert config.inner_step == MetaNoiseConfig().inner_step and config.meta_every == 1
 
