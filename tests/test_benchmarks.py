@@ -186,3 +186,20 @@ def test_fast_step_curves_plots_both_models(tmp_path):
     (tmp_path / "tune.json").write_text(json.dumps(runs))
     curves.main([str(tmp_path / "tune.json"), "--output", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_finetune_pick_ranks_candidates_by_their_worst_margin_over_the_best_baseline(tmp_path, capsys):
+    pick = benchmark_module("finetune_pick")
+
+    def run(arch, method, val):
+        curve = [val - 0.1, val]  # the final epoch is the best one
+        return {"arch": arch, "setting": "sym40", "method": method, "student_val": curve, "mentor_val": curve}
+
+    runs = [run("resnet", "ce", 0.5), run("resnet", "gce", 0.55), run("vit", "ce", 0.5), run("vit", "gce", 0.4)]
+    runs += [run("resnet", "mlnt_kl", 0.56), run("vit", "mlnt_kl", 0.45)]  # +1 and -5 points
+    (tmp_path / "a.json").write_text(json.dumps(runs))
+    order, table = pick.margins([tmp_path / "a.json"])
+    assert order == [("resnet", "sym40"), ("vit", "sym40")]
+    assert table["mlnt_kl (a)"] == [pytest.approx((1.0, 1.0)), pytest.approx((-5.0, -5.0))]
+    pick.main([str(tmp_path / "a.json")])
+    assert "| mlnt_kl (a) | -5.0 |" in capsys.readouterr().out
