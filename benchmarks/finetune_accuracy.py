@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default=str(CACHE), help="directory of the pretrained backbones (safetensors)")
     parser.add_argument("--replot", action="store_true", help="redraw the chart from <output>/runs.json; no runs")
     parser.add_argument(
+        "--report", action="store_true", help="no runs: the table, the chart and the RESULTS.md section of runs.json"
+    )
+    parser.add_argument(
         "--merge",
         action="store_true",
         help="add these runs to <output>/runs.json (replacing the same regime, model, setting, method and seed) and "
@@ -660,9 +663,11 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds
     ]
     command = "python benchmarks/finetune_accuracy.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.report:  # no runs: the section from what runs.json holds
+        jobs, args.merge, command = [], True, ""
     print(f"{len(jobs)} runs on {args.workers} worker processes: {command}", flush=True)
     started = time.perf_counter()
-    results = run_all(jobs, args.workers)
+    results = run_all(jobs, args.workers) if jobs else []
     minutes = (time.perf_counter() - started) / 60
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -673,11 +678,14 @@ def main(argv: list[str] | None = None) -> None:
         results = merged(json.loads(runs_file.read_text()), results)
         ran = f"The last command: {minutes:.1f} min for {len(jobs)} runs, merged with the earlier ones "
         ran += f"({len(results)} runs)."
+        if args.report:
+            ran = f"{len(results)} runs; wall time per run in the table."
         earlier = commands_file.read_text().splitlines() if commands_file.exists() else [DEFAULT_COMMAND]
-        commands = list(dict.fromkeys([*earlier, command.strip()]))  # a command run again is listed once
+        commands = list(dict.fromkeys([*earlier, command.strip()] if command else earlier))  # each command once
         args.regimes = [regime for regime in REGIMES if any(run_key(r)[0] == regime for r in results)]
         args.archs = [arch for arch in ARCHS if any(r["arch"] == arch for r in results)]
         args.settings = [setting for setting in SETTINGS if any(r["setting"] == setting for r in results)]
+        args.seeds = sorted({r["seed"] for r in results})
     runs_file.write_text(json.dumps(results, indent=1) + "\n")
     if not args.tune:
         commands_file.write_text("\n".join(commands) + "\n")
