@@ -95,7 +95,8 @@ from results_file import parse_value, run_pool, write_section
 from torch import nn
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
-from noisy_meta.config import FAST_PRESET, FINETUNE_CLEANING, FINETUNE_PRESET
+from noisy_meta.config import FAST_PRESET, FINETUNE_PRESET
+from noisy_meta.finetune.settings import FINETUNE_CLEANING
 from noisy_meta.labels.detection import detect_label_noise, extract_features
 
 HERE = Path(__file__).parent

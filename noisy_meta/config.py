@@ -369,10 +369,6 @@ FINETUNE_PRESET: dict[str, Any] = {
 #: training loss spike at the end of the warm-up of timm's own ``train.py`` (benchmarks/RESULTS.md,
 #: "MLNT inside timm's train.py").
 LOOP_DEFAULTS: dict[str, Any] = {**FINETUNE_PRESET, "compensate_meta_every": False}
-#: What the fine-tuning recipe does before training (``--clean-before``): ``"off"``: neither removing
-#: nor masking what the neighbour vote over the pretrained features flags helped both of the fine-tuning
-#: benchmark's models on its noisy validation split (benchmarks/RESULTS.md).
-FINETUNE_CLEANING = "off"
 
 #: The fields `MetaNoiseConfig.for_run_length` sets from the run length.
 RUN_LENGTH_FIELDS = ("ramp_start", "ramp_end", "mentor_decay_ramp", "mentor_decay")

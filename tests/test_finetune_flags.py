@@ -99,3 +99,33 @@ def test_bad_flag_values_are_refused():
         build_parser().parse_args(["--update-rule", "both"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--compensate-meta-every", "half"])
+
+
+def test_every_flag_default_agrees_with_its_settings_field():
+    """A default is written twice (argparse, the settings dataclass): they must agree, except where the data set's
+    defaults fill the flag (None on the command line) or the settings convert it (a list to a tuple, a path)."""
+    import dataclasses
+    from pathlib import Path
+
+    from noisy_meta.finetune import settings
+
+    flags = vars(build_parser().parse_args([]))
+    filled_by_the_data_set = {"aug", "epochs"}
+    groups = (settings.ModelSettings, settings.DataSettings, settings.OptimSettings, settings.MetaSettings)
+    groups += (settings.IterativeSettings, settings.ControlSettings, settings.OutputSettings)
+    checked = 0
+    for group in groups:
+        for field in dataclasses.fields(group):
+            if field.default is dataclasses.MISSING or field.name not in flags:
+                continue
+            value = flags[field.name]
+            if field.name in filled_by_the_data_set:
+                assert value is None, field.name
+                continue
+            if isinstance(field.default, tuple):
+                value = tuple(value or ())
+            if isinstance(field.default, Path):
+                value = Path(value)
+            assert value == field.default, f"--{field.name.replace('_', '-')}: {value!r} != {field.default!r}"
+            checked += 1
+    assert checked > 40

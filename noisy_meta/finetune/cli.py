@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, NoReturn, get_args
 
-from ..config import FINETUNE_CLEANING, RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
+from ..config import RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA
 from ..labels.noise import NOISE_KINDS, OPEN_SET
 from .args_file import read_config_file
@@ -28,6 +28,7 @@ from .flag_checks import (
 from .names import ARGS_FILE, EMBEDDED, MODEL_CARD_FILE, PRED_PROBS_FILE, REPORT_FILE, TRACKERS, TRACKING_DIR
 from .settings import (
     EMBEDDED_DEFAULTS,
+    FINETUNE_CLEANING,
     FINETUNE_META_DEFAULTS,
     GENERAL_DEFAULTS,
     NO_FLAG_FIELDS,

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from ..config import (
     FAST_PARAM_NAMES,
     FAST_PRESET,
-    FINETUNE_CLEANING,
     FINETUNE_PRESET,
     RUN_LENGTH_FIELDS,
     MetaNoiseConfig,
@@ -68,6 +67,10 @@ FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic
 #: the fine-tuning recipe (`MetaNoiseConfig.finetune`, the default from pretrained weights), and
 #: the MetaNoiseConfig fields each sets.
 PRESETS: dict[str, dict[str, Any]] = {"full": {}, "fast": FAST_PRESET, "finetune": FINETUNE_PRESET}
+#: What the fine-tuning recipe does before training (``--clean-before``): ``"off"``: neither removing
+#: nor masking what the neighbour vote over the pretrained features flags helped both of the fine-tuning
+#: benchmark's models on its noisy validation split (benchmarks/RESULTS.md).
+FINETUNE_CLEANING = "off"
 #: MetaNoiseConfig fields with no flag of their own: the loss on the given labels comes from
 #: ``--loss`` / ``--smoothing`` / ``--gce-q``.
 NO_FLAG_FIELDS = ("criterion",)
