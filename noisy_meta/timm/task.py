@@ -130,6 +130,8 @@ class MetaNoiseTask(TrainingTask):
         self._scale_at_forward: float | None = None
         self._runtime = TrainingRuntime(model, optimizer)
         self._double_backward_checked = config.first_order
+        #: What the last meta step did (`MetaNoiseWrapper.last_meta`), as detached scalars.
+        self.last_meta: dict[str, torch.Tensor] = {}
         if verbose:
             _logger.info(f"{type(self).__name__}: {config}")
 
@@ -139,7 +141,9 @@ class MetaNoiseTask(TrainingTask):
         """The student's forward, its loss on the given labels and the weighted meta loss.
 
         Returns ``loss`` (``ce_loss + meta_loss``, for the script's backward), ``output`` (the
-        student's logits), ``ce_loss`` and ``meta_loss`` (detached, for logging).
+        student's logits), ``ce_loss`` and ``meta_loss`` (detached, for logging), and the meta
+        step's figures under ``meta/`` (`last_meta`: ``meta/meta_loss`` unweighted,
+        ``meta/meta_weight``, ``meta/labels_changed``, ``meta/fast_divergence``, ``meta/fast_step``).
         """
         if target.is_floating_point() or target.dim() != 1:
             raise ValueError(
@@ -156,14 +160,17 @@ class MetaNoiseTask(TrainingTask):
         scale = self._loss_scale()
         self._scale_at_forward = scale
         student = parts.scope.around(input, output)
-        meta_loss = parts.objective.loss(input, target, student, self.meta_weight, scale)
+        weight = self.meta_weight
+        meta_loss, meta = parts.objective.loss(input, target, student, weight, scale)
         if not self._double_backward_checked and meta_loss.requires_grad:
             self._check_double_backward(meta_loss)
+        self.last_meta = meta.figures(weight)
         return {
             "loss": ce_loss + meta_loss,
             "output": output,
             "ce_loss": ce_loss.detach(),
             "meta_loss": meta_loss.detach(),
+            **{f"meta/{key}": value for key, value in self.last_meta.items()},
         }
 
     def fit_run_length(self, total_updates: int) -> None:
