@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_batch, check_outputs
 from .compat import make_twice_differentiable, unwrap_model
 from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
 from .fast_scope import WholeModel, make_scope
@@ -85,9 +84,3 @@ class MetaParts:
         scope = make_scope(module, config, fast_names)
         num_classes = getattr(module, "num_classes", None)
         return cls(module, params, teacher, objective, scope, changes, num_classes, resolve_criterion(config.criterion))
-
-    def check_batch(self, inputs: torch.Tensor, targets: torch.Tensor, config: MetaNoiseConfig) -> torch.Tensor:
-        return check_batch(inputs, targets, config, self.num_classes)
-
-    def check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        check_outputs(outputs, targets, self.num_classes)

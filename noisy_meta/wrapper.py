@@ -8,7 +8,6 @@ collaborator with one job:
   fast-weight step per set and the KL to the mentor (it owns the synthetic labels' generator);
 * `noisy_meta.fast_scope`: where the fast weights start (the whole model, or a suffix after
   a trunk that runs once);
-* `noisy_meta.update_rules`: how the losses become updates (joint or sequential);
 * `noisy_meta.gradients.GradientUpdate`: adding, all-reducing, clipping and applying the
   gradient, skipping non-finite updates, rolling back on failure;
 * `noisy_meta.update_state.UpdateState`: whether a micro-batch ends an update, what it did,
@@ -22,19 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .checks import check_label_mask
+from .checks import check_batch, check_label_mask, check_outputs
 from .compat import second_order_context
 from .config import MetaNoiseConfig
 from .fast_scope import SharedTrunk
 from .gradients import GradientUpdate
+from .meta_objective import MetaResult
 from .meta_parts import MetaParts, has_library_schedule, resolve_config
 from .runtime import TrainingRuntime
-from .update_rules import UPDATE_RULES, Stages
 from .update_state import UpdateState
 
 
@@ -136,10 +136,6 @@ class MetaNoiseWrapper:
         #: Where the updates stand (`UpdateState`): accumulating, stepped or skipped, and the counters.
         self.updates = UpdateState(self.runtime)
         self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad, self.updates)
-        self._stages = Stages(
-            self._scope, self._meta, self._grads, self.forward_context, self._check_outputs, parts.criterion
-        )
-        self._update_rule = UPDATE_RULES[config.update_rule]
         #: What the last meta step did (`step`, `meta_backward` or `meta_loss`), as detached scalar tensors
         #: (read them when you log: no device sync until then): ``meta_loss`` (``J``, unweighted),
         #: ``meta_weight``, ``labels_changed``, ``fast_divergence``, ``fast_step`` (NaN: no fast step ran).
@@ -177,8 +173,10 @@ class MetaNoiseWrapper:
         index, weight = self.num_updates, self.meta_weight
         self._grads.begin()
         with self._grads.rollback(self.module) as rollback, self.runtime.autocast():
-            # forward -> CE -> synthetic labels -> fast weights -> KL to the mentor -> update
-            outcome = self._update_rule(self._stages, inputs, targets, weight, label_mask)
+            if self.config.update_rule == "sequential":
+                outcome = self._sequential_update(inputs, targets, weight, label_mask)
+            else:
+                outcome = self._joint_update(inputs, targets, weight, label_mask)
             if outcome.stepped:
                 self.update_mentor()  # the mentor's EMA
         if not self.updates.accumulating:
@@ -187,6 +185,52 @@ class MetaNoiseWrapper:
             rollback.restore()
         self.last_meta = outcome.meta.figures(weight)
         return outcome.stats(weight, self._mentor.decay_at(index), self.num_skipped, self.num_updates)
+
+    def _joint_update(
+        self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, label_mask: torch.Tensor | None
+    ) -> Outcome:
+        """``update_rule="joint"`` (the reference code): one optimizer step on ``grad CE + w * grad J``; inside an
+        ``accelerator.accumulate`` window the gradient is held for the next micro-batch instead."""
+        grads = self._grads
+        with self.forward_context():
+            student = self._scope.forward(inputs, meta=weight > 0.0)  # forward (BatchNorm statistics move once)
+            label_loss = self._label_loss(student.logits, targets, label_mask)  # the loss on the given labels
+            meta = self._meta.backward(inputs, targets, student, weight, grads)  # synthetic sets, fast steps, KL
+            grads.add(label_loss, through=meta.through)
+        if not grads.sync:
+            grads.hold()
+            return Outcome(label_loss, meta, stepped=False, complete=True)
+        applied = grads.apply(label_loss, meta.loss)  # the update (skipped when not finite)
+        return Outcome(label_loss, meta, stepped=applied, complete=applied)
+
+    def _sequential_update(
+        self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, label_mask: torch.Tensor | None
+    ) -> Outcome:
+        """``update_rule="sequential"`` (the paper's notation): an optimizer step on ``w * grad J`` (from a forward
+        that leaves BatchNorm statistics untouched), then a fresh forward and an optimizer step on ``grad CE``."""
+        grads = self._grads
+        meta, meta_applied = MetaResult.off(inputs.device), True
+        if weight > 0.0:
+            with self.forward_context():
+                student = self._scope.forward(inputs, keep_buffers=True)
+                self._check_outputs(student.logits, targets)
+                meta = self._meta.backward(inputs, targets, student, weight, grads)
+            del student
+            meta_applied = grads.apply(meta.loss)
+        label_loss = self._label_loss(self._scope.module(inputs), targets, label_mask)
+        grads.add(label_loss)
+        applied = grads.apply(label_loss)
+        return Outcome(label_loss, meta, stepped=applied, complete=applied and meta_applied)
+
+    def _label_loss(self, logits: torch.Tensor, targets: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
+        """The loss on the given labels (``config.criterion``) on the samples ``label_mask`` keeps (all when
+        ``None``; 0 with the graph kept when it keeps none)."""
+        self._check_outputs(logits, targets)
+        if label_mask is None:
+            return self._parts.criterion(logits, targets)
+        if not bool(label_mask.any()):
+            return logits.sum() * 0.0
+        return self._parts.criterion(logits[label_mask], targets[label_mask])
 
     @torch.no_grad()
     def update_mentor(self) -> None:
@@ -313,10 +357,40 @@ class MetaNoiseWrapper:
         self._meta.load_state_dict(state)
 
     def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._parts.check_batch(inputs, targets, self.config)
+        return check_batch(inputs, targets, self.config, self._parts.num_classes)
 
     def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        self._parts.check_outputs(outputs, targets)
+        check_outputs(outputs, targets, self._parts.num_classes)
+
+
+@dataclass
+class Outcome:
+    """What an iteration did (`MetaNoiseWrapper.step`): its losses, whether the optimizer stepped, whether nothing
+    was skipped."""
+
+    label_loss: torch.Tensor
+    meta: MetaResult
+    stepped: bool
+    complete: bool
+
+    def stats(self, weight: float, mentor_decay: float, num_skipped: int, num_updates: int) -> dict[str, float]:
+        """`MetaNoiseWrapper.step`'s statistics (one device-to-host copy)."""
+        dtype = torch.promote_types(self.label_loss.dtype, self.meta.loss.dtype)
+        values = [self.label_loss.detach(), self.meta.loss, self.meta.changed, *self.meta.fast_step_values()]
+        label, meta, changed, divergence, relative_step = torch.stack([v.to(dtype) for v in values]).tolist()
+        return {
+            "loss": label + weight * meta,
+            "ce_loss": label,  # the loss on the given labels (cross-entropy unless configured), named as in 0.1
+            "meta_loss": meta,
+            "meta_weight": weight,
+            "labels_changed": changed,
+            "fast_divergence": divergence,
+            "fast_step": relative_step,
+            "mentor_decay": mentor_decay,
+            "skipped": float(not self.complete),
+            "num_skipped": float(num_skipped),
+            "step": float(num_updates),
+        }
 
 
 #: `update_mentor` warns once at this update when the meta step is still off under the

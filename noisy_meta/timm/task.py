@@ -34,6 +34,7 @@ import torch
 from timm.task import TrainingTask
 from torch import nn
 
+from ..checks import check_batch, check_outputs
 from ..compat import explain_double_backward_errors, second_order_context
 from ..config import LOOP_DEFAULTS, MetaNoiseConfig
 from ..meta_parts import MetaParts, has_library_schedule, resolve_config
@@ -152,10 +153,10 @@ class MetaNoiseTask(TrainingTask):
                 "transfer; run without --mixup / --cutmix (label smoothing in the criterion is fine)"
             )
         parts, config = self._parts, self.config
-        target = parts.check_batch(input, target, config)
+        target = check_batch(input, target, config, parts.num_classes)
         with second_order_context(not config.first_order):
             output = self.trainable_module(input)
-        parts.check_outputs(output, target)
+        check_outputs(output, target, parts.num_classes)
         ce_loss = self.criterion(output, target)
         scale = self._loss_scale()
         self._scale_at_forward = scale
