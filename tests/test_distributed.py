@@ -51,7 +51,7 @@ def test_two_processes_really_ran(ddp_results):
     assert ddp_results["distributed_type"] == "DistributedType.MULTI_CPU"
 
 
-@pytest.mark.parametrize("run", ["step_reduce", "step_broadcast", "step_first_order", "own_loop"])
+@pytest.mark.parametrize("run", ["step_reduce", "step_broadcast", "step_first_order", "step_kl_sized", "own_loop"])
 def test_ranks_hold_bitwise_identical_student_and_mentor(ddp_results, run):
     """After several meta steps on different data per rank: parameters, BatchNorm buffers, mentor."""
     assert ddp_results[f"{run}_identical"] is True
