@@ -17,7 +17,7 @@ with the run's shared seed), so that a run resumed from `state_dict` draws the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,6 @@ from .config import MetaNoiseConfig
 from .fast_scope import FastPass, StudentForward
 from .fast_weights import FastStepSize, InnerStep, meta_losses, upcast
 from .features import features_of
-from .gradients import GradientUpdate
 from .mentor import Mentor
 from .synthetic import nearest_neighbors, neighbor_label_transfer
 
@@ -125,9 +124,15 @@ class MetaObjective:
         labels: torch.Tensor,
         student: StudentForward,
         weight: float,
-        grads: GradientUpdate,
+        add_gradient: Callable[..., torch.Tensor | None],
+        grad_scale: float = 1.0,
     ) -> MetaResult:
-        """Add ``weight * grad J`` to the gradient, one pass of sets at a time (memory flat in M)."""
+        """Hand ``weight * J`` to ``add_gradient`` one pass of sets at a time (memory flat in M); return what the
+        meta step computed.
+
+        ``add_gradient(loss, retain_graph=..., wrt=...)`` differentiates each pass's loss into the gradient
+        (`noisy_meta.gradients.GradientUpdate.add`) and returns the gradient at ``wrt`` (the shared trunk's output)
+        when asked; ``grad_scale`` is fp16's loss scale for the inner gradients."""
         if weight == 0.0:
             return MetaResult.off(student.logits.device)
         inputs, labels, student = self.meta_batch(inputs, labels, student)
@@ -139,8 +144,8 @@ class MetaObjective:
         total, trunk_grad = None, None
         self.step_size.divergence = self.step_size.relative_step = None
         with fast.open() as logits, explain_double_backward_errors():
-            for losses in self._losses(fast, logits, targets, grads.runtime.loss_scale()):
-                grad = grads.add(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
+            for losses in self._losses(fast, logits, targets, grad_scale):
+                grad = add_gradient(losses.sum() * scale, retain_graph=retain, wrt=fast.trunk_leaf)
                 if fast.trunk_leaf is not None:
                     trunk_grad = grad if trunk_grad is None else trunk_grad + grad
                 total = losses.detach().sum() if total is None else total + losses.detach().sum()

@@ -195,7 +195,8 @@ class MetaNoiseWrapper:
         with self.forward_context():
             student = self._scope.forward(inputs, meta=weight > 0.0)  # forward (BatchNorm statistics move once)
             label_loss = self._label_loss(student.logits, targets, label_mask)  # the loss on the given labels
-            meta = self._meta.backward(inputs, targets, student, weight, grads)  # synthetic sets, fast steps, KL
+            # the meta step: synthetic label sets, a fast step each, the KL to the mentor, its gradient
+            meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             grads.add(label_loss, through=meta.through)
         if not grads.sync:
             grads.hold()
@@ -214,7 +215,7 @@ class MetaNoiseWrapper:
             with self.forward_context():
                 student = self._scope.forward(inputs, keep_buffers=True)
                 self._check_outputs(student.logits, targets)
-                meta = self._meta.backward(inputs, targets, student, weight, grads)
+                meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             del student
             meta_applied = grads.apply(meta.loss)
         label_loss = self._label_loss(self._scope.module(inputs), targets, label_mask)
@@ -277,7 +278,8 @@ class MetaNoiseWrapper:
         self._check_outputs(outputs, targets)
         weight = self.meta_weight
         with self.runtime.autocast():
-            meta = self._meta.backward(inputs, targets, self._scope.around(inputs, outputs), weight, self._grads)
+            student = self._scope.around(inputs, outputs)
+            meta = self._meta.backward(inputs, targets, student, weight, self._grads.add, self.runtime.loss_scale())
         self.last_meta = meta.figures(weight)
         return {key: float(value) for key, value in self.last_meta.items()}
 
