@@ -58,11 +58,6 @@ class GradientUpdate:
         self.clip_grad = clip_grad
         self.state = state
 
-    @property
-    def sync(self) -> bool:
-        """Whether this micro-batch ends an update (False inside an accumulation window)."""
-        return self.state.ends_update
-
     def begin(self) -> None:
         """Start an iteration: a fresh gradient unless an accumulation window is open."""
         if not self.state.accumulating:

@@ -92,8 +92,9 @@ class TrainingRuntime:
     # ------------------------------------------------------------------ per micro-batch
 
     @property
-    def sync_gradients(self) -> bool:
-        """False on the micro-batches of an ``accelerator.accumulate`` window that only accumulate."""
+    def ends_update(self) -> bool:
+        """Whether this micro-batch ends an update: False on the micro-batches of an ``accelerator.accumulate``
+        window that only accumulate (Accelerate's ``sync_gradients``)."""
         return True if self.accelerator is None else bool(self.accelerator.sync_gradients)
 
     @property

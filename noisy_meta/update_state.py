@@ -20,7 +20,7 @@ class UpdateState:
     """The update counters and the accumulation state of one training loop.
 
     Args:
-        runtime: what says whether this micro-batch ends an update (``accelerator.sync_gradients``
+        runtime: what says whether this micro-batch ends an update (`TrainingRuntime.ends_update`
             through `noisy_meta.runtime.TrainingRuntime`); ``None``: every micro-batch does
             (a loop of its own, such as timm's ``train.py``, that calls `record_update` itself).
     """
@@ -39,7 +39,7 @@ class UpdateState:
     @property
     def ends_update(self) -> bool:
         """Whether this micro-batch ends an update (False inside an accumulation window)."""
-        return True if self.runtime is None else bool(self.runtime.sync_gradients)
+        return True if self.runtime is None else self.runtime.ends_update
 
     def hold(self) -> None:
         """This micro-batch only accumulated: keep the gradient for the next one."""

@@ -198,7 +198,7 @@ class MetaNoiseWrapper:
             # the meta step: synthetic label sets, a fast step each, the KL to the mentor, its gradient
             meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             grads.add(label_loss, through=meta.through)
-        if not grads.sync:
+        if not self.updates.ends_update:
             grads.hold()
             return Outcome(label_loss, meta, stepped=False, complete=True)
         applied = grads.apply(label_loss, meta.loss)  # the update (skipped when not finite)
