@@ -20,8 +20,8 @@ class UpdateState:
     """The update counters and the accumulation state of one training loop.
 
     Args:
-        runtime: what says whether this micro-batch ends an update (`TrainingRuntime.ends_update`
-            through `noisy_meta.runtime.TrainingRuntime`); ``None``: every micro-batch does
+        runtime: what says whether this micro-batch ends an update
+            (`noisy_meta.runtime.TrainingRuntime.ends_update`); ``None``: every micro-batch does
             (a loop of its own, such as timm's ``train.py``, that calls `record_update` itself).
     """
 
