@@ -2,8 +2,8 @@
 
 The Hugging Face ``Trainer`` and Lightning write their own checkpoints; the adapters
 (`noisy_meta.hf`, `noisy_meta.lightning`) keep MLNT's state beside them: the mentor's
-weights and the synthetic labels' generators in one safetensors file, the counters and the
-seed in its metadata. No pickle.
+weights and the synthetic labels' generators in one safetensors file, the counters, the seed
+and the fast step's scale (`noisy_meta.fast_weights.FastStepSize`) in its metadata. No pickle.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def save_loop_state(state: dict[str, Any], path: str | Path) -> None:
     """Write a `MetaNoiseWrapper.state_dict` to ``path`` (safetensors)."""
     tensors = {f"mentor.{name}": value.detach().cpu().contiguous() for name, value in state["mentor"].items()}
     tensors.update({f"generator.{device}": value for device, value in state["generators"].items()})
-    counters = {"num_updates": state["num_updates"], "num_skipped": state["num_skipped"], "seed": state["seed"]}
+    counters = {key: state[key] for key in ("num_updates", "num_skipped", "seed", "fast_step_size") if key in state}
     save_file(tensors, str(path), metadata={"noisy_meta": json.dumps(counters)})
 
 

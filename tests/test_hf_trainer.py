@@ -108,14 +108,16 @@ def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
     assert_states_close((model, reference_model), (trainer.meta.mentor, reference.mentor))
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    """Checkpoints at update 2 hold MLNT's state; resuming from one ends where 4 updates in one go end."""
+@pytest.mark.parametrize("config", [CONFIG, CONFIG.with_overrides(inner_step="normalized", inner_divergence=0.05)])
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, config):
+    """Checkpoints at update 2 hold MLNT's state (with the fast step's scale when it is sized in the predictions);
+    resuming from one ends where 4 updates in one go end."""
 
     def run(output, resume=None):
         torch.manual_seed(2)
         model = tiny_resnet()
         args = arguments(output, max_steps=4, save_strategy="steps", save_steps=2)
-        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Images(16), meta_config=CONFIG)
+        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Images(16), meta_config=config)
         trainer.train(resume_from_checkpoint=resume)
         return model, trainer
 
