@@ -7,6 +7,7 @@ same order with `MetaParts.build`, and resolve their configuration with `resolve
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from .fast_weights import select_fast_params
 from .losses import Criterion, resolve_criterion
 from .mentor import Mentor
 from .meta_objective import MetaObjective
+from .update_state import UpdateState
 
 
 def resolve_config(
@@ -84,3 +86,35 @@ class MetaParts:
         scope = make_scope(module, config, fast_names)
         num_classes = getattr(module, "num_classes", None)
         return cls(module, params, teacher, objective, scope, changes, num_classes, resolve_criterion(config.criterion))
+
+    def advance_mentor(self, runtime: Any, updates: UpdateState, config: MetaNoiseConfig, fix: str | None) -> None:
+        """After an optimizer update: BatchNorm statistics equal on all ranks (``dist_bn``), the mentor's EMA, the
+        counter; once, at `SHORT_RUN_WARNING_AFTER` updates, a warning when the meta step is still off under the
+        library's long-run schedule (``fix``: the front-end's way to give the run's length; ``None``: given)."""
+        runtime.sync_buffers(self.module, config.dist_bn)
+        self.mentor.update(self.module, updates.num_updates)
+        updates.record_update()
+        if fix is not None and updates.num_updates == SHORT_RUN_WARNING_AFTER:
+            warnings.warn(
+                f"MLNT's meta step is still off after {updates.num_updates} updates: the library schedule starts it "
+                f"at update {config.ramp_start} and reaches full weight at {config.ramp_end} (long Clothing1M-style "
+                f"runs). {fix} so the ramp-up and the mentor's decay fit the run.",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def state_dict(self, updates: UpdateState) -> dict[str, Any]:
+        """The counters, the synthetic labels' generator and the fast step's scale, the mentor's weights: one format
+        for the wrapper, the timm task and the adapters' files."""
+        return {**updates.state_dict(), **self.objective.state_dict(), "mentor": self.mentor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], updates: UpdateState) -> None:
+        """Restore what `state_dict` saved."""
+        self.mentor.load_state_dict(state["mentor"])
+        updates.load_state_dict(state)
+        self.objective.load_state_dict(state)
+
+
+#: The wrapper and the timm task warn once at this update when the meta step is still off under the library's
+#: long-run schedule and they were not told the run's length.
+SHORT_RUN_WARNING_AFTER = 100

@@ -20,7 +20,6 @@ collaborator with one job:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,19 +244,9 @@ class MetaNoiseWrapper:
         """
         if not self.updates.ends_update or getattr(self.optimizer, "step_was_skipped", False):
             return
-        self.runtime.sync_buffers(self.module, self.config.dist_bn)
-        self._mentor.update(self.module, self.num_updates)
-        self.updates.record_update()
-        if self._short_run_unknown and self.num_updates == SHORT_RUN_WARNING_AFTER:
-            warnings.warn(
-                f"MLNT's meta step is still off after {self.num_updates} updates: the library schedule starts it "
-                f"at update {self.config.ramp_start} and reaches full weight at {self.config.ramp_end} (long "
-                "Clothing1M-style runs). For a shorter run pass total_updates=<the run's optimizer updates> to "
-                "MetaNoiseWrapper (or use MetaNoiseConfig.for_run_length) so the ramp-up and the mentor's decay "
-                "fit the run.",
-                UserWarning,
-                stacklevel=3,
-            )
+        fix = "For a shorter run pass total_updates=<the run's optimizer updates> to MetaNoiseWrapper (or use "
+        fix += "MetaNoiseConfig.for_run_length)"
+        self._parts.advance_mentor(self.runtime, self.updates, self.config, fix if self._short_run_unknown else None)
 
     # ------------------------------------------------------------------ your own loop
 
@@ -345,18 +334,12 @@ class MetaNoiseWrapper:
         return self._scope.shared if isinstance(self._scope, SharedTrunk) else False
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters, synthetic-label RNG state and mentor weights, for checkpointing."""
-        return {
-            **self.updates.state_dict(),
-            **self._meta.state_dict(),
-            "mentor": self._mentor.state_dict(),
-        }
+        """Counters, synthetic-label RNG state, the fast step's scale and mentor weights, for checkpointing."""
+        return self._parts.state_dict(self.updates)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved."""
-        self._mentor.load_state_dict(state["mentor"])
-        self.updates.load_state_dict(state)
-        self._meta.load_state_dict(state)
+        self._parts.load_state_dict(state, self.updates)
 
     def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return check_batch(inputs, targets, self.config, self._parts.num_classes)
@@ -393,8 +376,3 @@ class Outcome:
             "num_skipped": float(num_skipped),
             "step": float(num_updates),
         }
-
-
-#: `update_mentor` warns once at this update when the meta step is still off under the
-#: library's long-run schedule and the wrapper was not told the run length.
-SHORT_RUN_WARNING_AFTER = 100

@@ -25,7 +25,6 @@ your own when it does not fit.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -40,7 +39,6 @@ from ..config import LOOP_DEFAULTS, MetaNoiseConfig
 from ..meta_parts import MetaParts, has_library_schedule, resolve_config
 from ..runtime import TrainingRuntime, find_ddp, shared_seed, world_group
 from ..update_state import UpdateState
-from ..wrapper import SHORT_RUN_WARNING_AFTER
 
 _logger = logging.getLogger(__name__)
 
@@ -212,19 +210,9 @@ class MetaNoiseTask(TrainingTask):
             self.updates.record(stepped=False, complete=False)
             return
         self.updates.record(stepped=True)
-        parts = self._parts
-        self._runtime.sync_buffers(parts.module, self.config.dist_bn)
-        parts.mentor.update(parts.module, self.num_updates)
-        self.updates.record_update()
-        if self._short_run_unknown and self.num_updates == SHORT_RUN_WARNING_AFTER:
-            warnings.warn(
-                f"MLNT's meta step is still off after {self.num_updates} updates: the library schedule starts it at "
-                f"update {self.config.ramp_start}. In timm's train.py add "
-                "`task.fit_run_length(num_epochs * updates_per_epoch)` after create_scheduler_v2 (or pass "
-                "total_updates=) so the ramp-up and the mentor's decay fit the run.",
-                UserWarning,
-                stacklevel=2,
-            )
+        fix = "In timm's train.py add `task.fit_run_length(num_epochs * updates_per_epoch)` after "
+        fix += "create_scheduler_v2 (or pass total_updates=)"
+        self._parts.advance_mentor(self._runtime, self.updates, self.config, fix if self._short_run_unknown else None)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an optimizer that needs a ``create_graph`` backward (timm's ``is_second_order``)."""
@@ -251,8 +239,7 @@ class MetaNoiseTask(TrainingTask):
         """The mentor's weights, the update counter and the synthetic labels' generator."""
         if ema:
             return {}
-        parts = self._parts
-        return {**self.updates.state_dict(), **parts.objective.state_dict(), "mentor": parts.mentor.state_dict()}
+        return self._parts.state_dict(self.updates)
 
     def load_task_state(
         self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False
@@ -264,9 +251,7 @@ class MetaNoiseTask(TrainingTask):
             if strict:
                 raise ValueError("the checkpoint has no MetaNoiseTask state (mentor, counter): was it saved by one?")
             return
-        self._parts.mentor.load_state_dict(state["mentor"])
-        self._parts.objective.load_state_dict(state)
-        self.updates.load_state_dict(state)
+        self._parts.load_state_dict(state, self.updates)
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> MetaNoiseTask:
         """Wrap the student in ``DistributedDataParallel`` (the mentor stays a plain module on every rank)."""
