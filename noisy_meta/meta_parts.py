@@ -87,6 +87,11 @@ class MetaParts:
         num_classes = getattr(module, "num_classes", None)
         return cls(module, params, teacher, objective, scope, changes, num_classes, resolve_criterion(config.criterion))
 
+    def use_config(self, config: MetaNoiseConfig) -> None:
+        """A config whose schedules were refitted (`resolve_config` with the run's length): the mentor's decay and
+        the objective read it from now on."""
+        self.mentor.config = self.objective.config = config
+
     def advance_mentor(self, runtime: Any, updates: UpdateState, config: MetaNoiseConfig, fix: str | None) -> None:
         """After an optimizer update: BatchNorm statistics equal on all ranks (``dist_bn``), the mentor's EMA, the
         counter; once, at `SHORT_RUN_WARNING_AFTER` updates, a warning when the meta step is still off under the

@@ -183,7 +183,7 @@ class MetaNoiseTask(TrainingTask):
         config, overrides = self._given
         self.config = resolve_config(config, total_updates, overrides)
         self._short_run_unknown = False
-        self._parts.mentor.config = self.config
+        self._parts.use_config(self.config)
         if self.verbose:
             _logger.info(f"{type(self).__name__} fitted to {total_updates} updates: {self.config}")
 
