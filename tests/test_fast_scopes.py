@@ -132,3 +132,23 @@ def test_last_stage_falls_back_when_the_input_reaches_the_output_around_the_stag
     a, b = wrapper.step(x, y), general.step(x, y)
     assert wrapper.trunk_shared is False and torch.is_grad_enabled()
     assert a["meta_loss"] == pytest.approx(b["meta_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode, same_params", [("head", ["fc.*"]), ("last_stage", ["layer4.*", "fc.*"])])
+def test_the_step_sized_in_the_predictions_on_the_shared_trunk_equals_the_general_path(mode, same_params):
+    """The trial forwards of `FastStepSize` run the suffix on the shared trunk's output: same radius, same update."""
+    torch.manual_seed(0)
+    model = tiny_resnet().double()
+    general_model = copy.deepcopy(model)
+    sized = dict(inner_step="normalized", inner_radius=0.05, inner_divergence=0.02)
+    shared = make_wrapper(model, fast_params=mode, **sized)
+    general = make_wrapper(general_model, fast_params=same_params, **sized)
+    for seed in range(3):
+        x, y = resnet_batch(seed=seed)
+        a, b = shared.step(x.double(), y), general.step(x.double(), y)
+        assert a["fast_divergence"] == pytest.approx(b["fast_divergence"], rel=1e-8)
+        assert a["fast_divergence"] == pytest.approx(0.02, rel=0.3)
+    assert shared.trunk_shared is True
+    assert shared._meta.step_size.scale == pytest.approx(general._meta.step_size.scale, rel=1e-8)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-9, atol=1e-11)
