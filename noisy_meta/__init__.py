@@ -33,7 +33,7 @@ from .labels.noise import (
 
 if TYPE_CHECKING:
     from .compat import SecondOrderUnsupportedError, make_twice_differentiable
-    from .fast_weights import InnerStep, kl_to_mentor, meta_losses, select_fast_params
+    from .fast_weights import FastStepSize, InnerStep, kl_to_mentor, meta_losses, select_fast_params
     from .labels.cleaning import (
         CleaningConfig,
         CleaningReport,
@@ -58,7 +58,7 @@ __version__ = "0.2.0"
 #: line answers --help at once; the first use of any other name imports its module.
 _LAZY = {
     **dict.fromkeys(("SecondOrderUnsupportedError", "make_twice_differentiable"), "compat"),
-    **dict.fromkeys(("InnerStep", "kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
+    **dict.fromkeys(("FastStepSize", "InnerStep", "kl_to_mentor", "meta_losses", "select_fast_params"), "fast_weights"),
     **dict.fromkeys(("LabelNoiseDetection", "detect_label_noise", "extract_features"), "labels.detection"),
     **dict.fromkeys(("CrossEntropy", "GeneralizedCrossEntropy", "SymmetricCrossEntropy", "make_criterion"), "losses"),
     **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
@@ -99,6 +99,7 @@ __all__ = [
     "CrossEntropy",
     "DetectionReport",
     "FastParamsSpec",
+    "FastStepSize",
     "FeatureSourceSpec",
     "GeneralizedCrossEntropy",
     "InnerStep",
