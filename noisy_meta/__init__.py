@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         save_cleanlab_inputs,
     )
     from .labels.detection import LabelNoiseDetection, detect_label_noise, extract_features
+    from .labels.dynamics import AreaUnderMargin
     from .labels.noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .losses import CrossEntropy, GeneralizedCrossEntropy, SymmetricCrossEntropy, make_criterion
     from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
@@ -63,6 +64,7 @@ _LAZY = {
     **dict.fromkeys(("CrossEntropy", "GeneralizedCrossEntropy", "SymmetricCrossEntropy", "make_criterion"), "losses"),
     **dict.fromkeys(("SyntheticLabels", "nearest_neighbors", "neighbor_label_transfer", "num_perturbed"), "synthetic"),
     "MetaNoiseWrapper": "wrapper",
+    "AreaUnderMargin": "labels.dynamics",
     "UpdateState": "update_state",
     **dict.fromkeys(
         (
@@ -93,6 +95,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AreaUnderMargin",
     "CIFAR10_ASYMMETRIC_MAP",
     "CleaningConfig",
     "CleaningReport",

@@ -140,6 +140,9 @@ class MetaNoiseWrapper:
         #: ``meta_weight``, ``labels_changed``, ``fast_divergence``, ``fast_step`` (NaN: no fast step ran).
         #: For the loops of other libraries, which log it in their own way.
         self.last_meta: dict[str, torch.Tensor] = {}
+        #: The student's logits (detached) from the forward of the last `step`, before its update: what
+        #: training-dynamics scores read at no extra forward (`noisy_meta.AreaUnderMargin`).
+        self.last_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ one iteration
 
@@ -183,6 +186,7 @@ class MetaNoiseWrapper:
         if not outcome.complete:
             rollback.restore()
         self.last_meta = outcome.meta.figures(weight)
+        self.last_logits = outcome.logits
         return outcome.stats(weight, self._mentor.decay_at(index), self.num_skipped, self.num_updates)
 
     def _joint_update(
@@ -199,9 +203,9 @@ class MetaNoiseWrapper:
             grads.add(label_loss, through=meta.through)
         if not self.updates.ends_update:
             grads.hold()
-            return Outcome(label_loss, meta, stepped=False, complete=True)
+            return Outcome(label_loss, meta, student.logits.detach(), stepped=False, complete=True)
         applied = grads.apply(label_loss, meta.loss)  # the update (skipped when not finite)
-        return Outcome(label_loss, meta, stepped=applied, complete=applied)
+        return Outcome(label_loss, meta, student.logits.detach(), stepped=applied, complete=applied)
 
     def _sequential_update(
         self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, label_mask: torch.Tensor | None
@@ -217,10 +221,11 @@ class MetaNoiseWrapper:
                 meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             del student
             meta_applied = grads.apply(meta.loss)
-        label_loss = self._label_loss(self._scope.module(inputs), targets, label_mask)
+        logits = self._scope.module(inputs)
+        label_loss = self._label_loss(logits, targets, label_mask)
         grads.add(label_loss)
         applied = grads.apply(label_loss)
-        return Outcome(label_loss, meta, stepped=applied, complete=applied and meta_applied)
+        return Outcome(label_loss, meta, logits.detach(), stepped=applied, complete=applied and meta_applied)
 
     def _label_loss(self, logits: torch.Tensor, targets: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
         """The loss on the given labels (``config.criterion``) on the samples ``label_mask`` keeps (all when
@@ -355,6 +360,7 @@ class Outcome:
 
     label_loss: torch.Tensor
     meta: MetaResult
+    logits: torch.Tensor
     stepped: bool
     complete: bool
 
