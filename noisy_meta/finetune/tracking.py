@@ -20,6 +20,7 @@ run whose step keeps rising across iterations.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .names import TRACKERS
@@ -27,7 +28,6 @@ from .names import TRACKERS
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from .settings import RunSettings
 
 #: The package each tracker needs (to name it when it is missing).
 _PACKAGES = {"comet_ml": "comet-ml"}
@@ -49,14 +49,14 @@ def check_trackers(log_with: tuple[str, ...]) -> None:
         raise ValueError("--log-with all: no tracker is installed (pip install tensorboard, or wandb, mlflow, aim)")
 
 
-def tracker_config(settings: RunSettings) -> dict[str, Any]:
+def tracker_config(flags: Mapping[str, Any]) -> dict[str, Any]:
     """The run's flags as a tracker's configuration: numbers, strings and booleans only (TensorBoard's hparams)."""
     from .args_file import recorded_flags
 
     def plain(value: Any) -> Any:
         return value if isinstance(value, (bool, int, float, str)) else str(value)
 
-    return {name: plain(value) for name, value in recorded_flags(settings.flags).items()}
+    return {name: plain(value) for name, value in recorded_flags(flags).items()}
 
 
 class RunTracker:
@@ -65,15 +65,21 @@ class RunTracker:
     Args:
         accelerator: the first run's accelerator, built with ``log_with`` (`make_accelerator`);
             the trackers it starts outlive the accelerators of later iterations.
-        settings: the run's settings (``--log-with``, ``--experiment``, the flags). Without
-            ``accelerator`` and ``settings``: a tracker that logs nothing.
+        experiment: the tracker run's name (``--experiment``); ``None`` (no ``--log-with``), or
+            no ``accelerator``: a tracker that logs nothing.
+        flags: the run's resolved flags, the tracker run's configuration.
     """
 
-    def __init__(self, accelerator: Accelerator | None = None, settings: RunSettings | None = None) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator | None = None,
+        experiment: str | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> None:
         self.offset = 0  # updates of the runs before this one (iterations)
         self._trackers: list[Any] = []
-        if settings is not None and accelerator is not None and settings.output.log_with:
-            accelerator.init_trackers(settings.experiment, config=tracker_config(settings))
+        if experiment is not None and accelerator is not None:
+            accelerator.init_trackers(experiment, config=tracker_config(flags or {}))
             self._trackers = list(accelerator.trackers) if accelerator.is_main_process else []
 
     def step(self, updates: int) -> int:

@@ -62,7 +62,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
     """
     accelerator = make_accelerator(settings)
     console = Console(quiet=not accelerator.is_main_process, width=None if sys.stdout.isatty() else LOG_WIDTH)
-    context = RunContext(settings, accelerator, console, RunTracker(accelerator, settings))
+    experiment = settings.experiment if settings.output.log_with else None  # no --log-with: nothing to log to
+    context = RunContext(settings, accelerator, console, RunTracker(accelerator, experiment, settings.flags))
     if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         console.print(
             f"[yellow]warning:[/] Accelerate runs fp16 on {accelerator.device.type} without autocast: training in fp32"
