@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import launch_command
 
-from noisy_meta.finetune.preemption import EXIT_STOPPED, StopSignals
+from noisy_meta.finetune.checkpoint import EXIT_STOPPED, StopSignals
 
 from finetune_helpers import FAST, flat_tensors, metrics, without_timings
 
@@ -158,7 +158,7 @@ def test_two_processes_killed_mid_epoch_resume_bitwise(tiny_mnist, tmp_path, two
 def test_a_second_signal_ends_the_process_at_once_and_a_repeat_in_the_window_does_not(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from noisy_meta.finetune import preemption\n"
+        "from noisy_meta.finetune import checkpoint as preemption\n"
         "preemption.REPEAT_WINDOW_S = float(os.environ['WINDOW'])\n"
         "with preemption.StopSignals() as signals:\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"

@@ -1,4 +1,4 @@
-"""Checkpoints and the metrics log of a fine-tuning run.
+"""Checkpoints and resume of a fine-tuning run: the files, when they are written, where the run is, signals.
 
 Layout of ``<output-dir>``::
 
@@ -22,6 +22,23 @@ state, so ``--resume`` continues exactly. A directory is written under a tempora
 fsynced, and then renamed, so an interrupted save leaves the previous checkpoint intact.
 ``position.json`` says where in the run a checkpoint was taken (epochs done, batches of the
 next epoch done, updates, and why it was written).
+
+When they are written (`RunCheckpoints`): ``last/`` after every epoch (with ``best/`` when
+validation improved), every ``--checkpoint-every`` updates in mid-epoch, and when SIGTERM /
+SIGINT asks the run to stop; ``--resume`` continues from it at the next batch.
+``--keep-checkpoints K`` keeps the K - 1 states it replaced in ``checkpoints/update_<n>/``.
+
+Where the run is (`RunState`, checkpointed with ``accelerator.register_for_checkpointing``) and
+what it has logged (`MetricsLog`, ``metrics.jsonl``).
+
+Stopping on a signal (`StopSignals`): the first SIGTERM / SIGINT only sets a flag; the training
+loop reads it after each update (all ranks agree on it in one small all-reduce, so they stop at
+the same update), writes ``last/`` and raises `RunStopped`; the command line prints how to
+resume and exits with `EXIT_STOPPED`. A second signal ends the process at once. ``accelerate
+launch`` (torchrun) forwards the signal to every rank and a terminal's Ctrl-C reaches launcher
+and ranks alike, so a repeat within `REPEAT_WINDOW_S` counts as the same request; the launcher
+kills ranks that have not exited 30 s after forwarding, so an update plus a checkpoint must fit
+in that time.
 """
 
 from __future__ import annotations
@@ -29,13 +46,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..wrapper import MetaNoiseWrapper
 from .names import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
 
@@ -260,3 +285,222 @@ def _load_readable(path: Path, role: str) -> Any:
         raise CheckpointError(
             f"{role}: {path} is not a readable {kind} file (truncated or corrupted?): {error}"
         ) from error
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per epoch, appended as epochs finish."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, epochs: int) -> None:
+        """Keep the records of the first ``epochs`` epochs (what a resumed run has done; epochs count from 1)."""
+        records = [r for r in self.read() if r["epoch"] <= epochs]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def validation_score(record: dict[str, Any]) -> float:
+    """An epoch's validation score, which ``best/`` keeps the maximum of: the better of student and mentor."""
+    return max(record["val_student"], record["val_mentor"])
+
+
+@dataclass
+class SkipCounter:
+    """Consecutive updates skipped for a non-finite loss or gradient; ``limit`` 0 never stops."""
+
+    limit: int
+    consecutive: int = 0
+
+
+class RunState:
+    """Where the run is, checkpointed with ``accelerator.register_for_checkpointing``.
+
+    ``epoch`` counts the epochs done, ``batch`` the batches of the next epoch done (0 at an
+    epoch's end), ``totals`` that epoch's running sums of the training statistics so far and
+    ``skips`` the non-finite updates in a row: with them a checkpoint taken mid-epoch resumes
+    at the next batch with the epoch's figures as if never interrupted.
+    """
+
+    def __init__(self, max_consecutive_skips: int = 0) -> None:
+        self.epoch = 0
+        self.batch = 0
+        self.totals: dict[str, float] = {}
+        self.skips = SkipCounter(max_consecutive_skips)
+        self.best_score = float("-inf")
+        self.best_epoch = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "totals": dict(self.totals),
+            "consecutive_skips": self.skips.consecutive,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batch = int(state.get("batch", 0))  # checkpoints of earlier versions: epoch ends only
+        self.totals = {key: float(value) for key, value in state.get("totals", {}).items()}
+        self.skips.consecutive = int(state.get("consecutive_skips", 0))
+        self.best_score = float(state["best_score"])
+        self.best_epoch = int(state["best_epoch"])
+
+
+#: The exit status of a run stopped by a signal after writing its checkpoint: sysexits'
+#: EX_TEMPFAIL ("try again later"), distinct from success (0), errors (1, 2) and a kill (>128).
+EXIT_STOPPED = 75
+
+#: A second signal this soon after the first is the same request delivered twice (launcher and
+#: terminal or scheduler), not a person asking to stop at once.
+REPEAT_WINDOW_S = 2.0
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunStopped(Exception):
+    """The run stopped on a signal after writing ``checkpoint``; ``--resume`` continues it."""
+
+    def __init__(self, signal_name: str, checkpoint: Path, updates: int) -> None:
+        super().__init__(
+            f"stopped by {signal_name} after update {updates}; the checkpoint is {checkpoint}/, "
+            "run the same command with --resume to continue from it"
+        )
+        self.signal_name, self.checkpoint, self.updates = signal_name, checkpoint, updates
+
+
+class StopSignals:
+    """A context that turns SIGTERM / SIGINT into a request the training loop honours between updates.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing and signals
+    keep their usual effect.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._received_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received, self._received_at = number, time.monotonic()
+            return
+        if time.monotonic() - self._received_at < REPEAT_WINDOW_S:
+            return
+        signal.signal(number, signal.SIG_DFL)  # a second request: stop now, as with no handler
+        os.kill(os.getpid(), number)
+
+    def agreed(self, accelerator: Any) -> str | None:
+        """The name of the signal any rank received (the same answer on every rank), or None."""
+        received = self.received or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([received], dtype=torch.int64, device=accelerator.device)
+            received = int(accelerator.reduce(flag, reduction="max").item())
+        return signal.Signals(received).name if received else None
+
+
+class RunCheckpoints:
+    """The checkpoints of one run into ``output_dir``.
+
+    Args:
+        accelerator: the run's accelerator (its state, RNGs and registered objects are saved).
+        wrapper: the MLNT wrapper (student, mentor, counters).
+        state: the run's position and best score, registered for checkpointing.
+        output_dir: where ``last/``, ``best/`` and ``checkpoints/`` go.
+        every: write ``last/`` every this many updates as well; 0: at epoch ends only.
+        keep: how many of the newest ``last/`` states to keep (``last/`` itself included).
+        signals: the stop requests the run honours after each update and each epoch.
+        flags: the run's flags as ``args.yaml`` records them (`noisy_meta.finetune.args_file`), kept in
+            each checkpoint's ``position.json`` so that ``--resume`` can say what changed.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        wrapper: MetaNoiseWrapper,
+        state: RunState,
+        output_dir: Path,
+        every: int = 0,
+        keep: int = 1,
+        signals: StopSignals | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> None:
+        self.accelerator, self.wrapper, self.state = accelerator, wrapper, state
+        self.output_dir, self.every, self.keep = output_dir, every, keep
+        self.signals = signals if signals is not None else StopSignals()
+        self.flags = flags
+        self._saved_at = wrapper.num_updates  # a resumed run does not rewrite the state it started from
+
+    def after_update(self, last_batch: bool) -> None:
+        """Called on every rank after each optimizer update (``state`` already at this batch).
+
+        Writes ``last/`` when ``--checkpoint-every`` is due and stops the run when a signal
+        asked for it; on the epoch's last batch both are left to `after_epoch` (it validates,
+        then writes ``last/``).
+        """
+        updates = self.wrapper.num_updates
+        stop = self.signals.agreed(self.accelerator)
+        if last_batch:  # a stop waits for the epoch's end, a moment away
+            return
+        if stop is not None:
+            raise RunStopped(stop, self._save_last(f"stopped by {stop}"), updates)
+        if self.every > 0 and updates % self.every == 0 and updates != self._saved_at:
+            self._save_last(f"every {self.every} updates")
+
+    def after_epoch(self, record: dict[str, Any], final: bool = False) -> None:
+        """``last/`` after every epoch, ``best/`` when the validation score (student or mentor) improved.
+
+        A stop requested during the epoch ends the run here, unless it was the ``final`` one.
+        """
+        epoch = record["epoch"]  # 1-based: the number of epochs done
+        score = validation_score(record)
+        state = self.state
+        state.epoch, state.batch, state.totals = epoch, 0, {}
+        if score > state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+            self._save("best", "best epoch")
+        self._save_last("epoch end")
+        stop = self.signals.agreed(self.accelerator)
+        if stop is not None and not final:
+            raise RunStopped(stop, self.output_dir / "last", self.wrapper.num_updates)
+
+    def _save_last(self, reason: str) -> Path:
+        self._saved_at = self.wrapper.num_updates
+        return self._save("last", reason, self.keep)
+
+    def _save(self, name: str, reason: str, keep: int = 1) -> Path:
+        directory = self.output_dir / name
+        position = {
+            "epoch": self.state.epoch,
+            "batch": self.state.batch,
+            "updates": self.wrapper.num_updates,
+            "reason": reason,
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self.flags is not None:
+            position["flags"] = self.flags
+        save_checkpoint(self.accelerator, directory, self.wrapper.module, self.wrapper.mentor, position, keep)
+        return directory

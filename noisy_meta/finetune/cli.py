@@ -509,9 +509,8 @@ def run_command(argv: list[str] | None = None) -> None:
         settings = settings_from_args(args)
     except ValueError as error:
         parser.error(str(error))
-    from .checkpoint import CheckpointError
+    from .checkpoint import EXIT_STOPPED, CheckpointError, RunStopped
     from .distributed import is_lost_rank, lost_rank_message
-    from .preemption import EXIT_STOPPED, RunStopped
     from .trainer import run
 
     try:

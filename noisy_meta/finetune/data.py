@@ -1,9 +1,11 @@
-"""Image classification data through Hugging Face datasets: loading, noise, splits, transforms."""
+"""Image classification data through Hugging Face datasets: loading, noise, splits, transforms, and the
+augmentation seeded per image (`SeededAugmentation`: a run resumed mid-epoch draws the same crops)."""
 
 from __future__ import annotations
 
 import glob
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,6 @@ from ..labels.noisy_datasets import (
     with_label_columns,
 )
 from .names import EMBEDDED
-from .seeded_augmentation import SeededAugmentation
 
 CLEAN_COLUMN = CLEAN_LABEL
 
@@ -382,3 +383,28 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     if LABEL_KEPT in samples[0]:  # --clean-before mask
         batch[LABEL_KEPT] = torch.tensor([s[LABEL_KEPT] for s in samples], dtype=torch.bool)
     return batch
+
+
+class SeededAugmentation:
+    """``transform`` run with torch, Python and numpy RNGs seeded from ``(seed, epoch, index)``.
+
+    The global RNG states are restored afterwards, so the training step's own random draws
+    (dropout, drop-path) do not depend on how many images the loader has fetched. Set
+    ``epoch`` at the start of every epoch (the trainer does, beside ``set_epoch``).
+    """
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor], seed: int) -> None:
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __call__(self, image: Any, index: int) -> torch.Tensor:
+        seed = int(np.random.SeedSequence([self.seed % 2**63, self.epoch, index]).generate_state(1, np.uint64)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.transform(image)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)

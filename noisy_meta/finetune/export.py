@@ -17,11 +17,10 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import find_checkpoint
+from .checkpoint import MetricsLog, find_checkpoint, validation_score
 from .data import Splits
 from .models import load_mentor
 from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, MODEL_CARD_FILE, STUDENT_FILE
-from .run_state import MetricsLog, validation_score
 from .settings import RunContext
 
 __all__ = ["best_record", "export_model", "model_card", "push_to_hub"]

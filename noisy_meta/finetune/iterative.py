@@ -14,13 +14,12 @@ from typing import Any
 
 from ..labels.cleaning import CleaningReport, clean_dataset, save_cleanlab_inputs
 from ..labels.noisy_datasets import INDEX, LABEL
-from .checkpoint import find_checkpoint
+from .checkpoint import MetricsLog, find_checkpoint
 from .data import Splits
 from .distributed import make_accelerator
 from .models import load_mentor
 from .names import CLEANING_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE
 from .progress import iterations_table
-from .run_state import MetricsLog
 from .settings import RunContext
 from .train_loop import predict_train_set
 

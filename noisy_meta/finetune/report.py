@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import MetricsLog
 from .names import CLEAN_BEFORE_FILE, CLEANING_FILE, METRICS_FILE, REPORT_FILE
-from .run_state import MetricsLog
 
 __all__ = ["report_data", "write_report"]
 

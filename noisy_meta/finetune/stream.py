@@ -30,8 +30,7 @@ import torch
 from datasets import Image, IterableDataset, load_dataset, load_from_disk
 from datasets.distributed import split_dataset_by_node
 
-from .data import CLEAN_COLUMN, collate, is_saved_to_disk, parquet_files_by_split
-from .seeded_augmentation import SeededAugmentation
+from .data import CLEAN_COLUMN, SeededAugmentation, collate, is_saved_to_disk, parquet_files_by_split
 
 #: Shards per process a ``save_to_disk`` split is cut into for streaming.
 SHARDS_PER_PROCESS = 4

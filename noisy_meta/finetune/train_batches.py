@@ -16,8 +16,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 
-from .data import Splits, attach_transform, collate
-from .seeded_augmentation import SeededAugmentation
+from .data import SeededAugmentation, Splits, attach_transform, collate
 from .settings import RunContext
 from .stream import StreamLoader
 

@@ -22,12 +22,10 @@ from ..labels.cleaning import LABEL_KEPT, iter_probabilities
 from ..labels.noise import OUTSIDE
 from ..labels.noisy_datasets import INDEX
 from ..wrapper import MetaNoiseWrapper
-from .checkpoint import save_checkpoint
+from .checkpoint import RunCheckpoints, RunState, save_checkpoint
 from .data import CLEAN_COLUMN, attach_transform, collate
 from .models import transforms
 from .progress import EpochProgress
-from .run_checkpoints import RunCheckpoints
-from .run_state import RunState
 
 if TYPE_CHECKING:
     from datasets import Dataset

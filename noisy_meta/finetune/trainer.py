@@ -27,22 +27,27 @@ from ..labels.cleaning import save_cleanlab_inputs
 from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .args_file import recorded_flags, resume_differences, write_args_file
-from .checkpoint import CheckpointError, check_checkpoint, find_checkpoint, read_position
+from .checkpoint import (
+    CheckpointError,
+    MetricsLog,
+    RunCheckpoints,
+    RunState,
+    StopSignals,
+    check_checkpoint,
+    find_checkpoint,
+    read_position,
+)
 from .clean_before import clean_before_training
-from .data import Splits, attach_transform, collate
+from .data import SeededAugmentation, Splits, attach_transform, collate
 from .distributed import check_ranks_agree, make_accelerator
 from .export import export_model, push_to_hub
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
 from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
-from .preemption import StopSignals
 from .progress import EpochProgress, summary_table
 from .report import write_report
-from .run_checkpoints import RunCheckpoints
 from .run_data import load_splits
-from .run_state import MetricsLog, RunState
-from .seeded_augmentation import SeededAugmentation
 from .settings import RunContext, RunSettings
 from .tracking import RunTracker
 from .train_batches import TrainBatches, train_batches
