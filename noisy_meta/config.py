@@ -95,12 +95,13 @@ class MetaNoiseConfig:
             weights' norm), or of the adaptive one.
         inner_divergence: size the fast step where the meta loss feels it, in the
             predictions: the mean ``KL(student || fast-weight student)`` on the meta batch
-            that each meta step's fast step should cause. Each meta step measures it in a
-            no-grad trial forward at the current size and rescales the step by the quadratic
-            law (`noisy_meta.fast_weights.FastStepSize`); ``inner_lr`` / ``inner_radius`` is
-            only the first trial's size. A batch that would need a step longer than half the
-            fast weights' norm is skipped and counted. ``None``: the size is ``inner_lr`` /
-            ``inner_radius`` as configured.
+            that each meta step's fast step should cause. Each meta step measures it in
+            no-grad trial forwards (one in the steady state) and rescales the step by the
+            quadratic law (`noisy_meta.fast_weights.FastStepSize`); ``inner_lr`` /
+            ``inner_radius`` is only the first trial's size. A batch that would need a step
+            longer than half the fast weights' norm, or whose step overshoots the target 4x,
+            is skipped and counted. ``None``: the size is ``inner_lr`` / ``inner_radius`` as
+            configured.
         first_order: drop the second-order term (detach the inner gradient). Cheaper, and
             works with ops that have no double backward.
         fast_params: which parameters get fast weights (see `FastParamsSpec`). The others

@@ -43,6 +43,9 @@ MAX_RELATIVE_STEP = 0.5
 #: target's: the steady state), stopping once a rescale changes the radius by less than `TRIAL_TOLERANCE` x.
 MAX_TRIALS = 4
 TRIAL_TOLERANCE = 1.25
+#: A fast step whose realised divergence (measured on the step it trains on) exceeds the target this many times is
+#: not trained on either: the trials' law failed far from where they measured it (seen on a collapsing model).
+MAX_OVERSHOOT = 4.0
 #: A measured divergence below this is float rounding (float32 KL of two nearly equal distributions).
 DIVERGENCE_FLOOR = 1e-7
 
@@ -226,8 +229,9 @@ class FastStepSize:
     step starts there, so in the steady state one trial lands near the target.
 
     A batch that would need a step longer than `MAX_RELATIVE_STEP` of the fast weights' norm,
-    or whose step does not move the predictions at all, is not trained on: its meta step is
-    skipped, ``num_clipped`` counts it, and the scale is clipped (or kept). With several
+    whose step does not move the predictions at all, or whose step moves them more than
+    `MAX_OVERSHOOT` times the target, is not trained on: its meta step is skipped,
+    ``num_clipped`` counts it, and the scale is clipped (or kept). With several
     processes the measurement is averaged over ranks first, so every rank uses one scale.
 
     Without a target the scale stays 1. Either way ``divergence`` and ``relative_step`` hold
@@ -293,11 +297,20 @@ class FastStepSize:
         self.num_clipped += 1
         return None
 
-    def observe(self, logits: torch.Tensor, fast_logits: torch.Tensor, grads: _InnerGradients, stepped: dict) -> None:
-        """Record what the first set's fast step did (detached; no extra pass)."""
+    def observe(self, logits: torch.Tensor, fast_logits: torch.Tensor, grads: _InnerGradients, stepped: dict) -> bool:
+        """Record what the first set's fast step did (detached; no extra pass); with a target, whether the step may be
+        trained on: ``False`` (counted in ``num_clipped``) when it moved the predictions more than `MAX_OVERSHOOT`
+        times the target (on any rank: the decision is the ranks' mean)."""
         with torch.no_grad():
             self.divergence = prediction_divergence(logits, fast_logits)
             self.relative_step = _relative_step(grads, grads.first_set(stepped))
+            if self.target is None:
+                return True
+            realised = float(_mean_over_ranks(self.divergence.reshape(1)))
+        if math.isfinite(realised) and realised <= MAX_OVERSHOOT * self.target:
+            return True
+        self.num_clipped += 1
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "num_clipped": self.num_clipped}
@@ -387,8 +400,8 @@ def meta_losses(
             student = forward_with_cloned_buffers(module, {**params, **fast}, inputs)
         else:
             student = _batched_forward(module, params, fast, inputs, labels.shape[0])
-        if first:
-            step_size.observe(logits, student if one_set else student[0], grads, fast)
+        if first and not step_size.observe(logits, student if one_set else student[0], grads, fast):
+            return  # the step overshot its target: no meta step on this batch
         yield kl_to_mentor(student, mentor_log_probs).reshape(-1)
 
 

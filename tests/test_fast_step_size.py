@@ -188,3 +188,19 @@ def test_a_bad_label_mask_is_refused(mlp64, batch64):
     with pytest.raises(ValueError, match="label_mask must have the targets' shape"):
         wrapper.step(x, y, label_mask=torch.ones(len(y) + 1, dtype=torch.bool))
     assert wrapper.num_updates == 0
+
+
+def test_a_step_that_overshoots_its_target_is_not_trained_on():
+    """The realised divergence, measured on the step the meta loss would use, beyond MAX_OVERSHOOT x the target."""
+    from noisy_meta.fast_weights import MAX_OVERSHOOT, FastStepSize, _InnerGradients
+
+    params = [torch.ones(3, dtype=torch.float64)]
+    grads = _InnerGradients(["w"], params, [torch.ones(3, dtype=torch.float64)], batched=False)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    sizer = FastStepSize(target=0.01)
+    near = logits + torch.tensor([[-0.1, 0.1], [0.1, -0.1]], dtype=torch.float64)
+    assert sizer.observe(logits, near, grads, {"w": params[0] * 1.01}) and sizer.num_clipped == 0
+    far = logits.flip(1)
+    assert float(prediction_divergence(logits, far)) > MAX_OVERSHOOT * 0.01
+    assert not sizer.observe(logits, far, grads, {"w": params[0] * 1.01}) and sizer.num_clipped == 1
+    assert FastStepSize().observe(logits, far, grads, {"w": params[0]})  # no target: recorded, never refused
