@@ -315,6 +315,12 @@ class MetaNoiseWrapper:
         return self.updates.num_updates
 
     @property
+    def fast_steps_clipped(self) -> int:
+        """Meta steps not trained on because the fast step sized in the predictions (``inner_divergence``) could not
+        meet its target within bounds (`noisy_meta.fast_weights.FastStepSize`); resumed with the state dict."""
+        return self._meta.step_size.num_clipped
+
+    @property
     def num_skipped(self) -> int:
         """Updates skipped because a loss or a gradient was not finite (`UpdateState.num_skipped`)."""
         return self.updates.num_skipped

@@ -245,6 +245,7 @@ def _training_record(training: Training, stats: dict[str, float], throughput: fl
         "meta_weight": stats["meta_weight"],
         "updates": wrapper.num_updates,
         "num_skipped": wrapper.num_skipped,
+        "fast_steps_clipped": wrapper.fast_steps_clipped,
         "lr": training.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
         "images_per_second": throughput,
