@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 _NORM_FLOOR = 1e-24
 #: ASAM's ``eta``: the floor of the adaptive step's per-weight scale ``|theta| + eta``.
 ADAPTIVE_ETA = 0.01
-#: The largest fast step `PredictionStepSize` takes, as ``||theta' - theta|| / ||theta||``: a batch
-#: whose target divergence asks for more (or whose step moves the predictions not at all) is
-#: clipped to it, counted, and its meta step skipped.
+#: The largest fast step `FastStepSize` takes, as ``||theta' - theta|| / ||theta||``: a batch whose
+#: target divergence asks for more (or whose step moves the predictions not at all) is clipped to
+#: it, counted, and its meta step skipped.
 MAX_RELATIVE_STEP = 0.5
 #: `FastStepSize` takes up to this many no-grad trials per meta step (one when its scale is already near the
 #: target's: the steady state), stopping once a rescale changes the radius by less than `TRIAL_TOLERANCE` x.
@@ -282,7 +282,16 @@ class FastStepSize:
         self.scale = scale
         return scale
 
-    def _trial(self, module, params, step, grads, inputs, logits, scale: float) -> tuple[float, float]:
+    def _trial(
+        self,
+        module: nn.Module,
+        params: dict[str, torch.Tensor],
+        step: InnerStep,
+        grads: _InnerGradients,
+        inputs: torch.Tensor,
+        logits: torch.Tensor,
+        scale: float,
+    ) -> tuple[float, float]:
         """The divergence and relative length of the first set's step at ``scale`` (no grad; rank mean)."""
         with torch.no_grad():
             trial_step = replace(step, size=step.size * scale, first_order=True)
