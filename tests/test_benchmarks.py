@@ -62,7 +62,7 @@ def test_finetune_benchmark_quick_mode(tmp_path):
     assert len(list((tmp_path / "pretrained").glob("*.safetensors"))) == 2
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert {(r["arch"], r["setting"], r["method"]) for r in runs} == {
-        (a, s, m) for a in ("resnet", "vit") for s in ("sym40", "open30") for m in ("ce", "ema", "recipe")
+        (a, s, m) for a in ("resnet", "vit") for s in ("sym40", "open30") for m in ("ce", "gce", "recipe")
     }
     for run in runs:
         assert len(run["student_test"]) == len(run["mentor_val"]) == 1 and 0.0 <= run["student_test"][0] <= 1.0

@@ -214,8 +214,9 @@ def test_mentor_tracks_student_accuracy_in_eval_mode():
         model.eval()
         student = (model(test_x).argmax(1) == test_y).float().mean().item()
         mentor = (wrapper.mentor(test_x).argmax(1) == test_y).float().mean().item()
-    assert student > 0.8
-    assert mentor > 0.8
+    # chance is 0.1; a mentor with stale BatchNorm statistics sits near it whatever the student learnt
+    assert student > 0.6
+    assert mentor > 0.6 and mentor > student - 0.1
 
 
 def test_own_loop_matches_step():

@@ -66,7 +66,9 @@ def train_one_epoch(
     for position, batch in enumerate(loader.batches(done), done + 1):
         lr = wrapper.optimizer.param_groups[0]["lr"]  # what this update steps with
         with accelerator.accumulate(wrapper.model):
-            stats = wrapper.step(batch["pixel_values"], batch["label"], batch.get(LABEL_KEPT))
+            kept = batch.get(LABEL_KEPT)  # --clean-before mask; passed only then (a step overridden as (x, y) works)
+            inputs, labels = batch["pixel_values"], batch["label"]
+            stats = wrapper.step(inputs, labels) if kept is None else wrapper.step(inputs, labels, label_mask=kept)
         for key in TRAIN_STATS:
             state.totals[key] += stats[key]
         if math.isfinite(stats["fast_step"]):  # a meta step ran
