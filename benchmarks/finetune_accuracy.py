@@ -118,14 +118,14 @@ class Method:
     threshold: str | None = None
 
 
-#: The scale-free relative fast step of the 0.2 release's fine-tuning recipe (each tensor moves by 0.3% of its norm).
-RELATIVE_STEP: dict[str, Any] = {"inner_step": "relative", "inner_radius": 0.003}
+#: The scale-free relative fast step of the fine-tuning recipe (each tensor moves by 0.3% of its norm).
+RELATIVE_STEP: dict[str, Any] = {k: FINETUNE_PRESET[k] for k in ("inner_step", "inner_radius")}
 #: The fast step sized in the predictions: a target mean KL(student || fast student) per meta step.
 #: Epochs of linear probing before fine-tuning in the LP-FT rows.
 PROBE_EPOCHS = 2
-#: The fast step sized in the predictions, as the recipe sizes it: a target mean KL(student || fast student) per
-#: meta step (``--set inner_divergence=...`` for another target).
-KL_STEP: dict[str, Any] = {k: FINETUNE_PRESET[k] for k in ("inner_step", "inner_radius", "inner_divergence")}
+#: The fast step sized in the predictions: a target mean KL(student || fast student) of 0.1 per meta step, picked on
+#: the long regime's noisy validation split (benchmarks/finetune_pick.py; ``--set inner_divergence=...`` for another).
+KL_STEP: dict[str, Any] = {"inner_step": "normalized", "inner_radius": 0.01, "inner_divergence": 0.1}
 METHODS: dict[str, Method] = {
     "ce": Method(),
     "ce_ls": Method(loss="label_smoothing"),
