@@ -2,7 +2,7 @@
 (its divergence ``KL(student || fast student)`` and its relative length ``||theta' - theta|| / ||theta||``), for the
 runs that helped and those that collapsed.
 
-    python benchmarks/fast_step_curves.py benchmarks/finetune_fast_step_tune/*.json --setting sym40 --output curves.png
+    python benchmarks/fast_step_curves.py benchmarks/finetune/runs.json --regime short --output curves.png
 
 Each input is a ``runs.json`` / ``tune.json`` of `finetune_accuracy.py` (runs of the 0.3 release and later carry
 ``meta_curves``); a run is labelled by its method, its ``inner_divergence`` and its file's folder.
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="runs.json / tune.json files")
     parser.add_argument("--setting", default="sym40")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regime", default="long", help="long or short (runs without a regime are short)")
     parser.add_argument("--output", type=Path, default=Path("fast_step_curves.png"))
     args = parser.parse_args(argv)
     import matplotlib
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         for run in json.loads(path.read_text()):
             if run["setting"] != args.setting or run["seed"] != args.seed or not run.get("meta_curves"):
                 continue
+            if run.get("regime", "short") != args.regime:
+                continue
             row = axes[archs.index(run["arch"])]
             epochs = range(1, len(run["student_val"]) + 1)
             name = label(run, path)
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
             for ax, key in zip(row[1:], ("fast_divergence", "fast_step")):
                 ax.plot(epochs, run["meta_curves"][key], marker=".", label=name)
     for arch, row in zip(archs, axes):
-        row[0].set(title=f"{arch}, {args.setting}: noisy-validation accuracy (student)", xlabel="epoch", ylabel="%")
+        title = f"{arch}, {args.setting}, {args.regime}: noisy-validation accuracy (student)"
+        row[0].set(title=title, xlabel="epoch", ylabel="%")
         row[1].set(title="fast step: KL(student || fast student)", xlabel="epoch", yscale="log")
         row[2].set(title="fast step: ||theta' - theta|| / ||theta||", xlabel="epoch", yscale="log")
         for ax in row:

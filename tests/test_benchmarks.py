@@ -176,6 +176,7 @@ def test_fast_step_curves_plots_both_models(tmp_path):
             "arch": arch,
             "setting": "sym40",
             "seed": 0,
+            "regime": "long",
             "method": "mlnt_kl",
             "config": {"inner_divergence": 0.05},
             "student_val": [0.4, 0.5, 0.55],
