@@ -5,6 +5,7 @@ One prepared script for a lent GPU machine, sized to finish in under 8 minutes o
     python benchmarks/gpu.py --out gpu.json                # resnet50 at 224 px, ViT-B/16 at 224 px, bf16, batch 64
     python benchmarks/gpu.py --out gpu.json --write        # and the table into benchmarks/RESULTS.md
     python benchmarks/gpu.py --tiny                        # CPU, tiny models: what the test suite runs
+    python benchmarks/gpu.py --load benchmarks/gpu/h200.json --write   # the table of a run made on another machine
 
 Per model, every configuration runs in the same process (CUDA starts once): a plain
 cross-entropy step; full MLNT at M = 10, second and first order; the affordable preset
@@ -14,10 +15,10 @@ cross-entropy step; full MLNT at M = 10, second and first order; the affordable 
 warmed up for a ``meta_every`` cycle (at least two iterations), then timed over whole cycles
 for about ``--seconds`` seconds (at least 3 iterations); images/s is the batch times the iterations over
 the time, peak memory ``torch.cuda.max_memory_allocated`` above what the model and its inputs
-held before (not measured on CPU). A configuration that runs out of memory is reported as such
-and the rest go on. Last, a short fp16 run through Accelerate (``mixed_precision="fp16"``,
-its GradScaler on CUDA) with the fine-tuning recipe: images/s, the scale it ended at, updates
-skipped.
+held before (not measured on CPU). A configuration that runs out of memory, or fails otherwise,
+is reported with its error and the rest go on. Last, a short fp16 run through Accelerate
+(``mixed_precision="fp16"``, its GradScaler on CUDA) with the
+fine-tuning recipe: images/s, the scale it ended at, updates skipped.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def measure(name: str, img_size: int, options: dict[str, Any] | None, args: argp
         return {"images_per_second": args.batch_size * iterations / seconds, "peak_mib": peak, "iterations": iterations}
     except torch.OutOfMemoryError as error:
         return {"error": f"out of memory: {str(error).splitlines()[0][:120]}"}
+    except Exception as error:  # one configuration's failure is a row of the table, not the end of the lease
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"}
     finally:
         model = inputs = targets = run = None
         if gpu:
@@ -207,6 +210,8 @@ def table(results: dict[str, Any]) -> list[str]:
             peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
             lines.append(f"| {config} | {speed:.1f} | {share} | {peak} |")
     fp16 = results["fp16"]
+    if "error" in fp16:
+        return [*lines, "", f"fp16 through Accelerate ({fp16['model']}): failed, {fp16['error']}"]
     lines += [
         "",
         f"fp16 through Accelerate ({fp16['model']}, the fine-tuning recipe, mixed precision "
@@ -225,7 +230,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--load", type=Path, help="measure nothing: the table of this --out file (a lent GPU's run)")
     args = parser.parse_args(argv)
+    if args.load:
+        results = json.loads(args.load.read_text())
+        command = results.get("command", "python benchmarks/gpu.py")
+        write_table(
+            results,
+            f"`{command}` on the lent machine, table by `python benchmarks/gpu.py --load {args.load}`",
+            write=args.write,
+        )
+        return results
     sizes = TINY if args.tiny else FULL
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.seconds = args.seconds if args.seconds is not None else (0.2 if args.tiny else 8.0)
@@ -252,18 +267,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows[config] = measure(name, img_size, CONFIGS[config], args)
             print(f"{name} {config}: {rows[config]}", flush=True)
         results["models"].append({"name": name, "img_size": img_size, "configs": rows})
-    results["fp16"] = fp16_run(*sizes["models"][0], args)
+    try:
+        results["fp16"] = fp16_run(*sizes["models"][0], args)
+    except Exception as error:  # reported, after every measured row
+        results["fp16"] = {"error": f"{type(error).__name__}: {error}"[:200], "model": sizes["models"][0][0]}
     results["seconds"] = time.perf_counter() - started
+    results["command"] = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_table(results, f"`{results['command']}`", write=args.write)
+    return results
+
+
+def write_table(results: dict[str, Any], made_by: str, write: bool = True) -> None:
+    """Print the table, and with ``write`` put it into benchmarks/RESULTS.md."""
     lines = table(results)
     print("\n".join(lines))
     print(f"\n{results['seconds']:.0f} s in all on {results['device']}")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-    if args.write:
-        command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        header = [f"## One GPU: {results['device']} (`{command}`, torch {results['torch']})"]
+    if write:
+        header = [f"## One GPU: {results['device']} ({made_by}, torch {results['torch']})"]
         write_section("gpu", [*header, *lines, "", f"{results['seconds']:.0f} s in all."])
-    return results
 
 
 if __name__ == "__main__":

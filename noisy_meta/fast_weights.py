@@ -13,6 +13,7 @@ in one batched vector-Jacobian product, their fast forwards in one `torch.func.v
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Iterator
@@ -501,7 +502,8 @@ def _batched_forward(
         return functional_call(module, {**shared, **set_params, **set_buffers}, (inputs,))
 
     try:
-        return vmap(student, randomness="different")(fast, buffers)
+        with _batch_norm_in_parameter_dtype(module):
+            return vmap(student, randomness="different")(fast, buffers)
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise
@@ -509,6 +511,42 @@ def _batched_forward(
             f"sets_per_pass > 1 runs the fast forwards under torch.func.vmap, which this model does not "
             f"support ({error}); use sets_per_pass=1"
         ) from error
+
+
+@contextlib.contextmanager
+def _batch_norm_in_parameter_dtype(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers take their input in their running statistics' dtype, and give back the input's.
+
+    CUDA autocast hands BatchNorm bf16/fp16 activations with float32 statistics and affine
+    parameters; the plain kernel accepts that mix, ``vmap``'s batching rule for ``batch_norm``
+    does not ("Expected running_mean to have type BFloat16"). Normalising in float32 and casting
+    back is what the mixed kernel computes.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    input_dtypes: dict[nn.Module, torch.dtype] = {}
+
+    def to_parameter_dtype(norm: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        reference = norm.running_mean if norm.running_mean is not None else norm.weight
+        x = args[0]
+        if reference is None or x.dtype == reference.dtype:
+            return None
+        input_dtypes[norm] = x.dtype
+        return (x.to(reference.dtype), *args[1:])
+
+    def back_to_input_dtype(norm: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        dtype = input_dtypes.pop(norm, None)
+        return None if dtype is None else output.to(dtype)
+
+    handles = [
+        h
+        for m in norms
+        for h in (m.register_forward_pre_hook(to_parameter_dtype), m.register_forward_hook(back_to_input_dtype))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def forward_with_cloned_buffers(

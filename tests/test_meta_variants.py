@@ -120,6 +120,31 @@ def test_batched_sets_draw_dropout_per_set():
     assert stats["skipped"] == 0.0 and math.isfinite(stats["meta_loss"])
 
 
+def test_batched_sets_take_batchnorm_inputs_in_another_dtype_than_its_statistics():
+    """CUDA autocast gives BatchNorm bf16 activations and float32 statistics: the plain kernel takes the mix,
+    vmap's batching rule did not (seen on an H200); the batched pass now equals the sequential one."""
+
+    class HalfActivations(torch.nn.Module):  # a convolution's output as autocast leaves it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            hidden = self.bn(self.conv(x).bfloat16())
+            assert hidden.dtype == torch.bfloat16  # what the layer after BatchNorm receives is unchanged
+            return self.fc(hidden.float().mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = HalfActivations()
+    batched_model = copy.deepcopy(model)
+    x, y = resnet_batch()
+    one_at_a_time = make_wrapper(model).step(x, y)
+    batched = make_wrapper(batched_model, sets_per_pass=3).step(x, y)
+    assert batched["meta_loss"] == pytest.approx(one_at_a_time["meta_loss"], rel=2e-2)
+    for hook_dict in (batched_model.bn._forward_pre_hooks, batched_model.bn._forward_hooks):
+        assert not hook_dict  # the cast is there during the batched pass only
+
+
 def test_a_model_that_vmap_cannot_run_is_named_with_the_fix():
     class ItemCallingMLP(TinyMLP):
         def forward(self, x):
