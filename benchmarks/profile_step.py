@@ -1,16 +1,23 @@
-"""Where the time of one `MetaNoiseWrapper.step` goes: operators, and the package's own Python.
+"""Where the time of one `MetaNoiseWrapper.step` goes: operators, the package's own Python, and on a GPU how busy it is.
 
     python benchmarks/profile_step.py --model resnet18 --img-size 32 --batch-size 32 --num-synthetic 10
+    python benchmarks/profile_step.py --device cuda --amp bf16 --preset finetune \
+        --model resnet50 --img-size 224 --batch-size 64
 
-Prints (1) the operators with the largest self CPU time (``torch.profiler``, one step after
-a warm-up) and (2) from ``cProfile``, the time spent in the Python code of ``noisy_meta``
-itself (its functions' own time, without the PyTorch calls they make) against the step's
-wall time: the per-step Python overhead of the package.
+Prints (1) the operators with the largest self time (``torch.profiler``, one step after a
+warm-up; on CUDA sorted by GPU time), (2) from ``cProfile``, the time spent in the Python code
+of ``noisy_meta`` itself (its functions' own time, without the PyTorch calls they make)
+against the step's wall time, and (3) the wall time of a plain cross-entropy step and of the
+meta step, each synchronised, with (on CUDA) the GPU's kernel time inside the meta step: a
+step whose kernels fill a small share of its wall time waits on the host (Python, launches,
+synchronisations), not on the GPU. ``--preset`` profiles a preset's meta step (``meta_every``
+set to 1, so the profiled step is the one that runs the meta loss).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import time
@@ -18,11 +25,23 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from noisy_meta import MetaNoiseWrapper
+from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 
 PACKAGE = str(Path(__file__).resolve().parents[1] / "noisy_meta")
+
+
+def timed(run, device: str, repeats: int = 3) -> float:
+    """Mean synchronised wall seconds of ``run()`` over ``repeats`` calls."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    sync()
+    return (time.perf_counter() - started) / repeats
 
 
 def main() -> None:
@@ -33,34 +52,62 @@ def main() -> None:
     parser.add_argument("--num-synthetic", type=int, default=10)
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--fast-params", default="all")
+    parser.add_argument("--preset", choices=["fast", "finetune"], help="a preset's meta step instead of the flags")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none")
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10)
-    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    targets = torch.randint(0, 10, (args.batch_size,))
+    kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
+    model = timm.create_model(args.model, num_classes=10, **kwargs).to(args.device)
+    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+    targets = torch.randint(0, 10, (args.batch_size,), device=args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    wrapper = MetaNoiseWrapper(
-        model,
-        optimizer,
-        num_synthetic=args.num_synthetic,
-        first_order=args.first_order,
-        fast_params=args.fast_params,
-        ramp_start=0,
-        ramp_end=0,
-        seed=0,
-    )
-    wrapper.step(inputs, targets)  # warm-up
+    schedule = {"ramp_start": 0, "ramp_end": 0, "seed": 0}
+    if args.preset:
+        config = getattr(MetaNoiseConfig, args.preset)(meta_every=1, **schedule)
+    else:
+        config = MetaNoiseConfig(
+            num_synthetic=args.num_synthetic, first_order=args.first_order, fast_params=args.fast_params, **schedule
+        )
+    wrapper = MetaNoiseWrapper(model, optimizer, config)
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wrapper.step(inputs, targets)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    def autocast():
+        if args.amp == "bf16":
+            return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def meta_step() -> None:
+        with autocast():
+            wrapper.step(inputs, targets)
+
+    def plain_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):  # warm-up: autotuning, the caching allocator
+        meta_step()
+        plain_step()
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        meta_step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.top))
 
     profiler = cProfile.Profile()
     started = time.perf_counter()
     profiler.enable()
-    wrapper.step(inputs, targets)
+    meta_step()
+    if cuda:
+        torch.cuda.synchronize()
     profiler.disable()
     wall = time.perf_counter() - started
     stats = pstats.Stats(profiler).stats
@@ -68,6 +115,13 @@ def main() -> None:
     print(
         f"step wall time {wall:.3f} s (under cProfile); noisy_meta's own Python {own * 1e3:.1f} ms = {own / wall:.2%}"
     )
+
+    plain, meta = timed(plain_step, args.device), timed(meta_step, args.device)
+    line = f"plain step {plain * 1e3:.1f} ms, meta step {meta * 1e3:.1f} ms = {meta / plain:.1f} plain steps"
+    if cuda:
+        kernels = sum(event.self_device_time_total for event in events) / 1e6  # microseconds -> seconds
+        line += f"; GPU kernel time in the profiled meta step {kernels * 1e3:.1f} ms = {kernels / meta:.0%} of its wall"
+    print(line)
 
 
 if __name__ == "__main__":

@@ -177,15 +177,20 @@ def select_fast_params(module: nn.Module, spec: FastParamsSpec) -> list[str]:
 
 
 def last_stage_name(module: nn.Module) -> str:
-    """The name of a timm model's last feature stage (the last entry of its ``feature_info``)."""
-    feature_info = getattr(module, "feature_info", None)
+    """The name in ``module`` of a timm model's last feature stage (the last entry of its ``feature_info``).
+
+    A PEFT model (LoRA) is looked through: its timm model's stage, under PEFT's prefix.
+    """
+    base = module.get_base_model() if callable(getattr(module, "get_base_model", None)) else module
+    feature_info = getattr(base, "feature_info", None)
     stages = [info.get("module") for info in feature_info or [] if isinstance(info, dict)]
     if not stages or not stages[-1]:
         raise ValueError(
             "fast_params='last_stage' needs a timm model that declares its stages (feature_info); "
             "pass glob patterns or a predicate (name, param) -> bool instead"
         )
-    return stages[-1]
+    prefix = next(name for name, submodule in module.named_modules() if submodule is base)
+    return f"{prefix}.{stages[-1]}" if prefix else stages[-1]
 
 
 def _from_last_stage(module: nn.Module, names: list[str]) -> list[str]:

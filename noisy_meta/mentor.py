@@ -14,6 +14,10 @@ from the initial student, never for one passed in (the best mentor of a previous
 
 ``mentor_update="frozen"`` keeps a mentor you pass in as it is (iterative training: the best
 mentor of the previous run).
+
+A student with frozen parameters (a linear probe, a LoRA model) lends them to a mentor copied
+from it: the mentor holds the frozen trunk once, not twice, and averages what trains and the
+buffers (the EMA of a constant is that constant, so this is ModelEmaV3's average, exactly).
 """
 
 from __future__ import annotations
@@ -48,18 +52,39 @@ class Mentor:
         if initial is not None and config.mentor_update == "ema":
             _check_same_state_layout(student, source)
         device = next(student.parameters()).device
-        if config.mentor_update == "ema":
-            self.ema: ModelEmaV3 | None = ModelEmaV3(source, decay=config.mentor_decay_ramp)
+        #: The student's frozen parameters, which a mentor copied from it shares (held once).
+        self.shared = [p for p in student.parameters() if not p.requires_grad] if initial is None else []
+        self.ema: ModelEmaV3 | None = None
+        if config.mentor_update == "ema" and not self.shared:
+            self.ema = ModelEmaV3(source, decay=config.mentor_decay_ramp)
             self.module = self.ema.module.to(device).requires_grad_(False)
         else:
-            self.ema = None
-            self.module = copy.deepcopy(source).eval().to(device).requires_grad_(False)
+            memo = {id(p): p for p in self.shared}
+            self.module = copy.deepcopy(source, memo).eval().to(device).requires_grad_(False)
+        shared_ids = {id(p) for p in self.shared}
+        #: What the average runs over: every state-dict entry but the shared frozen parameters.
+        self.averaged = [name for name, t in student.state_dict(keep_vars=True).items() if id(t) not in shared_ids]
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
         """Average ``student`` in with the decay of update ``step`` (nothing when frozen)."""
+        if self.config.mentor_update != "ema":
+            return
         if self.ema is not None:
             self.ema.apply_update_(student, self.decay_at(step))
+            return
+        if any(p.requires_grad for p in self.shared):
+            raise RuntimeError(
+                "a parameter that was frozen when the wrapper was built now trains; the mentor shares the "
+                "frozen ones with the student, so build a new wrapper after unfreezing (e.g. between the "
+                "linear probe and the fine-tuning of LP-FT)"
+            )
+        ours, theirs = self.module.state_dict(), student.state_dict()
+        floats = [name for name in self.averaged if ours[name].is_floating_point()]
+        torch._foreach_lerp_([ours[n] for n in floats], [theirs[n] for n in floats], 1.0 - self.decay_at(step))
+        for name in self.averaged:
+            if not ours[name].is_floating_point():
+                ours[name].copy_(theirs[name])
 
     def decay_at(self, step: int) -> float:
         """The EMA decay of update ``step`` (`MetaNoiseConfig.mentor_decay_at`, warmed up or not)."""

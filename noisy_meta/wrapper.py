@@ -331,6 +331,12 @@ class MetaNoiseWrapper:
         return self.config.meta_weight_at(self.num_updates)
 
     @property
+    def fast_param_names(self) -> list[str]:
+        """The parameters that get fast weights: ``config.fast_params`` resolved on the model (trainable ones only,
+        so for a LoRA model the adapters and the trained head)."""
+        return list(self._scope.fast_names)
+
+    @property
     def fast_suffix(self) -> str | None:
         """``"head"`` / ``"last_stage"`` when the fast passes start there after a shared trunk (also
         chosen for ``fast_params="all"`` when only that suffix is trainable), else None."""

@@ -21,18 +21,20 @@ def mlp_forward(params, x):
     return torch.tanh(x @ w1.T + b1) @ w2.T + b2
 
 
-def reference_meta_objective(params, x, label_sets, mentor_log_probs, alpha, first_order, fast_mask=None):
+def reference_meta_objective(
+    params, x, label_sets, mentor_log_probs, alpha, first_order, fast_mask=None, forward=mlp_forward
+):
     """J(theta) = mean_m KL(mentor || f(x; theta - alpha * grad CE(f(x; theta), y_m))), written out."""
     fast_mask = fast_mask or [True] * len(params)
     total = 0.0
     for labels in label_sets:
-        log_probs = F.log_softmax(mlp_forward(params, x), dim=1)
+        log_probs = F.log_softmax(forward(params, x), dim=1)
         inner = -log_probs[torch.arange(len(labels)), labels].mean()
         grads = torch.autograd.grad(inner, params, create_graph=not first_order)
         if first_order:
             grads = [g.detach() for g in grads]
         fast = [p - alpha * g if is_fast else p for p, g, is_fast in zip(params, grads, fast_mask)]
-        student = F.log_softmax(mlp_forward(fast, x), dim=1)
+        student = F.log_softmax(forward(fast, x), dim=1)
         kl = (mentor_log_probs.exp() * (mentor_log_probs - student)).sum(dim=1).mean()
         total = total + kl
     return total / len(label_sets)
