@@ -11,7 +11,9 @@ Per model, every configuration runs in the same process (CUDA starts once): a pl
 cross-entropy step; full MLNT at M = 10, second and first order; the affordable preset
 (`MetaNoiseConfig.fast`); the fine-tuning recipe (`MetaNoiseConfig.finetune`); M = 10 with
 ``fast_params`` ``head`` and ``last_stage``; and M = 10 with ``sets_per_pass`` 1, 5 and 10
-(the sets of one pass batched: one batched vector-Jacobian product, one ``vmap``). Each is
+(the sets of one pass batched: one batched vector-Jacobian product, one ``vmap``); LoRA (PEFT, rank 16
+on `noisy_meta.finetune.models.lora_targets`, the classifier trained in full) plain, with the
+recipe and at M = 10. Each is
 warmed up for a ``meta_every`` cycle (at least two iterations), then timed over whole cycles
 for about ``--seconds`` seconds (at least 3 iterations); images/s is the batch times the iterations over
 the time, peak memory ``torch.cuda.max_memory_allocated`` above what the model and its inputs
@@ -49,6 +51,9 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "sets_per_pass 1, M=10": {"num_synthetic": 10, "sets_per_pass": 1},
     "sets_per_pass 5, M=10": {"num_synthetic": 10, "sets_per_pass": 5},
     "sets_per_pass 10, M=10": {"num_synthetic": 10, "sets_per_pass": 10},
+    "LoRA r=16, plain": {"lora": 16, "plain": True},
+    "LoRA r=16, preset finetune": {"lora": 16, "preset": "finetune"},
+    "LoRA r=16, M=10": {"lora": 16, "num_synthetic": 10},
 }
 FULL = {"models": [("resnet50", 224), ("vit_base_patch16_224", 224)], "batch_size": 64, "dtype": "bf16"}
 #: The suite's CPU check: the same path at tiny sizes in fp32 (CPU bf16 autocast is slow and says nothing).
@@ -80,8 +85,8 @@ def iteration(options: dict[str, Any] | None, model, inputs, targets, autocast):
 
     from noisy_meta import MetaNoiseWrapper
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    if options is None:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    if options is None or options.get("plain"):
 
         def plain() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -119,7 +124,12 @@ def measure(name: str, img_size: int, options: dict[str, Any] | None, args: argp
 
     try:
         model, inputs, targets = build(name, img_size, args.batch_size, device)
-        run, cycle = iteration(options, model, inputs, targets, autocast)
+        options = dict(options or {})
+        if options.get("lora"):  # PEFT's LoRA on the timm-aware targets, the classifier trained in full
+            from noisy_meta.finetune.models import add_lora
+
+            model = add_lora(model, options.pop("lora"))
+        run, cycle = iteration(options or None, model, inputs, targets, autocast)
         if gpu:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -26,6 +26,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
@@ -100,7 +101,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
     events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.top))
+    print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.top))
 
     profiler = cProfile.Profile()
     started = time.perf_counter()
@@ -119,7 +120,7 @@ def main() -> None:
     plain, meta = timed(plain_step, args.device), timed(meta_step, args.device)
     line = f"plain step {plain * 1e3:.1f} ms, meta step {meta * 1e3:.1f} ms = {meta / plain:.1f} plain steps"
     if cuda:
-        kernels = sum(event.self_device_time_total for event in events) / 1e6  # microseconds -> seconds
+        kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6  # us -> s
         line += f"; GPU kernel time in the profiled meta step {kernels * 1e3:.1f} ms = {kernels / meta:.0%} of its wall"
     print(line)
 

@@ -23,6 +23,41 @@ def create_model(settings: ModelSettings, num_classes: int) -> torch.nn.Module:
     return model
 
 
+def lora_targets(model: torch.nn.Module) -> list[str]:
+    """PEFT ``target_modules`` for a timm model: every ``nn.Linear`` outside the classifier (attention and MLP
+    projections of a transformer), or, for a model without one (a CNN), every ungrouped ``nn.Conv2d`` (PEFT cannot
+    merge an adapter into a depthwise convolution)."""
+    classifier = {id(m) for m in model.get_classifier().modules()} if hasattr(model, "get_classifier") else set()
+    for kind in (torch.nn.Linear, torch.nn.Conv2d):
+        names = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, kind) and id(m) not in classifier and getattr(m, "groups", 1) == 1
+        ]
+        if names:
+            return names
+    raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d outside its classifier for LoRA")
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None, targets: list[str] | None = None):
+    """``model`` as a PEFT LoRA model: rank-``rank`` adapters on ``targets`` (default `lora_targets`), scaled by
+    ``alpha / rank`` (default 1, PEFT's default at rank 8), the classifier trained in full; the rest frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("LoRA needs PEFT: pip install 'noisy-meta[peft]'") from error
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    if not classifier:
+        raise ValueError(f"{type(model).__name__} names no classifier (timm's pretrained_cfg['classifier'])")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        target_modules=targets or lora_targets(model),
+        modules_to_save=[classifier] if isinstance(classifier, str) else list(classifier),
+    )
+    return get_peft_model(model, config)
+
+
 def _timm_model(settings: ModelSettings, num_classes: int) -> torch.nn.Module:
     name = settings.name
     if settings.checkpoint is not None:
