@@ -117,3 +117,55 @@ def test_resume_continues_bitwise(mlp64, batch64):
         assert torch.equal(value, resumed_model.state_dict()[name]), name
     for name, value in reference.mentor.state_dict().items():
         assert torch.equal(value, resumed.mentor.state_dict()[name]), name
+
+
+# ------------------------------------------------------------------ the command line: --lora-rank
+
+
+def test_a_lora_run_saves_timm_weights_exports_and_resumes_bitwise(tiny_mnist, tmp_path):
+    """--lora-rank: student/mentor files are plain timm state dicts (the adapters merged), the export loads in timm
+    offline, and a run killed mid-epoch resumes bitwise equal to one never interrupted (adapters, mentor, optimizer)."""
+    import signal
+
+    import timm
+    from safetensors.torch import load_file
+    from test_preemption import assert_same_run, mid_epoch_update, run, succeeded
+
+    from noisy_meta.finetune.export import best_record
+
+    from finetune_helpers import metrics
+
+    lora = ["--lora-rank", "4", "--lora-alpha", "8"]
+    reference = tmp_path / "reference"
+    succeeded(run(tiny_mnist, reference, *lora, "--export-dir", str(reference / "export")))
+    plain = timm.create_model("test_resnet", num_classes=10)
+    for name in ("student.safetensors", "mentor.safetensors"):
+        saved = load_file(str(reference / "best" / name))
+        assert saved.keys() == plain.state_dict().keys()
+    exported = timm.create_model(f"local-dir:{reference / 'export'}", pretrained=True).state_dict()
+    kept = load_file(str(reference / "best" / f"{best_record(metrics(reference))[1]}.safetensors"))
+    assert exported.keys() == kept.keys() and all(torch.equal(exported[k], v) for k, v in kept.items())
+
+    output = tmp_path / "killed"
+    result = run(tiny_mnist, output, *lora, signal_at=f"{mid_epoch_update(1)}:KILL")
+    assert result.returncode == -signal.SIGKILL
+    succeeded(run(tiny_mnist, output, *lora, "--resume"))
+    assert_same_run(output, reference)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lora-rank", "4", "--freeze-backbone"], "give one"),
+        (["--lora-alpha", "8"], "give --lora-rank too"),
+        (["--lora-rank", "4", "--iterations", "2"], "run one iteration"),
+    ],
+)
+def test_lora_flag_errors(flags, message):
+    import subprocess
+    import sys
+
+    from finetune_helpers import EXAMPLE
+
+    result = subprocess.run([sys.executable, str(EXAMPLE), *flags], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

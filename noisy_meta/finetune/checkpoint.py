@@ -16,7 +16,8 @@ With ``--iterations K`` each run has this layout in ``iteration_<k>/``, and from
 on also ``cleaning.json`` (the cleaning report) and ``pred_probs.npz`` (what it judged).
 
 ``student.safetensors`` and ``mentor.safetensors`` are plain state dicts that
-``timm.create_model(name, num_classes=..., checkpoint_path=...)`` loads. Beside them,
+``timm.create_model(name, num_classes=..., checkpoint_path=...)`` loads (a LoRA model's adapters
+merged into them; Accelerate's copy keeps the adapters apart for ``--resume``). Beside them,
 ``accelerator.save_state`` keeps optimizer, scheduler, GradScaler, RNG and the wrapper's
 state, so ``--resume`` continues exactly. A directory is written under a temporary name,
 fsynced, and then renamed, so an interrupted save leaves the previous checkpoint intact.
@@ -43,6 +44,7 @@ in that time.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -64,11 +66,20 @@ from ..wrapper import MetaNoiseWrapper
 from .names import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
 
+def plain_model(module: nn.Module) -> nn.Module:
+    """The timm model a PEFT (LoRA) model stands for: a merged copy, its adapters folded into the weights; any
+    other module as it is. What ``student.safetensors`` / ``mentor.safetensors`` and the export hold."""
+    if callable(getattr(module, "merge_and_unload", None)):
+        return copy.deepcopy(module).merge_and_unload()
+    return module
+
+
 def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """``module``'s state dict as safetensors (contiguous copies; shared tensors de-duplicated)."""
+    """``module``'s state dict as safetensors (contiguous copies; shared tensors de-duplicated; a LoRA model
+    merged, `plain_model`)."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in module.state_dict().items():
+    for name, tensor in plain_model(module).state_dict().items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel():  # tied weights: safetensors refuses shared storage
             tensors[name] = tensor.detach().clone().contiguous().cpu()
@@ -269,8 +280,9 @@ def check_checkpoint(directory: Path, model: nn.Module, role: str = "--resume") 
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     if missing:
         raise CheckpointError(f"{role}: {directory} lacks {', '.join(missing)}; it is not a complete checkpoint")
+    plain = plain_model(model)
     for name in (STUDENT_FILE, MENTOR_FILE):
-        read_weights(directory / name, model, role)
+        read_weights(directory / name, plain, role)
     _load_readable(directory / "model.safetensors", role)  # Accelerate's copy may leave out tied weights
 
 

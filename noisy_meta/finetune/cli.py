@@ -114,6 +114,24 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="train the classifier only (a linear probe); the meta step then runs only the classifier per "
         "synthetic set",
     )
+    model.add_argument(
+        "--lora-rank",
+        type=non_negative_int,
+        default=0,
+        help="train LoRA adapters of this rank (PEFT; pip install 'noisy-meta[peft]') and the classifier, the rest "
+        "frozen: the meta step's fast weights are then the adapters and the classifier; 0: no LoRA",
+    )
+    model.add_argument(
+        "--lora-alpha", type=positive_float, default=None, help="LoRA's scale is alpha / rank; default alpha = rank"
+    )
+    model.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="PEFT target_modules (names or name suffixes); default every nn.Linear outside the classifier "
+        "(a transformer's projections), or every ungrouped nn.Conv2d for a model without one",
+    )
     model.add_argument("--num-classes", type=positive_int, default=None, help="default: from the label column")
     model.add_argument(
         "--img-size", type=positive_int, default=None, help=f"input size; default: the model's, or 32 for {EMBEDDED}"

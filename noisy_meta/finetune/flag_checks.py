@@ -145,6 +145,16 @@ def _check_combinations(settings: RunSettings) -> None:
         raise ValueError(f"--noise {OPEN_SET} needs --noise-rate below 1 (some images must stay in the label space)")
     if noise.open_set_classes and noise.kind != OPEN_SET:
         raise ValueError(f"--open-set-classes is for --noise {OPEN_SET} only (got --noise {noise.kind})")
+    if model.lora_rank and model.freeze_backbone:
+        raise ValueError("--lora-rank trains adapters in the backbone and --freeze-backbone trains none: give one")
+    if not model.lora_rank and (model.lora_alpha is not None or model.lora_targets):
+        raise ValueError("--lora-alpha and --lora-targets shape LoRA adapters: give --lora-rank too")
+    if model.lora_rank and settings.iterative.iterations > 1:
+        raise ValueError(
+            f"--lora-rank with --iterations {settings.iterative.iterations}: the next iteration's mentor is the "
+            "previous best mentor merged into a plain timm model, which a LoRA student cannot average; run one "
+            "iteration"
+        )
     if model.pretrained and model.checkpoint:
         raise ValueError("--pretrained and --checkpoint both choose the starting weights: give one")
     if control.overwrite and control.resume is not None:

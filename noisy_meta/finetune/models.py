@@ -15,11 +15,15 @@ from .settings import ModelSettings, RunSettings
 
 
 def create_model(settings: ModelSettings, num_classes: int) -> torch.nn.Module:
-    """The student: timm's model of that name, from its starting weights, with ``num_classes`` outputs."""
+    """The student: timm's model of that name, from its starting weights, with ``num_classes`` outputs (a PEFT
+    LoRA model of it with ``--lora-rank``)."""
     model = _timm_model(settings, num_classes)
     if settings.freeze_backbone:  # a linear probe: only the classifier trains
         model.requires_grad_(False)
         model.get_classifier().requires_grad_(True)
+    if settings.lora_rank:
+        targets = list(settings.lora_targets) if settings.lora_targets else None
+        model = add_lora(model, settings.lora_rank, settings.lora_alpha, targets)
     return model
 
 

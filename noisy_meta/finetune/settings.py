@@ -86,6 +86,11 @@ class ModelSettings:
     freeze_backbone: bool = False
     num_classes: int | None = None
     img_size: int | None = None
+    #: LoRA (PEFT): the adapters' rank (0: no LoRA), their scale's numerator (default the rank: scale 1) and the
+    #: modules they go on (default `noisy_meta.finetune.models.lora_targets`).
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] | None = None
 
     @property
     def from_weights(self) -> bool:
@@ -252,6 +257,9 @@ class RunSettings:
                 flags["freeze_backbone"],
                 flags["num_classes"],
                 flags["img_size"],
+                flags["lora_rank"],
+                flags["lora_alpha"],
+                tuple(flags["lora_targets"]) if flags["lora_targets"] else None,
             ),
             data=_group(DataSettings, flags, scale=tuple(flags["scale"])),
             noise=NoiseSettings(flags["noise"], flags["noise_rate"], tuple(flags["open_set_classes"] or ())),
