@@ -24,7 +24,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_UNSUPPORTED_DISTRIBUTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
+#: Accelerate's modes the meta step refuses, and why (one line each; `TrainingRuntime` adds DeepSpeed's ZeRO stage).
+_UNSUPPORTED_DISTRIBUTED = {
+    "DEEPSPEED": "DeepSpeed's engine owns the backward and the gradient reduction, which the meta step must do "
+    "itself (two backwards over one graph; ZeRO-3 cannot run that at all, DeepSpeed issue 4528)",
+    "FSDP": "the meta step synchronises gradients itself and does not handle sharded parameters yet; fit a larger "
+    "model with LoRA (--lora-rank) or fast_params='head' under DDP",
+    "MEGATRON_LM": "the meta step needs the whole model on every process",
+    "XLA": "the meta step is not traced for XLA",
+}
 
 
 def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
@@ -65,9 +73,11 @@ class TrainingRuntime:
         if accelerator is not None:
             kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
             if kind in _UNSUPPORTED_DISTRIBUTED:
+                plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+                stage = f" ZeRO-{plugin.zero_stage}" if getattr(plugin, "zero_stage", None) is not None else ""
                 raise NotImplementedError(
-                    f"Accelerate's {kind} mode is not supported: the meta step needs the whole model "
-                    "on every process (use plain multi-GPU / multi-CPU data parallelism)"
+                    f"Accelerate's {kind}{stage} mode is not supported: {_UNSUPPORTED_DISTRIBUTED[kind]}; "
+                    "use plain multi-GPU / multi-CPU data parallelism (DDP)"
                 )
             if scaler is not None:
                 raise ValueError("pass either an accelerator or a scaler, not both: the accelerator owns its scaler")

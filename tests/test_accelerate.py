@@ -217,3 +217,25 @@ def test_own_loop_with_accelerator_backward_equals_step(make_accelerator):
         own.update_mentor()
     for name, value in state(own.module).items():
         torch.testing.assert_close(state(wrapper.module)[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind, stage, message",
+    [
+        ("DEEPSPEED", 3, "DEEPSPEED ZeRO-3 mode is not supported: DeepSpeed's engine owns the backward"),
+        ("DEEPSPEED", 2, "DEEPSPEED ZeRO-2 mode is not supported"),
+        ("FSDP", None, "FSDP mode is not supported: the meta step synchronises gradients itself"),
+    ],
+)
+def test_sharding_modes_are_refused_in_one_line_naming_why(mlp64, kind, stage, message):
+    """Accelerate's DeepSpeed (any ZeRO stage) and FSDP: refused before training, with the reason and what works."""
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(
+        distributed_type=SimpleNamespace(name=kind),
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage) if stage else None),
+    )
+    optimizer = torch.optim.SGD(mlp64.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match=message) as error:
+        MetaNoiseWrapper(mlp64, optimizer, accelerator=accelerator)
+    assert "\n" not in str(error.value) and "(DDP)" in str(error.value)
