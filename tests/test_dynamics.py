@@ -18,7 +18,8 @@ def test_the_margin_is_the_given_logit_minus_the_largest_other():
     aum.update(torch.tensor([3]), torch.tensor([[0.0, 1.0, 0.5]]), torch.tensor([0]))
     expected = [1.0 - 3.0, np.nan, np.nan, ((2.0 - 1.0) + (0.0 - 1.0)) / 2]  # sample 0: label 2 -> 1 - 3
     np.testing.assert_allclose(aum.scores, expected)
-    assert aum.counts.tolist() == [1, 0, 0, 2]
+    assert aum.counts_seen.tolist() == [1, 0, 0, 2]
+    assert aum.predicted.tolist() == [1, -1, -1, 1]  # the class each was last predicted as (-1: never seen)
 
 
 def test_mislabelled_samples_have_the_lowest_area_under_the_margin():
@@ -77,7 +78,11 @@ def _two_ranks(rank: int, path: str, result: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     aum = AreaUnderMargin(4)
-    aum.update(torch.tensor([rank, 2]), torch.tensor([[1.0, 0.0], [0.0, 2.0 * (rank + 1)]]), torch.tensor([0, 1]))
+    sample_2 = [[3.0, 2.0], [0.0, 4.0]][rank]  # rank 0 predicts class 0, rank 1 class 1
+    aum.update(torch.tensor([rank, 2]), torch.tensor([[1.0, 0.0], sample_2]), torch.tensor([0, 1]))
+    aum.all_reduce()
+    if rank == 1:  # after a checkpoint's all-reduce, more training: only what is new is summed next time
+        aum.update(torch.tensor([3]), torch.tensor([[0.5, 0.0]]), torch.tensor([1]))
     aum.all_reduce()
     if rank == 0:
         torch.save(aum.state_dict(), result)
@@ -91,5 +96,6 @@ def test_all_reduce_sums_what_each_rank_saw(tmp_path):
     result = str(tmp_path / "state.pt")
     mp.spawn(_two_ranks, args=(str(tmp_path / "rendezvous"), result), nprocs=2)
     state = torch.load(result)
-    assert state["counts"].tolist() == [1, 1, 2, 0]
-    torch.testing.assert_close(state["sums"], torch.tensor([1.0, 1.0, 2.0 + 4.0, 0.0], dtype=torch.float64))
+    assert state["counts"].tolist() == [1, 1, 2, 1]
+    torch.testing.assert_close(state["sums"], torch.tensor([1.0, 1.0, -1.0 + 4.0, -0.5], dtype=torch.float64))
+    assert state["predicted"].tolist() == [0, 0, 1, 0]  # sample 2: the highest rank that saw it

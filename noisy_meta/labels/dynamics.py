@@ -11,7 +11,10 @@ training makes anyway.
 
 `AreaUnderMargin` collects it from the training batches (`MetaNoiseWrapper.last_logits` after
 `step`, or your own forward's logits), keeps its sums in a state dict (a resumed run continues
-them exactly) and sums them over ranks when each process saw its own samples.
+them exactly) and sums them over ranks when each process saw its own samples: what a process
+saw since the last `AreaUnderMargin.all_reduce` is kept apart, so the call can come as often as
+checkpoints are written (each one then holds the whole training set's sums on every rank).
+It also keeps each sample's most recent predicted class, the label it suggests.
 """
 
 from __future__ import annotations
@@ -46,8 +49,14 @@ class AreaUnderMargin:
     def __init__(self, num_samples: int) -> None:
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        #: Sums over every process up to the last `all_reduce` (all of them with one process).
         self.sums = torch.zeros(num_samples, dtype=torch.float64)
         self.counts = torch.zeros(num_samples, dtype=torch.int64)
+        #: What this process added since (zero with one process after `all_reduce`).
+        self._new_sums = torch.zeros(num_samples, dtype=torch.float64)
+        self._new_counts = torch.zeros(num_samples, dtype=torch.int64)
+        #: The class each sample was last predicted as (-1: never seen), and on which count of updates.
+        self.predicted = torch.full((num_samples,), -1, dtype=torch.int64)
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -62,31 +71,49 @@ class AreaUnderMargin:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.sums.numel()):
             found = f"[{int(index.min())}, {int(index.max())}]"
             raise ValueError(f"index must lie in [0, {self.sums.numel()}), got {found}")
-        self.sums.index_add_(0, index, margins(logits, labels.long()).cpu())
-        self.counts.index_add_(0, index, torch.ones_like(index))
+        self._new_sums.index_add_(0, index, margins(logits, labels.long()).cpu())
+        self._new_counts.index_add_(0, index, torch.ones_like(index))
+        self.predicted[index] = logits.detach().argmax(dim=1).cpu()
+
+    @property
+    def counts_seen(self) -> torch.Tensor:
+        """``[N]`` how many times each sample was seen (by this process since the last `all_reduce`, and by all
+        processes before it)."""
+        return self.counts + self._new_counts
 
     @property
     def scores(self) -> np.ndarray:
         """``[N]`` the mean margin on the given label (NaN for a sample never seen)."""
-        counts = self.counts.double()
-        return torch.where(counts > 0, self.sums / counts.clamp(min=1), torch.nan).numpy()
+        counts = self.counts_seen.double()
+        return torch.where(counts > 0, (self.sums + self._new_sums) / counts.clamp(min=1), torch.nan).numpy()
 
     def all_reduce(self, group: Any | None = None) -> None:
-        """Sum the margins and counts over the processes (each saw its own samples): every rank then holds the
-        whole training set's scores. A no-op with one process."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
-            return
-        flat = torch.cat([self.sums, self.counts.double()])
-        backend = dist.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        flat = flat.to(device)
-        dist.all_reduce(flat, group=group)
-        flat = flat.cpu()
-        n = self.sums.numel()
-        self.sums, self.counts = flat[:n].clone(), flat[n:].round().long()
+        """Add what every process saw since the last call to the sums (each process saw its own samples): every
+        rank then holds the whole training set's scores, and the most recent prediction of each sample from
+        the process that saw it last (the highest rank on a tie). Call it on every rank, as often as wanted."""
+        new_sums, new_counts, predicted = self._new_sums, self._new_counts, self.predicted
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            flat = torch.cat([new_sums, new_counts.double(), (predicted + 1).double() * (new_counts > 0)])
+            backend = dist.get_backend(group)
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            summed, largest = flat.to(device), flat.to(device).clone()
+            dist.all_reduce(summed, group=group)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+            n = new_sums.numel()
+            new_sums, new_counts = summed[:n].cpu(), summed[n : 2 * n].cpu().round().long()
+            seen_here = largest[2 * n :].cpu().round().long() - 1
+            predicted = torch.where(seen_here >= 0, seen_here, predicted)
+        self.sums, self.counts, self.predicted = self.sums + new_sums, self.counts + new_counts, predicted
+        self._new_sums, self._new_counts = torch.zeros_like(self._new_sums), torch.zeros_like(self._new_counts)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sums": self.sums.clone(), "counts": self.counts.clone()}
+        """The sums so far (this process's included: with several, call `all_reduce` first, so that every rank
+        holds the same state) and the most recent predictions."""
+        return {
+            "sums": self.sums + self._new_sums,
+            "counts": self.counts + self._new_counts,
+            "predicted": self.predicted.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         sums, counts = state["sums"], state["counts"]
@@ -96,3 +123,6 @@ class AreaUnderMargin:
                 "was it saved for another training set?"
             )
         self.sums, self.counts = sums.double().clone(), counts.long().clone()
+        self._new_sums, self._new_counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
+        if "predicted" in state:
+            self.predicted = state["predicted"].long().clone()
