@@ -98,4 +98,4 @@ def test_all_reduce_sums_what_each_rank_saw(tmp_path):
     state = torch.load(result)
     assert state["counts"].tolist() == [1, 1, 2, 1]
     torch.testing.assert_close(state["sums"], torch.tensor([1.0, 1.0, -1.0 + 4.0, -0.5], dtype=torch.float64))
-    assert state["predicted"].tolist() == [0, 0, 1, 0]  # sample 2: the highest rank that saw it
+    assert state["predicted"].tolist() == [0, 0, 1, 0]  # sample 2, seen by both: the larger class

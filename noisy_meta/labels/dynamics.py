@@ -89,8 +89,9 @@ class AreaUnderMargin:
 
     def all_reduce(self, group: Any | None = None) -> None:
         """Add what every process saw since the last call to the sums (each process saw its own samples): every
-        rank then holds the whole training set's scores, and the most recent prediction of each sample from
-        the process that saw it last (the highest rank on a tie). Call it on every rank, as often as wanted."""
+        rank then holds the whole training set's scores and each sample's most recent prediction (for a sample
+        that several processes saw since the last call, the largest class any of them predicted: the same on
+        every rank). Call it on every rank, as often as wanted."""
         new_sums, new_counts, predicted = self._new_sums, self._new_counts, self.predicted
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             flat = torch.cat([new_sums, new_counts.double(), (predicted + 1).double() * (new_counts > 0)])
