@@ -55,8 +55,10 @@ def position(output: Path) -> dict:
 
 
 def assert_same_run(resumed: Path, reference: Path) -> None:
-    """Metrics (but timings), student, mentor, Accelerate's model copy and optimizer state are bitwise equal."""
+    """Metrics (but timings), student, mentor, Accelerate's model copy, optimizer state and the label-error report
+    (its margins summed over the ranks at every checkpoint) are bitwise equal."""
     assert without_timings(metrics(resumed)) == without_timings(metrics(reference))
+    assert (resumed / "label_issues.csv").read_text() == (reference / "label_issues.csv").read_text()
     for name in ("student.safetensors", "mentor.safetensors", "model.safetensors"):
         ours, theirs = load_file(str(resumed / "last" / name)), load_file(str(reference / "last" / name))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items()), name

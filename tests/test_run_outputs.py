@@ -253,6 +253,60 @@ def test_report_shows_cleaning_when_there_was_some(tmp_path):
     assert write_report(tmp_path / "nothing-here") is None
 
 
+# ------------------------------------------------------------------------------------------ label_issues.csv
+
+
+def test_label_issues_rank_every_training_image_and_find_the_injected_noise(tracked_run):
+    """40% symmetric noise: every training image ranked by its mean margin, flagged below 0, the mislabelled ones
+    lower on average (16 updates of a tiny run: the ranking's quality is benchmarks/label_issues.py's); the
+    picture is readable."""
+    import csv
+
+    output, _ = tracked_run
+    with open(output / "label_issues.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    columns = "rank,index,given_label,given_name,suggested_label,suggested_name,aum,times_seen,flagged,clean_label"
+    assert list(rows[0]) == columns.split(",")
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert len({r["index"] for r in rows}) == len(rows) == metrics(output)[-1]["train_samples"]
+    scores = [float(r["aum"]) for r in rows]
+    assert scores == sorted(scores)
+    assert all(r["flagged"] == str(int(float(r["aum"]) < 0)) for r in rows)
+    assert all(int(r["times_seen"]) == 2 for r in rows)  # two epochs, each image once per epoch
+    wrong = [float(r["aum"]) for r in rows if r["given_label"] != r["clean_label"]]
+    right = [float(r["aum"]) for r in rows if r["given_label"] == r["clean_label"]]
+    assert sum(wrong) / len(wrong) < sum(right) / len(right)
+    with Image.open(output / "label_issues.png") as image:
+        assert image.format == "PNG" and image.size[0] >= 1200  # six thumbnails a row at 100 dpi
+
+
+def test_label_issues_table_by_hand(tmp_path):
+    """Ranks, the flag, suggested names and CSV quoting, from margins written out."""
+    import csv
+
+    from datasets import Dataset
+
+    from noisy_meta import AreaUnderMargin
+    from noisy_meta.finetune.report import write_label_issues
+
+    aum = AreaUnderMargin(5)  # indices 0..4; the split holds 1, 3 and 4 (0 and 2 were removed before training)
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.5]])
+    aum.update(torch.tensor([1, 3, 4]), logits, torch.tensor([0, 0, 1]))  # margins 2, -3, -0.5
+    images = [Image.new("L", (8, 8), color) for color in (0, 128, 255)]
+    train = Dataset.from_dict({"image": images, "label": [0, 0, 1], "clean_label": [0, 1, 0], "index": [1, 3, 4]})
+    issues = write_label_issues(tmp_path, aum, train, ["cat, black", "dog"])
+    with open(tmp_path / "label_issues.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["index"], r["aum"], r["flagged"]) for r in rows] == [
+        ("3", "-3", "1"),
+        ("4", "-0.5", "1"),
+        ("1", "2", "0"),
+    ]
+    assert (rows[0]["given_name"], rows[0]["suggested_name"]) == ("cat, black", "dog")
+    assert (issues.num_samples, issues.num_flagged, issues.precision, issues.recall) == (3, 2, 1.0, 1.0)
+    assert "2 of 3 training labels look wrong" in issues.line()
+
+
 # ---------------------------------------------------------------------------------------------- --export-dir
 
 

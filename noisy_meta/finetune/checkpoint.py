@@ -62,6 +62,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..labels.dynamics import AreaUnderMargin
 from ..wrapper import MetaNoiseWrapper
 from .names import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
@@ -344,7 +345,9 @@ class RunState:
     at the next batch with the epoch's figures as if never interrupted.
     """
 
-    def __init__(self, max_consecutive_skips: int = 0) -> None:
+    def __init__(self, max_consecutive_skips: int = 0, aum: AreaUnderMargin | None = None) -> None:
+        #: Each training sample's margin on its given label so far (`noisy_meta.AreaUnderMargin`; None for a stream).
+        self.aum = aum
         self.epoch = 0
         self.batch = 0
         self.totals: dict[str, float] = {}
@@ -360,6 +363,7 @@ class RunState:
             "consecutive_skips": self.skips.consecutive,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            **({"aum": self.aum.state_dict()} if self.aum is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -369,6 +373,8 @@ class RunState:
         self.skips.consecutive = int(state.get("consecutive_skips", 0))
         self.best_score = float(state["best_score"])
         self.best_epoch = int(state["best_epoch"])
+        if self.aum is not None and "aum" in state:  # checkpoints of earlier versions: the scores start afresh
+            self.aum.load_state_dict(state["aum"])
 
 
 #: The exit status of a run stopped by a signal after writing its checkpoint: sysexits'
@@ -504,6 +510,8 @@ class RunCheckpoints:
         return self._save("last", reason, self.keep)
 
     def _save(self, name: str, reason: str, keep: int = 1) -> Path:
+        if self.state.aum is not None:  # every rank's margins in the state every rank saves
+            self.state.aum.all_reduce()
         directory = self.output_dir / name
         position = {
             "epoch": self.state.epoch,

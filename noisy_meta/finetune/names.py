@@ -16,6 +16,9 @@ POSITION_FILE = "position.json"
 ARGS_FILE = "args.yaml"
 #: The run's learning curves as a picture, written at its end.
 REPORT_FILE = "report.png"
+#: The training labels the run suspects, ranked (a table and the first ones as thumbnails), written at its end.
+LABEL_ISSUES_FILE = "label_issues.csv"
+LABEL_ISSUES_PICTURE = "label_issues.png"
 #: Where local experiment trackers (TensorBoard, Aim, ...) write, one directory per ``--experiment``.
 TRACKING_DIR = "tracking"
 #: The model card's file in an ``--export-dir``.

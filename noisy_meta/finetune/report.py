@@ -1,4 +1,6 @@
-"""``<output-dir>/report.png``: a run's learning curves and what cleaning flagged, as one picture.
+"""What a run leaves for a person to read: ``report.png`` and the label-error report.
+
+``<output-dir>/report.png``: a run's learning curves and what cleaning flagged, as one picture.
 
 Drawn from what the run wrote (``metrics.jsonl``, ``clean_before.json``, each iteration's
 ``cleaning.json``), so it can be redrawn for any finished run with `write_report`. Panels:
@@ -7,19 +9,39 @@ and the learning rate; and, when the run cleaned or detected noise, how many ima
 step flagged with the flags' precision and recall where the clean labels are known. With
 ``--iterations`` the top-level picture strings the iterations' epochs together, a dotted
 line where each one starts. Needs matplotlib (``pip install 'noisy-meta[examples]'``).
+
+``label_issues.csv`` and ``label_issues.png`` (`write_label_issues`): every training image
+ranked by its area under the margin (`noisy_meta.AreaUnderMargin`, collected from the training
+forwards at no extra cost), most suspicious first, with the class the student last predicted as
+the suggested label; an image whose mean margin is below 0 (the student on average preferred
+another class for it) is flagged. The picture shows the first flagged images with their given
+and suggested class names.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .checkpoint import MetricsLog
-from .names import CLEAN_BEFORE_FILE, CLEANING_FILE, METRICS_FILE, REPORT_FILE
+from .names import CLEAN_BEFORE_FILE, CLEANING_FILE, LABEL_ISSUES_FILE, LABEL_ISSUES_PICTURE, METRICS_FILE, REPORT_FILE
 
-__all__ = ["report_data", "write_report"]
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from ..labels.dynamics import AreaUnderMargin
+
+__all__ = ["LabelIssues", "report_data", "write_label_issues", "write_report"]
+
+#: A training image is flagged when its mean margin on the given label is below this.
+AUM_THRESHOLD = 0.0
+#: Flagged images the picture shows (the most suspicious first).
+PICTURE_IMAGES = 24
 
 #: Colours by model, line styles by split.
 _COLOURS = {"student": "tab:blue", "mentor": "tab:orange"}
@@ -129,3 +151,103 @@ def _cleaning_panel(axis: Any, steps: list[tuple[str, dict[str, Any]]]) -> None:
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+@dataclass(frozen=True)
+class LabelIssues:
+    """What `write_label_issues` found: how many images it ranked and flagged, and, where the clean labels are
+    known, how many flagged images are mislabelled (``precision``) and how many mislabelled ones it flagged
+    (``recall``)."""
+
+    num_samples: int
+    num_flagged: int
+    precision: float | None = None
+    recall: float | None = None
+
+    def line(self) -> str:
+        text = f"{self.num_flagged} of {self.num_samples} training labels look wrong (mean margin < 0)"
+        if self.precision is not None and self.recall is not None:
+            text += f": precision {_percent(self.precision)}, recall {_percent(self.recall)} against the clean labels"
+        return text
+
+
+def write_label_issues(
+    output_dir: Path,
+    aum: AreaUnderMargin,
+    train_set: Dataset,
+    class_names: list[str] | None = None,
+) -> LabelIssues:
+    """``label_issues.csv`` (every training image seen, most suspicious first) and, with matplotlib,
+    ``label_issues.png`` (the first flagged images) in ``output_dir``.
+
+    Columns: ``rank``, ``index`` (the image's row in the training split as loaded), ``given_label``,
+    ``suggested_label`` (the student's most recent prediction) and their class names where known, ``aum``
+    (the mean margin on the given label: lower, more suspicious), ``times_seen``, ``flagged``, and
+    ``clean_label`` where the data set knows it (injected noise, or a clean-label column).
+    """
+    from ..labels.noisy_datasets import CLEAN_LABEL, INDEX, LABEL
+
+    scores, seen, predicted = aum.scores, aum.counts_seen.numpy(), aum.predicted.numpy()
+    index = np.asarray(train_set[INDEX])
+    given = np.asarray(train_set[LABEL])
+    clean = np.asarray(train_set[CLEAN_LABEL]) if CLEAN_LABEL in train_set.column_names else None
+    rows = np.flatnonzero(seen[index] > 0)
+    rows = rows[np.argsort(scores[index[rows]], kind="stable")]  # most suspicious first
+    flagged = scores[index] < AUM_THRESHOLD
+
+    def name(label: int) -> str:
+        return class_names[label] if class_names and 0 <= label < len(class_names) else ""
+
+    header = "rank,index,given_label,given_name,suggested_label,suggested_name,aum,times_seen,flagged"
+    lines = [header + (",clean_label" if clean is not None else "")]
+    for rank, row in enumerate(rows, 1):
+        sample = index[row]
+        fields = [rank, sample, given[row], name(given[row]), predicted[sample], name(predicted[sample])]
+        fields += [f"{scores[sample]:.6g}", seen[sample], int(flagged[row])]
+        fields += [clean[row]] if clean is not None else []
+        lines.append(",".join(_csv_field(field) for field in fields))
+    (output_dir / LABEL_ISSUES_FILE).write_text("\n".join(lines) + "\n")
+
+    precision = recall = None
+    if clean is not None and (clean >= 0).all():
+        wrong = given != clean
+        precision = float((wrong & flagged).sum() / flagged.sum()) if flagged.any() else None
+        recall = float((wrong & flagged).sum() / wrong.sum()) if wrong.any() else None
+    shown = [row for row in rows if flagged[row]][:PICTURE_IMAGES]
+    try:
+        _label_issues_picture(output_dir / LABEL_ISSUES_PICTURE, train_set, shown, given, predicted[index], name)
+    except ImportError:
+        pass  # report.png says the extra is missing; the table is the report
+    return LabelIssues(len(rows), int(flagged[rows].sum()), precision, recall)
+
+
+def _csv_field(value: Any) -> str:
+    text = str(value)
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def _label_issues_picture(path: Path, train_set: Dataset, rows: list[int], given, suggested, name) -> None:
+    """The flagged images as thumbnails, each captioned with its given and suggested labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = 6
+    lines = max(1, math.ceil(len(rows) / columns))
+    figure = Figure(figsize=(2.2 * columns, 2.5 * lines + 0.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = np.atleast_1d(figure.subplots(lines, columns)).ravel()
+    images = train_set.select([int(row) for row in rows])["image"] if rows else []
+    for axis, row, image in zip(axes, rows, images):
+        pixels = np.asarray(image)
+        axis.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+        given_text = name(int(given[row])) or str(given[row])
+        suggested_text = name(int(suggested[row])) or str(suggested[row])
+        axis.set_title(f"given {given_text}\nsuggested {suggested_text}", fontsize=10)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+        if not axis.images:
+            axis.axis("off")
+    title = "the most suspicious training labels" if rows else "no training label looks wrong"
+    figure.suptitle(f"{title} (label_issues.csv ranks them all)", fontsize="large")
+    figure.savefig(path)

@@ -69,6 +69,8 @@ def train_one_epoch(
             kept = batch.get(LABEL_KEPT)  # --clean-before mask; passed only then (a step overridden as (x, y) works)
             inputs, labels = batch["pixel_values"], batch["label"]
             stats = wrapper.step(inputs, labels) if kept is None else wrapper.step(inputs, labels, label_mask=kept)
+        if state.aum is not None and wrapper.last_logits is not None:  # the label-error report, at no extra forward
+            state.aum.update(batch["index"], wrapper.last_logits, labels)
         for key in TRAIN_STATS:
             state.totals[key] += stats[key]
         if math.isfinite(stats["fast_step"]):  # a meta step ran

@@ -24,6 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from ..labels.cleaning import save_cleanlab_inputs
+from ..labels.dynamics import AreaUnderMargin
 from ..labels.noisy_datasets import INDEX, LABEL
 from ..wrapper import MetaNoiseWrapper
 from .args_file import recorded_flags, resume_differences, write_args_file
@@ -44,9 +45,9 @@ from .export import export_model, push_to_hub
 from .flag_checks import previous_run
 from .iterative import train_iterations
 from .models import create_model, load_mentor, transforms
-from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
+from .names import ARGS_FILE, LABEL_ISSUES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
 from .progress import EpochProgress, summary_table
-from .report import write_report
+from .report import write_label_issues, write_report
 from .run_data import load_splits
 from .settings import RunContext, RunSettings
 from .tracking import RunTracker
@@ -179,7 +180,8 @@ def _train_run(
         output_dir.mkdir(parents=True, exist_ok=True)
     training = _prepare(context, splits, train_set, mentor)
     wrapper, batches = training.wrapper, training.train_batches
-    state = RunState(control.max_consecutive_skips)
+    aum = AreaUnderMargin(max(train_set[INDEX]) + 1) if isinstance(train_set, Dataset) and len(train_set) else None
+    state = RunState(control.max_consecutive_skips, aum)
     accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
     if control.resume is not None if resume is None else resume:
         _resume(context, wrapper, state, output_dir)
@@ -233,6 +235,11 @@ def _train_run(
         record = records[-1] if records else record
     context.tracker.finished_run(wrapper.num_updates)
     _write_report(context, output_dir)
+    if state.aum is not None:
+        state.aum.all_reduce()  # every rank's margins since the last checkpoint
+        if accelerator.is_main_process:
+            issues = write_label_issues(output_dir, state.aum, train_set, splits.class_names)
+            console.print(f"label issues: {issues.line()}; ranked in {output_dir / LABEL_ISSUES_FILE}")
     return record
 
 
