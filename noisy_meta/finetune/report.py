@@ -183,7 +183,8 @@ def write_label_issues(
     Columns: ``rank``, ``index`` (the image's row in the training split as loaded), ``given_label``,
     ``suggested_label`` (the student's most recent prediction) and their class names where known, ``aum``
     (the mean margin on the given label: lower, more suspicious), ``times_seen``, ``flagged``, and
-    ``clean_label`` where the data set knows it (injected noise, or a clean-label column).
+    ``clean_label`` where the data set knows it (injected noise, or a clean-label column; ``outside`` for an
+    open-set image, empty where not known).
     """
     from ..labels.noisy_datasets import CLEAN_LABEL, INDEX, LABEL
 
@@ -191,6 +192,8 @@ def write_label_issues(
     index = np.asarray(train_set[INDEX])
     given = np.asarray(train_set[LABEL])
     clean = np.asarray(train_set[CLEAN_LABEL]) if CLEAN_LABEL in train_set.column_names else None
+    if clean is not None and not (clean != -1).any():  # -1: not known (no noise injected, no clean-label column)
+        clean = None
     rows = np.flatnonzero(seen[index] > 0)
     rows = rows[np.argsort(scores[index[rows]], kind="stable")]  # most suspicious first
     flagged = scores[index] < AUM_THRESHOLD
@@ -204,7 +207,7 @@ def write_label_issues(
         sample = index[row]
         fields = [rank, sample, given[row], name(given[row]), predicted[sample], name(predicted[sample])]
         fields += [f"{scores[sample]:.6g}", seen[sample], int(flagged[row])]
-        fields += [clean[row]] if clean is not None else []
+        fields += [_clean_field(clean[row])] if clean is not None else []
         lines.append(",".join(_csv_field(field) for field in fields))
     (output_dir / LABEL_ISSUES_FILE).write_text("\n".join(lines) + "\n")
 
@@ -219,6 +222,14 @@ def write_label_issues(
     except ImportError:
         pass  # report.png says the extra is missing; the table is the report
     return LabelIssues(len(rows), int(flagged[rows].sum()), precision, recall)
+
+
+def _clean_field(label: int) -> str:
+    """A clean label as the table writes it: the class, ``outside`` (open-set noise: no class is right) or empty
+    (not known)."""
+    from ..labels.noise import OUTSIDE
+
+    return "outside" if label == OUTSIDE else ("" if label < 0 else str(label))
 
 
 def _csv_field(value: Any) -> str:

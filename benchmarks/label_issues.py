@@ -1,0 +1,144 @@
+"""How well the run's label-error report finds the wrong labels, signal by signal, and what collecting it costs.
+
+    python benchmarks/label_issues.py [--epochs 8] [--write]
+
+Runs the command line's default embedded job (a small timm ResNet on 4,000 MNIST digits, the
+README's first command) twice, at symmetric 40% noise and at none, with ``--export-pred-probs``,
+and scores against the clean labels each way of flagging a training label:
+
+- ``AUM < 0``: the report's flag (``label_issues.csv``), the mean margin on the given label
+  over training (`noisy_meta.AreaUnderMargin`);
+- ``mentor disagrees``: the best mentor's predicted class is not the given one (``pred_probs.npz``);
+- ``both``: flagged by both; ``either``: by one or the other;
+- top-100 precision of each ranking (AUM ascending; the mentor's probability of the given
+  label ascending; their mean rank).
+
+Cost: the report's own work (the margins of every training batch, `AreaUnderMargin.update`),
+timed on the run's batch shapes, against the run's training time from ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from results_file import write_section  # noqa: E402
+
+from noisy_meta.finetune.settings import EMBEDDED_DEFAULTS  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+OUT = ROOT / "benchmarks" / "label_issues"
+
+
+def run(noise_rate: float, epochs: int, reuse: bool = False) -> Path:
+    output = OUT / f"sym{int(100 * noise_rate)}"
+    if reuse and (output / "label_issues.csv").exists():
+        return output
+    noise = ["--noise", "symmetric", "--noise-rate", str(noise_rate)] if noise_rate else ["--noise", "none"]
+    command = [sys.executable, str(ROOT / "examples" / "finetune.py"), "--output-dir", str(output), "--overwrite"]
+    command += [*noise, "--epochs", str(epochs), "--export-pred-probs", "--seed", "0"]
+    subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return output
+
+
+def scores(output: Path) -> dict[str, dict[str, float]]:
+    with open(output / "label_issues.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    index = np.array([int(r["index"]) for r in rows])
+    given = np.array([int(r["given_label"]) for r in rows])
+    clean = [r.get("clean_label", "") for r in rows]  # none known without injected noise: the labels as given
+    wrong = np.array([c != "" and int(c) != g for c, g in zip(clean, given)])
+    aum = np.array([float(r["aum"]) for r in rows])
+    saved = np.load(output / "pred_probs.npz")
+    row_of = {int(i): k for k, i in enumerate(saved["index"])}
+    probs = saved["pred_probs"][[row_of[int(i)] for i in index]]
+    given_prob = probs[np.arange(len(given)), given]
+    mentor = probs.argmax(axis=1) != given
+    ranks = {
+        "AUM < 0": aum,
+        "mentor disagrees": given_prob,
+        "both": (np.argsort(np.argsort(aum)) + np.argsort(np.argsort(given_prob))) / 2,
+    }
+    flags = {"AUM < 0": aum < 0, "mentor disagrees": mentor, "both": (aum < 0) & mentor, "either": (aum < 0) | mentor}
+    result = {}
+    for name, flagged in flags.items():
+        hits = int((flagged & wrong).sum())
+        precision = hits / flagged.sum() if flagged.any() else float("nan")
+        recall = hits / wrong.sum() if wrong.any() else float("nan")
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")
+        top = wrong[np.argsort(ranks[name], kind="stable")[:100]].mean() if name in ranks else float("nan")
+        result[name] = {
+            "flagged": float(flagged.mean()),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "top100": top,
+        }
+    return result
+
+
+def collection_cost(output: Path) -> dict[str, float]:
+    """Seconds `AreaUnderMargin.update` takes over the run's batches, against the run's training seconds."""
+    import torch
+
+    from noisy_meta import AreaUnderMargin
+
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    samples, epochs = records[0]["train_samples"], len(records)
+    batch, classes = 64, 10
+    aum = AreaUnderMargin(samples)
+    logits, labels = torch.randn(batch, classes), torch.randint(0, classes, (batch,))
+    batches = epochs * -(-samples // batch)
+    started = time.perf_counter()
+    for step in range(batches):
+        aum.update(torch.arange(step * batch, (step + 1) * batch) % samples, logits, labels)
+    seconds = time.perf_counter() - started
+    training = sum(record["seconds"] for record in records)
+    return {"seconds": seconds, "training_seconds": training, "share": seconds / training}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=EMBEDDED_DEFAULTS["epochs"], help="default: the embedded run's")
+    parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    parser.add_argument("--reuse", action="store_true", help="score the runs already in benchmarks/label_issues/")
+    args = parser.parse_args(argv)
+    epochs = args.epochs
+    lines = [
+        f"## The label-error report (`python benchmarks/label_issues.py {' '.join(argv or sys.argv[1:])}`)",
+        "",
+        f"The embedded run (a small timm ResNet from scratch, 4,000 MNIST digits, {epochs} epochs, seed 0).",
+        "",
+        "| noise | signal | flagged | precision | recall | F1 | top-100 precision |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rate in (0.4, 0.0):
+        output = run(rate, epochs, args.reuse)
+        for name, row in scores(output).items():
+            cells = [f"{100 * row[key]:.1f}%" if np.isfinite(row[key]) else "-" for key in row]
+            lines.append(f"| {f'sym {int(100 * rate)}%' if rate else 'none'} | {name} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        if rate:
+            cost = collection_cost(output)
+    lines += [
+        "",
+        f"Collecting the margins: {cost['seconds']:.3f} s over the run's batches against "
+        f"{cost['training_seconds']:.0f} s of training ({100 * cost['share']:.2f}%).",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        write_section("label_issues", lines)
+
+
+if __name__ == "__main__":
+    main()
