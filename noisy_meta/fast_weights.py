@@ -264,9 +264,20 @@ class FastStepSize:
         """The scale of this meta step's fast step (``None``: skip the meta step); trial at `scale`."""
         if self.target is None:
             return 1.0
+
+        @torch.no_grad()
+        def trial(scale: float) -> tuple[float, float]:
+            """The divergence and relative length of the first set's step at ``scale`` (rank mean)."""
+            trial_step = replace(step, size=step.size * scale, first_order=True)
+            stepped = grads.first_set(trial_step(grads.params, grads.grads, grads.batched))
+            fast_logits = forward_with_cloned_buffers(module, {**params, **stepped}, inputs)
+            measured = torch.stack([prediction_divergence(logits, fast_logits), _relative_step(grads, stepped)])
+            divergence, relative = _mean_over_ranks(measured).tolist()
+            return divergence, relative
+
         scale, previous = self.scale, None
         for _ in range(MAX_TRIALS):
-            divergence, relative = self._trial(module, params, step, grads, inputs, logits, scale)
+            divergence, relative = trial(scale)
             if not (math.isfinite(divergence) and math.isfinite(relative) and relative > 0.0):
                 return self._clipped(self.scale)  # the step moves nothing (or overflows): keep the scale
             below_rounding = divergence < DIVERGENCE_FLOOR  # float rounding, not a measurement: go up to the cap
@@ -287,25 +298,6 @@ class FastStepSize:
                 break
         self.scale = scale
         return scale
-
-    def _trial(
-        self,
-        module: nn.Module,
-        params: dict[str, torch.Tensor],
-        step: InnerStep,
-        grads: _InnerGradients,
-        inputs: torch.Tensor,
-        logits: torch.Tensor,
-        scale: float,
-    ) -> tuple[float, float]:
-        """The divergence and relative length of the first set's step at ``scale`` (no grad; rank mean)."""
-        with torch.no_grad():
-            trial_step = replace(step, size=step.size * scale, first_order=True)
-            stepped = grads.first_set(trial_step(grads.params, grads.grads, grads.batched))
-            trial = forward_with_cloned_buffers(module, {**params, **stepped}, inputs)
-            measured = torch.stack([prediction_divergence(logits, trial), _relative_step(grads, stepped)])
-            divergence, relative = _mean_over_ranks(measured).tolist()
-        return divergence, relative
 
     def _clipped(self, scale: float) -> None:
         self.scale = scale

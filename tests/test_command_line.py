@@ -144,7 +144,7 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip() == (
         f"finetune.py: error: --output-dir {output} already holds a run (last, best, metrics.jsonl, args.yaml, "
-        "report.png): pass --resume to continue it, another --output-dir for a new run, or --overwrite to replace it"
+        "report.png, label_issues.csv, label_issues.png): pass --resume to continue it, another --output-dir for a new run, or --overwrite to replace it"
     )
     assert (output / "metrics.jsonl").read_text() == before
     (output / "notes.txt").write_text("mine")
@@ -152,7 +152,8 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
         EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--no-meta", "--overwrite", "--output-dir", str(output)
     )
     assert replaced.returncode == 0, replaced.stderr[-3000:]
-    assert "--overwrite: removed the earlier run's last, best, metrics.jsonl, args.yaml, report.png" in replaced.stdout
+    removed = "last, best, metrics.jsonl, args.yaml, report.png, label_issues.csv, label_issues.png"
+    assert f"--overwrite: removed the earlier run's {removed}" in replaced.stdout
     (record,) = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert record["epoch"] == 1 and record["meta_weight"] == 0.0  # the --no-meta run's
     assert (output / "notes.txt").read_text() == "mine"  # only the run's own files go

@@ -108,27 +108,30 @@ def test_gradient_accumulation_is_the_summed_micro_batches(tmp_path):
     assert_states_close((model, reference_model), (trainer.meta.mentor, reference.mentor))
 
 
+def checkpointed_run(output, config, data, max_steps, save_steps, resume=None):
+    """A seeded tiny ResNet trained by MetaNoiseTrainer on ``data``, a checkpoint every ``save_steps`` updates,
+    from ``resume`` if given: the model and the trainer."""
+    torch.manual_seed(2)
+    model = tiny_resnet()
+    args = arguments(output, max_steps=max_steps, save_strategy="steps", save_steps=save_steps)
+    trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=data, meta_config=config)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer
+
+
 @pytest.mark.parametrize("config", [CONFIG, CONFIG.with_overrides(inner_step="normalized", inner_divergence=0.05)])
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, config):
     """Checkpoints at update 2 hold MLNT's state (with the fast step's scale when it is sized in the predictions);
     resuming from one ends where 4 updates in one go end."""
-
-    def run(output, resume=None):
-        torch.manual_seed(2)
-        model = tiny_resnet()
-        args = arguments(output, max_steps=4, save_strategy="steps", save_steps=2)
-        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Images(16), meta_config=config)
-        trainer.train(resume_from_checkpoint=resume)
-        return model, trainer
-
-    model, trainer = run(tmp_path / "whole")
+    output, checkpoint = tmp_path / "whole", str(tmp_path / "whole" / "checkpoint-2")
+    model, trainer = checkpointed_run(output, config, Images(16), max_steps=4, save_steps=2)
     assert (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).is_file()
-    resumed_model, resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+    resumed_model, resumed = checkpointed_run(output, config, Images(16), max_steps=4, save_steps=2, resume=checkpoint)
     assert resumed.meta.num_updates == trainer.meta.num_updates == 4
     assert_states_close((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor))
     with pytest.raises(FileNotFoundError, match="was it saved by MetaNoiseTrainer"):
         (tmp_path / "whole" / "checkpoint-2" / STATE_FILE).unlink()
-        run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-2"))
+        checkpointed_run(output, config, Images(16), max_steps=4, save_steps=2, resume=checkpoint)
 
 
 def accuracy(prediction) -> dict:
@@ -214,21 +217,14 @@ class Augmented(Images):
 def test_a_resumed_run_with_augmentation_and_no_seed_equals_the_uninterrupted_one(tmp_path):
     """The Trainer restores its RNG states on resume; building the meta step (at the first batch after it) must
     draw nothing from the global RNG, or every augmentation after it shifts. The plain Trainer is the control."""
-    config = CONFIG.with_overrides(seed=None)
-
-    def run(output, resume=None):
-        torch.manual_seed(2)
-        model = tiny_resnet()
-        # two epochs of three batches, resumed at the second (where the plain Trainer's resume is bit-for-bit: the
-        # control below); Accelerate's loader fetches one batch ahead, so the epoch's
-        # third batch sees any draw the first resumed batch makes
-        args = arguments(output, max_steps=6, save_strategy="steps", save_steps=3)
-        trainer = MetaNoiseTrainer(model=model, args=args, train_dataset=Augmented(24), meta_config=config)
-        trainer.train(resume_from_checkpoint=resume)
-        return model, trainer
-
-    model, trainer = run(tmp_path / "whole")
-    resumed_model, resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    config, output = CONFIG.with_overrides(seed=None), tmp_path / "whole"
+    # two epochs of three batches, resumed at the second (where the plain Trainer's resume is bit-for-bit: the
+    # control below); Accelerate's loader fetches one batch ahead, so the epoch's third batch sees any draw the
+    # first resumed batch makes
+    model, trainer = checkpointed_run(output, config, Augmented(24), max_steps=6, save_steps=3)
+    resumed_model, resumed = checkpointed_run(
+        output, config, Augmented(24), max_steps=6, save_steps=3, resume=str(output / "checkpoint-3")
+    )
     assert_states_close((resumed_model, model), (resumed.meta.mentor, trainer.meta.mentor), rtol=0, atol=0)
 
 

@@ -280,6 +280,55 @@ def test_label_issues_rank_every_training_image_and_find_the_injected_noise(trac
         assert image.format == "PNG" and image.size[0] >= 1200  # six thumbnails a row at 100 dpi
 
 
+def test_a_second_run_trains_without_the_flagged_images_and_refuses_a_foreign_table(tracked_run, tiny_mnist, tmp_path):
+    """--label-issues: train, inspect, fix, retrain. The flagged rows go (a row a person set to 0 stays); a table
+    from another training split is refused before training, naming its line."""
+    import csv
+
+    output, _ = tracked_run
+    rows = list(csv.DictReader(open(output / "label_issues.csv", newline="")))
+    rows[0]["flagged"] = "0"  # a person looked and kept it
+    edited = tmp_path / "edited.csv"
+    with open(edited, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    removed = sum(r["flagged"] == "1" for r in rows)
+    again = tmp_path / "again"
+    result = run_example(
+        "--dataset", str(tiny_mnist), "--output-dir", str(again), *FAST, *NOISE, "--label-issues", str(edited)
+    )
+    assert f"--label-issues remove: {removed} flagged" in result.stdout
+    assert metrics(again)[-1]["train_samples"] == len(rows) - removed
+
+    rows[1]["given_label"] = str((int(rows[1]["given_label"]) + 1) % 10)  # not what that image is labelled here
+    with open(edited, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "noisy_meta.finetune",
+            "--dataset",
+            str(tiny_mnist),
+            "--output-dir",
+            str(tmp_path / "no"),
+            *FAST,
+            *NOISE,
+            "--label-issues",
+            str(edited),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        refused.returncode != 0 and "line 3: image" in refused.stderr and "same data, noise and seed" in refused.stderr
+    )
+
+
 def test_label_issues_table_by_hand(tmp_path):
     """Ranks, the flag, suggested names and CSV quoting, from margins written out."""
     import csv

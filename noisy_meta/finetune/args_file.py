@@ -46,6 +46,9 @@ RESUME_BREAKING = (
     "num_classes",
     "img_size",
     "freeze_backbone",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
     "dataset",
     "train_split",
     "val_split",
@@ -67,6 +70,8 @@ RESUME_BREAKING = (
     "clean_before",
     "clean_before_k",
     "clean_before_threshold",
+    "label_issues",
+    "label_issues_action",
 )
 #: Packages whose versions ``args.yaml`` records.
 _PACKAGES = ("noisy-meta", "torch", "timm", "accelerate", "datasets", "safetensors")

@@ -1,4 +1,5 @@
-"""``--clean-before``: noise detection with the starting weights, before any training.
+"""Cleaning the training split before training: ``--clean-before`` (detection with the starting weights) and
+``--label-issues`` (an earlier run's report, `apply_label_issues`).
 
 The starting model (``--pretrained`` / ``--checkpoint`` weights) embeds every training image
 (eval transform, no augmentation); `noisy_meta.detect_label_noise` flags the images whose
@@ -100,3 +101,45 @@ def _write(
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CLEAN_BEFORE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     save_cleanlab_inputs(output_dir / CLEAN_BEFORE_PRED_PROBS, labels, found.pred_probs, index)
+
+
+def apply_label_issues(context: RunContext, train_set: Dataset, num_classes: int) -> Dataset:
+    """The training split after ``--label-issues CSV --label-issues-action remove|relabel|mask``.
+
+    The rows of the table whose ``flagged`` is 1 are acted on (edit the table to change which: a row deleted or
+    set to 0 stays as it is; a ``suggested_label`` changed is the label ``relabel`` gives). The table must come
+    from a run on the same training split: every row's ``index`` must be in the split, with the same given
+    label, else the run is refused before training.
+    """
+    import csv
+
+    settings, console = context.settings, context.console
+    path, action = Path(settings.meta.label_issues).expanduser(), settings.meta.label_issues_action
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    needed = {"index", "given_label", "suggested_label", "flagged"}
+    if not rows or not needed <= set(rows[0]):
+        raise ValueError(f"--label-issues {path}: not a label_issues.csv (it needs the columns {sorted(needed)})")
+    index = np.asarray(train_set[INDEX], dtype=np.int64)
+    labels = np.asarray(train_set[LABEL], dtype=np.int64)
+    row_of = {int(value): row for row, value in enumerate(index)}
+    flagged = np.zeros(len(index), dtype=bool)
+    suggested = labels.copy()
+    for line, entry in enumerate(rows, 2):
+        row = row_of.get(int(entry["index"]))
+        if row is None or int(entry["given_label"]) != labels[row]:
+            raise ValueError(
+                f"--label-issues {path}, line {line}: image {entry['index']} with label {entry['given_label']} is not "
+                "in this training split; was the table written by a run on the same data, noise and seed?"
+            )
+        if entry["flagged"].strip() == "1":
+            flagged[row] = True
+            label = int(entry["suggested_label"])
+            if not 0 <= label < num_classes:
+                raise ValueError(f"--label-issues {path}, line {line}: suggested_label {label} is not a class")
+            suggested[row] = label
+    cleaned, _, relabelled_correct = apply_flags(train_set, flagged, suggested, action, num_classes)
+    left = f"{int((~flagged).sum())} labels" if action == "mask" else f"{len(cleaned)} training images"
+    correct = f", {relabelled_correct} of them to their true class" if relabelled_correct is not None else ""
+    console.print(f"--label-issues {action}: {int(flagged.sum())} flagged in {path}{correct}; {left} left")
+    return cleaned

@@ -45,6 +45,8 @@ _OPEN_CHOICES = ("fast_params",)
 LOSSES = ("cross_entropy", "gce", "sce")
 #: ``--clean-before`` values: noise detection with the starting weights before training.
 CLEAN_BEFORE_ACTIONS = ("off", "remove", "relabel", "mask")
+#: ``--label-issues-action`` values: what becomes of the rows an earlier run's label_issues.csv flags.
+LABEL_ISSUES_ACTIONS = ("remove", "relabel", "mask")
 #: ``--clean-before-threshold`` values (`noisy_meta.detect_label_noise`'s ``threshold``).
 CLEAN_BEFORE_THRESHOLDS = ("per_class", "majority")
 
@@ -284,6 +286,21 @@ def _meta_flags(parser: argparse.ArgumentParser) -> None:
         help="which images the --clean-before vote flags: per_class (confident learning's per-class thresholds read "
         "from the vote: few flags on a clean training set) or majority (another class has more votes than the given "
         "label)",
+    )
+    meta.add_argument(
+        "--label-issues",
+        default=None,
+        metavar="CSV",
+        help="an earlier run's label_issues.csv (same data, noise and seed), as written or as you edited it: its "
+        "flagged rows are dealt with by --label-issues-action before training (the loop: train, inspect, fix, "
+        "retrain)",
+    )
+    meta.add_argument(
+        "--label-issues-action",
+        choices=LABEL_ISSUES_ACTIONS,
+        default="remove",
+        help="remove the flagged images, relabel them with their suggested_label, or mask them (their labels out of "
+        "the loss on the labels)",
     )
     for field in dataclasses.fields(MetaNoiseConfig):
         if field.name not in NO_FLAG_FIELDS:

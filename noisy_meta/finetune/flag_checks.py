@@ -171,6 +171,8 @@ def _check_combinations(settings: RunSettings) -> None:
     if output.push_to_hub and output.export_dir is None:
         raise ValueError("--push-to-hub uploads the --export-dir: give --export-dir too")
     clean_before = settings.meta.clean_before
+    if settings.meta.label_issues and clean_before not in (None, "off"):
+        raise ValueError("--label-issues and --clean-before both clean the training split before training: give one")
     if clean_before not in (None, "off") and not model.from_weights:
         raise ValueError(
             f"--clean-before {clean_before} needs starting weights (--pretrained or --checkpoint): the features "
@@ -192,6 +194,7 @@ def _check_streaming(settings: RunSettings) -> None:
         "--bad-images skip": data.bad_images == "skip",
         f"--grad-accum-steps {accumulation}": accumulation > 1,
         f"--clean-before {clean_before}": clean_before not in (None, "off"),
+        "--label-issues": bool(settings.meta.label_issues),
     }
     refused = [flag for flag, given in needs_whole.items() if given]
     if refused:
@@ -216,6 +219,9 @@ def _check_paths(settings: RunSettings) -> None:
     checkpoint, resume = settings.model.checkpoint, settings.control.resume
     if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
         raise ValueError(f"--checkpoint {checkpoint}: no such file (a .safetensors or torch file)")
+    issues = settings.meta.label_issues
+    if issues is not None and not Path(issues).expanduser().is_file():
+        raise ValueError(f"--label-issues {issues}: no such file (an earlier run's label_issues.csv)")
     if resume and not Path(resume).expanduser().is_dir():
         raise ValueError(f"--resume {resume}: no such checkpoint directory")
     export, control = settings.output.export_dir, settings.control

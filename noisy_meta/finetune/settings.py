@@ -166,6 +166,10 @@ class MetaSettings:
     clean_before: str | None = None
     clean_before_k: int = 10
     clean_before_threshold: str = "per_class"
+    #: ``--label-issues``: an earlier run's ``label_issues.csv`` whose flagged rows are removed, relabelled (its
+    #: ``suggested_label``) or masked before training (``label_issues_action``).
+    label_issues: str | None = None
+    label_issues_action: str = "remove"
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     defaulted: frozenset[str] = frozenset()
 
@@ -270,6 +274,8 @@ class RunSettings:
                 flags["clean_before"],
                 flags["clean_before_k"],
                 flags["clean_before_threshold"],
+                flags["label_issues"],
+                flags["label_issues_action"],
                 MappingProxyType(meta_fields),
                 frozenset(name[len("meta_") :] for name in filled if name.startswith("meta_")),
             ),

@@ -38,7 +38,7 @@ from .checkpoint import (
     find_checkpoint,
     read_position,
 )
-from .clean_before import clean_before_training
+from .clean_before import apply_label_issues, clean_before_training
 from .data import SeededAugmentation, Splits, attach_transform, collate
 from .distributed import check_ranks_agree, make_accelerator
 from .export import export_model, push_to_hub
@@ -87,6 +87,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
     if settings.clean_before != "off":  # every rank flags the same images (same weights, a deterministic search)
         cleaned = clean_before_training(context, splits.train, splits.num_classes, output_dir)
         splits = dataclasses.replace(splits, train=cleaned)
+    if settings.meta.label_issues:  # an earlier run's report, as written or as a person edited it
+        splits = dataclasses.replace(splits, train=apply_label_issues(context, splits.train, splits.num_classes))
     iterations = settings.iterative.iterations
     if iterations == 1:
         record = _train_run(context, splits, splits.train, output_dir)
