@@ -144,7 +144,8 @@ def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip() == (
         f"finetune.py: error: --output-dir {output} already holds a run (last, best, metrics.jsonl, args.yaml, "
-        "report.png, label_issues.csv, label_issues.png): pass --resume to continue it, another --output-dir for a new run, or --overwrite to replace it"
+        "report.png, label_issues.csv, label_issues.png): pass --resume to continue it, another --output-dir "
+        "for a new run, or --overwrite to replace it"
     )
     assert (output / "metrics.jsonl").read_text() == before
     (output / "notes.txt").write_text("mine")
