@@ -123,3 +123,23 @@ def test_the_meta_step_is_in_lightnings_logged_metrics(tmp_path):
     logged = fit.logged_metrics
     assert float(logged["meta/meta_weight_step"]) == 1.0 and float(logged["meta/meta_loss_step"]) > 0
     assert float(logged["meta/fast_divergence_epoch"]) > 0 and float(logged["meta/fast_step_epoch"]) > 0
+
+
+def test_the_meta_step_leaves_torchs_global_rng_where_it_was(tmp_path):
+    """Building the meta step (at the first batch) and running it draw nothing from torch's global RNG, so a resumed
+    run's augmentation and shuffling follow the uninterrupted run's as far as Lightning's own resume lets them."""
+    draws = []
+
+    class Watching(Classifier):
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            logits = self.model(images)  # the student's forward (no random op in the model)
+            before = torch.get_rng_state()
+            loss = self.mlnt.loss(images, labels, logits)
+            draws.append(not torch.equal(before, torch.get_rng_state()))
+            return loss
+
+    torch.manual_seed(6)
+    mlnt = MetaNoiseCallback(CONFIG.with_overrides(seed=None), student="model")
+    trainer(tmp_path, mlnt, max_steps=3).fit(Watching(tiny_resnet(), mlnt), loader(24, 8))
+    assert mlnt.meta.num_updates == 3 and draws == [False, False, False]
