@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_quick_mode(tmp_path):
     pytest.importorskip("matplotlib")
     result = subprocess.run(
@@ -43,6 +44,7 @@ def test_accuracy_benchmark_refuses_unknown_overrides():
     assert result.returncode != 0 and "unknown MetaNoiseConfig field(s): inner_lrr" in result.stderr
 
 
+@pytest.mark.slow
 def test_finetune_benchmark_quick_mode(tmp_path):
     """Pretrains both backbones (cached as safetensors), fine-tunes, writes runs.json and the chart."""
     pytest.importorskip("matplotlib")
@@ -134,6 +136,7 @@ def test_cost_chart_gain_kept(tmp_path):
     assert "| mlnt_fast | 90.0 (80%) |" in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_at_tiny_sizes_on_the_cpu(tmp_path):
     """benchmarks/gpu.py is prepared for a lent GPU; here its whole path runs on tiny models."""
     out = tmp_path / "gpu.json"

@@ -87,6 +87,7 @@ def test_a_rank_that_fails_alone_takes_the_others_down_instead_of_hanging():
     assert seconds < 180  # (the subprocess timeout of 240 s would have raised on a hang)
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_stops_the_run_after_the_rank_timeout(tiny_mnist, tmp_path):
     """Rank 1 stops answering at the first validation: rank 0 gives up after --rank-timeout, in one line."""
     flags = ["--dataset", str(tiny_mnist), "--model", "test_resnet", "--img-size", "32", "--batch-size", "32"]

@@ -147,6 +147,7 @@ def check_iterative_run(data_dir: Path, output: Path, config: CleaningConfig) ->
     assert exported["pred_probs"].shape == (len(train), 10) and np.allclose(exported["pred_probs"].sum(axis=1), 1)
 
 
+@pytest.mark.slow
 def test_iterative_training_single_process_and_resume_keeps_finished_iterations(tiny_mnist, tmp_path):
     output = tmp_path / "iterative"
     # Only confident disagreements are removed: a one-epoch mentor must not empty the data set.

@@ -143,6 +143,7 @@ def test_sigterm_finishes_the_update_writes_a_checkpoint_and_exits_75(tiny_mnist
     assert_same_run(output, reference)
 
 
+@pytest.mark.slow
 def test_two_processes_killed_mid_epoch_resume_bitwise(tiny_mnist, tmp_path, two_process_reference):
     killed_at = mid_epoch_update(2)
     output = tmp_path / "killed-2"

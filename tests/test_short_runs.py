@@ -103,6 +103,7 @@ def digits_run(**overrides) -> tuple[float, float]:
         return tuple(float((m.eval()(test_x).argmax(1) == test_y).float().mean()) for m in (model, wrapper.mentor))
 
 
+@pytest.mark.slow
 def test_a_short_run_with_the_long_run_decays_gets_a_mentor_as_good_as_its_student():
     """The mentor's decay warms up (``mentor_warmup``): with the ramp given and the decays left at
     0.99 / 0.999 the mentor ends within 2 points of its student; without the warm-up it is still a

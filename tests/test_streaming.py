@@ -47,6 +47,7 @@ def test_each_rank_reads_its_own_shard_and_together_they_read_everything(parquet
     assert sorted(first + second) == sorted(fingerprints(whole))
 
 
+@pytest.mark.slow
 def test_a_streamed_run_killed_mid_epoch_resumes_bitwise_with_or_without_loader_workers(parquet_digits, tmp_path):
     reference = tmp_path / "reference"
     result = succeeded(run(parquet_digits, reference, *STREAMING))
