@@ -7,9 +7,10 @@ A ViT with 12 blocks at a reduced width (timm's ``vit_small`` layout at width 19
 process: full fine-tuning and LoRA (PEFT, rank ``--rank`` on every linear layer of the blocks
 via `noisy_meta.finetune.models.add_lora`, the classifier trained in full), each with a plain
 cross-entropy step and with the fine-tuning recipe (`MetaNoiseConfig.finetune`, its meta step
-every 5th update, at full weight from the first). Time per update: the mean over whole
-``meta_every`` cycles after one warm-up cycle. Memory: the process's peak resident memory
-above its resident memory after the imports, before the model is built (model, mentor,
+every 5th update, at full weight from the first); on LoRA also the recipe with
+``fast_params="head"`` / ``"last_stage"`` (the fast passes run only that part, on a shared trunk).
+Time per update: the mean over whole ``meta_every`` cycles after one warm-up cycle. Memory: the
+process's peak resident memory above its resident memory after the imports, before the model is built (model, mentor,
 optimizer state and the step's graphs: the whole run's cost).
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from results_file import write_section  # noqa: E402
 
-CONFIGS = ("full plain", "full recipe", "LoRA plain", "LoRA recipe")
+CONFIGS = ("full plain", "full recipe", "LoRA plain", "LoRA recipe", "LoRA recipe, head", "LoRA recipe, last_stage")
 
 
 def resident_mib() -> float:
@@ -56,8 +57,10 @@ def child(config: str, rank: int, cycles: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     inputs, targets = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
     meta_every = MetaNoiseConfig.finetune().meta_every
-    if config.endswith("recipe"):
-        wrapper = MetaNoiseWrapper(model, optimizer, MetaNoiseConfig.finetune(ramp_start=0, ramp_end=0, seed=0))
+    if "recipe" in config:
+        fast_params = config.split(", ")[1] if ", " in config else "all"
+        recipe = MetaNoiseConfig.finetune(ramp_start=0, ramp_end=0, seed=0, fast_params=fast_params)
+        wrapper = MetaNoiseWrapper(model, optimizer, recipe)
 
         def update() -> None:
             wrapper.step(inputs, targets)
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "|---|---|---|---|---|---|",
     ]
     for config, row in results.items():
-        plain = results[config.split()[0] + " plain"]
+        plain = results[config.split()[0] + " plain"]  # LoRA rows against plain LoRA
         lines.append(
             f"| {config} | {row['trainable']:,} of {row['parameters']:,} | {row['seconds_per_update']:.3f} | "
             f"{row['seconds_per_update'] / plain['seconds_per_update']:.2f}x | {row['memory_mib']:.0f} | "
