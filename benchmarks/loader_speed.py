@@ -75,9 +75,13 @@ def measure(kind: str, workers: int, data: Path, args: argparse.Namespace) -> di
     import torch
     from timm.data import create_transform
 
-    from noisy_meta.finetune.data import SeededAugmentation, parquet_files_by_split
-    from noisy_meta.finetune.stream import StreamLoader, open_stream
-    from noisy_meta.finetune.train_batches import ShuffledBatches
+    from noisy_meta.finetune.data import (
+        SeededAugmentation,
+        ShuffledBatches,
+        StreamLoader,
+        open_stream,
+        parquet_files_by_split,
+    )
     from noisy_meta.labels.noisy_datasets import with_label_columns
 
     torch.set_num_threads(1)

@@ -373,7 +373,7 @@ def test_only_the_main_process_decodes_images_to_find_bad_ones(folder_with_bad_i
 
     from rich.console import Console
 
-    from noisy_meta.finetune import run_data
+    from noisy_meta.finetune import data as run_data
     from noisy_meta.finetune.cli import parse_settings
     from noisy_meta.finetune.data import BadImage
     from noisy_meta.finetune.settings import RunContext

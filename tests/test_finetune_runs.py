@@ -183,7 +183,7 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
     tiny_mnist, tmp_path, monkeypatch, make_accelerator
 ):
     """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
-    from noisy_meta.finetune import train_batches, train_loop, trainer
+    from noisy_meta.finetune import data, train_loop, trainer
 
     seen = []
 
@@ -195,7 +195,7 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
                 batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
         return batch
 
-    monkeypatch.setattr(train_batches, "collate", poisoned)
+    monkeypatch.setattr(data, "collate", poisoned)
     output = tmp_path / "poisoned"
     good_states = []
     step = trainer.MetaNoiseWrapper.step

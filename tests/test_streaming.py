@@ -13,8 +13,7 @@ import pytest
 from datasets import load_from_disk
 from test_preemption import assert_same_run, newest_checkpoint, position, run, succeeded
 
-from noisy_meta.finetune.data import parquet_files_by_split
-from noisy_meta.finetune.stream import open_stream
+from noisy_meta.finetune.data import open_stream, parquet_files_by_split
 
 STREAMING = ["--streaming", "--val-split", "validation", "--shuffle-buffer", "64"]
 

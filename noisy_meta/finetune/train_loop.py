@@ -30,9 +30,9 @@ from .progress import EpochProgress
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from .data import TrainBatches
     from .settings import RunContext
     from .tracking import RunTracker
-    from .train_batches import TrainBatches
 
 #: The running means `train_one_epoch` reports.
 TRAIN_STATS = ("loss", "ce_loss", "meta_loss", "labels_changed")

@@ -39,7 +39,7 @@ from .checkpoint import (
     read_position,
 )
 from .clean_before import apply_label_issues, clean_before_training
-from .data import SeededAugmentation, Splits, attach_transform, collate
+from .data import SeededAugmentation, Splits, TrainBatches, attach_transform, collate, load_splits, train_batches
 from .distributed import check_ranks_agree, make_accelerator
 from .export import export_model, push_to_hub
 from .flag_checks import previous_run
@@ -48,10 +48,8 @@ from .models import create_model, load_mentor, transforms
 from .names import ARGS_FILE, LABEL_ISSUES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
 from .progress import EpochProgress, summary_table
 from .report import write_label_issues, write_report
-from .run_data import load_splits
 from .settings import RunContext, RunSettings
 from .tracking import RunTracker
-from .train_batches import TrainBatches, train_batches
 from .train_loop import FAST_STATS, TRAIN_STATS, epoch_line, predict_train_set, train_one_epoch, validate
 
 __all__ = ["run"]
