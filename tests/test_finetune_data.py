@@ -255,7 +255,7 @@ def test_open_set_noise_shrinks_the_label_space_of_every_split(tiny_mnist):
 
 
 def test_validation_does_not_score_images_from_outside_the_label_space(make_accelerator):
-    from noisy_meta.finetune.train_loop import validate
+    from noisy_meta.finetune.trainer import validate
 
     torch.manual_seed(0)
     wrapper = make_wrapper(TinyMLP())

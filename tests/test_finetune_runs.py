@@ -183,7 +183,7 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
     tiny_mnist, tmp_path, monkeypatch, make_accelerator
 ):
     """Poisoned (NaN) batches after two good ones: skipped, counted, and after 3 the run stops."""
-    from noisy_meta.finetune import data, train_loop, trainer
+    from noisy_meta.finetune import data, trainer
 
     seen = []
 
@@ -208,7 +208,7 @@ def test_consecutive_non_finite_updates_stop_the_run_with_the_last_good_state(
 
     monkeypatch.setattr(trainer.MetaNoiseWrapper, "step", recording_step)
     with pytest.raises(
-        train_loop.NonFiniteTrainingError,
+        trainer.NonFiniteTrainingError,
         match=r"3 consecutive updates were skipped .* after 2 good updates; 3 skipped",
     ):
         main(["--dataset", str(tiny_mnist), "--output-dir", str(output), *FAST, "--max-consecutive-skips", "3"])
