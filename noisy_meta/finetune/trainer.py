@@ -69,8 +69,7 @@ from .export import export_model, push_to_hub
 from .flag_checks import previous_run
 from .models import create_model, load_mentor, transforms
 from .names import ARGS_FILE, CLEANING_FILE, LABEL_ISSUES_FILE, MENTOR_FILE, METRICS_FILE, PRED_PROBS_FILE, REPORT_FILE
-from .progress import EpochProgress, iterations_table, summary_table
-from .report import write_label_issues, write_report
+from .report import EpochProgress, iterations_table, summary_table, write_label_issues, write_report
 from .settings import RunContext, RunSettings
 from .tracking import RunTracker
 
