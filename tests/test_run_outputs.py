@@ -286,7 +286,8 @@ def test_a_second_run_trains_without_the_flagged_images_and_refuses_a_foreign_ta
     import csv
 
     output, _ = tracked_run
-    rows = list(csv.DictReader(open(output / "label_issues.csv", newline="")))
+    with open(output / "label_issues.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
     rows[0]["flagged"] = "0"  # a person looked and kept it
     edited = tmp_path / "edited.csv"
     with open(edited, "w", newline="") as file:
