@@ -334,6 +334,7 @@ def test_label_issues_table_by_hand(tmp_path):
     """Ranks, the flag, suggested names and CSV quoting, from margins written out."""
     import csv
 
+    import datasets
     from datasets import Dataset
 
     from noisy_meta import AreaUnderMargin
@@ -353,8 +354,19 @@ def test_label_issues_table_by_hand(tmp_path):
         ("1", "2", "0"),
     ]
     assert (rows[0]["given_name"], rows[0]["suggested_name"]) == ("cat, black", "dog")
+    assert "path" not in rows[0]  # images held as bytes: no files to name
     assert (issues.num_samples, issues.num_flagged, issues.precision, issues.recall) == (3, 2, 1.0, 1.0)
     assert "2 of 3 training labels look wrong" in issues.line()
+
+    files = []  # an imagefolder's images are files: the table names each one
+    for position, image in enumerate(images):
+        files.append(str(tmp_path / f"image_{position}.png"))
+        image.save(files[-1])
+    from_files = train.remove_columns("image").add_column("image", files).cast_column("image", datasets.Image())
+    write_label_issues(tmp_path, aum, from_files.select_columns(train.column_names), ["cat, black", "dog"])
+    with open(tmp_path / "label_issues.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["index"], r["path"]) for r in rows] == [("3", files[1]), ("4", files[2]), ("1", files[0])]
 
 
 # ---------------------------------------------------------------------------------------------- --export-dir

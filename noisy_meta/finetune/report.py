@@ -201,7 +201,8 @@ def write_label_issues(
     """``label_issues.csv`` (every training image seen, most suspicious first) and, with matplotlib,
     ``label_issues.png`` (the first flagged images) in ``output_dir``.
 
-    Columns: ``rank``, ``index`` (the image's row in the training split as loaded), ``given_label``,
+    Columns: ``rank``, ``index`` (the image's row in the training split as loaded), ``path`` (the image's file
+    where the data set holds files, an imagefolder: only then), ``given_label``,
     ``suggested_label`` (the student's most recent prediction) and their class names where known, ``aum``
     (the mean margin on the given label: lower, more suspicious), ``times_seen``, ``flagged``, and
     ``clean_label`` where the data set knows it (injected noise, or a clean-label column; ``outside`` for an
@@ -222,11 +223,13 @@ def write_label_issues(
     def name(label: int) -> str:
         return class_names[label] if class_names and 0 <= label < len(class_names) else ""
 
-    header = "rank,index,given_label,given_name,suggested_label,suggested_name,aum,times_seen,flagged"
-    lines = [header + (",clean_label" if clean is not None else "")]
+    paths = _image_paths(train_set)
+    header = "rank,index" + (",path" if paths else "") + ",given_label,given_name,suggested_label,suggested_name"
+    lines = [header + ",aum,times_seen,flagged" + (",clean_label" if clean is not None else "")]
     for rank, row in enumerate(rows, 1):
         sample = index[row]
-        fields = [rank, sample, given[row], name(given[row]), predicted[sample], name(predicted[sample])]
+        fields = [rank, sample, *([paths[row] or ""] if paths else [])]
+        fields += [given[row], name(given[row]), predicted[sample], name(predicted[sample])]
         fields += [f"{scores[sample]:.6g}", seen[sample], int(flagged[row])]
         fields += [_clean_field(clean[row])] if clean is not None else []
         lines.append(",".join(_csv_field(field) for field in fields))
@@ -243,6 +246,18 @@ def write_label_issues(
     except ImportError:
         pass  # report.png says the extra is missing; the table is the report
     return LabelIssues(len(rows), int(flagged[rows].sum()), precision, recall)
+
+
+def _image_paths(train_set: Dataset) -> list[str | None] | None:
+    """Each training image's file path where the data set holds files (an imagefolder), else None. Reads the
+    paths alone (the image column undecoded and flattened), not the images."""
+    from datasets import Image
+
+    if not isinstance(train_set.features.get("image"), Image):
+        return None
+    undecoded = train_set.select_columns(["image"]).cast_column("image", Image(decode=False)).flatten()
+    paths = list(undecoded["image.path"])
+    return paths if any(paths) else None
 
 
 def _clean_field(label: int) -> str:
