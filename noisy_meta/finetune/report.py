@@ -250,13 +250,17 @@ def write_label_issues(
 
 def _image_paths(train_set: Dataset) -> list[str | None] | None:
     """Each training image's file path where the data set holds files (an imagefolder), else None. Reads the
-    paths alone (the image column undecoded and flattened), not the images."""
-    from datasets import Image
+    image column's Arrow storage a batch at a time (nothing decoded, cast or cached)."""
+    import pyarrow as pa
 
-    if not isinstance(train_set.features.get("image"), Image):
+    if "image" not in train_set.column_names:
         return None
-    undecoded = train_set.select_columns(["image"]).cast_column("image", Image(decode=False)).flatten()
-    paths = list(undecoded["image.path"])
+    paths: list[str | None] = []
+    for batch in train_set.select_columns(["image"]).with_format("arrow").iter(batch_size=1024):
+        column = batch.column("image").combine_chunks()
+        if not pa.types.is_struct(column.type) or column.type.get_field_index("path") < 0:
+            return None
+        paths += column.field("path").to_pylist()
     return paths if any(paths) else None
 
 
