@@ -126,8 +126,8 @@ def test_the_meta_step_is_in_lightnings_logged_metrics(tmp_path):
 
 
 def test_the_meta_step_leaves_torchs_global_rng_where_it_was(tmp_path):
-    """Building the meta step (at the first batch) and running it draw nothing from torch's global RNG, so a resumed
-    run's augmentation and shuffling follow the uninterrupted run's as far as Lightning's own resume lets them."""
+    """Building the meta step (at ``on_train_start``) and running it draw nothing from torch's global RNG, so a
+    resumed run's augmentation and shuffling follow the uninterrupted run's as far as Lightning's own resume does."""
     draws = []
 
     class Watching(Classifier):
@@ -139,7 +139,15 @@ def test_the_meta_step_leaves_torchs_global_rng_where_it_was(tmp_path):
             draws.append(not torch.equal(before, torch.get_rng_state()))
             return loss
 
+    class Around(L.Callback):  # called before and after the callback's on_train_start, which builds the meta step
+        states: list[torch.Tensor] = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.states.append(torch.get_rng_state())
+
     torch.manual_seed(6)
     mlnt = MetaNoiseCallback(CONFIG.with_overrides(seed=None), student="model")
-    trainer(tmp_path, mlnt, max_steps=3).fit(Watching(tiny_resnet(), mlnt), loader(24, 8))
+    callbacks = [Around(), mlnt, Around()]
+    trainer(tmp_path, mlnt, max_steps=3, callbacks=callbacks).fit(Watching(tiny_resnet(), mlnt), loader(24, 8))
     assert mlnt.meta.num_updates == 3 and draws == [False, False, False]
+    assert len(Around.states) == 2 and torch.equal(*Around.states)

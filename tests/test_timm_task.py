@@ -294,11 +294,13 @@ def test_a_task_never_fitted_to_its_run_says_which_line_to_add():
 
 
 def test_the_meta_step_leaves_torchs_global_rng_where_it_was():
-    """The task's forward (its first one builds the meta step) draws nothing from torch's global RNG: timm's
-    augmentations and sampler after it follow the run without MLNT, and a resumed run the uninterrupted one."""
+    """Building the task and its forwards draw nothing from torch's global RNG: timm's augmentations and sampler
+    after them follow the run without MLNT, and a resumed run the uninterrupted one."""
     torch.manual_seed(0)
     model = tiny_resnet()
+    before = torch.get_rng_state()
     task = MetaNoiseTask(model, verbose=False, config=MetaNoiseConfig(), **settings(seed=None))
+    assert torch.equal(before, torch.get_rng_state())  # building it draws nothing either
     optimizer = sgd(model)
     for inputs, targets in batches(3):
         before = torch.get_rng_state()
