@@ -72,27 +72,13 @@ def scores(output: Path) -> dict[str, dict[str, float]]:
     probs = saved["pred_probs"][[row_of[int(i)] for i in index]]
     given_prob = probs[np.arange(len(given)), given]
     mentor = probs.argmax(axis=1) != given
-    ranks = {
-        "AUM < 0": aum,
-        "mentor disagrees": given_prob,
-        "both": (np.argsort(np.argsort(aum)) + np.argsort(np.argsort(given_prob))) / 2,
+    suspicion = {
+        "AUM < 0": -aum,
+        "mentor disagrees": -given_prob,
+        "both": -(np.argsort(np.argsort(aum)) + np.argsort(np.argsort(given_prob))) / 2,
     }
     flags = {"AUM < 0": aum < 0, "mentor disagrees": mentor, "both": (aum < 0) & mentor, "either": (aum < 0) | mentor}
-    result = {}
-    for name, flagged in flags.items():
-        hits = int((flagged & wrong).sum())
-        precision = hits / flagged.sum() if flagged.any() else float("nan")
-        recall = hits / wrong.sum() if wrong.any() else float("nan")
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")
-        top = wrong[np.argsort(ranks[name], kind="stable")[:100]].mean() if name in ranks else float("nan")
-        result[name] = {
-            "flagged": float(flagged.mean()),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "top100": top,
-        }
-    return result
+    return {name: flag_scores(wrong, flagged, suspicion.get(name)) for name, flagged in flags.items()}
 
 
 def collection_cost(output: Path) -> dict[str, float]:
@@ -116,13 +102,15 @@ def collection_cost(output: Path) -> dict[str, float]:
 
 
 def flag_scores(wrong: np.ndarray, flagged: np.ndarray, suspicion: np.ndarray | None) -> dict[str, float]:
-    """Share flagged, precision, recall, F1, and the top-100 precision of ``suspicion`` (higher: more suspect)."""
-    hits = int((flagged & wrong).sum())
-    precision = hits / flagged.sum() if flagged.any() else float("nan")
-    recall = hits / wrong.sum() if wrong.any() else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else float("nan")
-    top = wrong[np.argsort(-suspicion, kind="stable")[:100]].mean() if suspicion is not None else float("nan")
-    return {"flagged": float(flagged.mean()), "precision": precision, "recall": recall, "f1": f1, "top100": top}
+    """Share flagged, precision, recall, F1 (`DetectionReport.measure`; NaN where undefined), and the top-100
+    precision of ``suspicion`` (higher: more suspect)."""
+    from noisy_meta.labels.cleaning import DetectionReport
+
+    report = DetectionReport.measure(flagged, wrong)
+    top = wrong[np.argsort(-suspicion, kind="stable")[:100]].mean() if suspicion is not None else None
+    figures = {"precision": report.precision, "recall": report.recall, "f1": report.f1, "top100": top}
+    figures = {name: float("nan") if value is None else float(value) for name, value in figures.items()}
+    return {"flagged": float(flagged.mean()), **figures}
 
 
 def finetune_signals(setting: str) -> dict[str, dict[str, float]]:
