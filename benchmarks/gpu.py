@@ -81,21 +81,12 @@ def meta_config(options: dict[str, Any]):
 def iteration(options: dict[str, Any] | None, model, inputs, targets, autocast):
     """A zero-argument callable running one training iteration; and the updates in one cycle."""
     import torch
-    import torch.nn.functional as F
 
     from noisy_meta import MetaNoiseWrapper
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     if options is None or options.get("plain"):
-
-        def plain() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                loss = F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-
-        return plain, 1
+        return speed.plain_iteration(model, optimizer, inputs, targets, autocast), 1
     config = meta_config(options)
     wrapper = MetaNoiseWrapper(model, optimizer, config)
 

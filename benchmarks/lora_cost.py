@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -26,28 +25,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import speed  # noqa: E402
 from results_file import write_section  # noqa: E402
 
 CONFIGS = ("full plain", "full recipe", "LoRA plain", "LoRA recipe", "LoRA recipe, head", "LoRA recipe, last_stage")
 
 
-def resident_mib() -> float:
-    import os
-
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(config: str, rank: int, cycles: int) -> dict[str, float]:
+    import contextlib
+
     import timm
     import torch
-    import torch.nn.functional as F
 
     from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
     from noisy_meta.finetune.models import add_lora
 
     torch.manual_seed(0)
-    baseline = resident_mib()
+    baseline = speed.resident_mib()
     model = timm.create_model(
         "vit_small_patch16_224", img_size=64, patch_size=8, embed_dim=192, num_heads=3, depth=12, num_classes=10
     )
@@ -65,11 +59,7 @@ def child(config: str, rank: int, cycles: int) -> dict[str, float]:
         def update() -> None:
             wrapper.step(inputs, targets)
     else:
-
-        def update() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs), targets).backward()
-            optimizer.step()
+        update = speed.plain_iteration(model, optimizer, inputs, targets, contextlib.nullcontext)
 
     for _ in range(meta_every):  # warm-up: one cycle
         update()
@@ -77,7 +67,7 @@ def child(config: str, rank: int, cycles: int) -> dict[str, float]:
     for _ in range(cycles * meta_every):
         update()
     seconds = (time.perf_counter() - started) / (cycles * meta_every)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = speed.peak_mib()
     return {
         "seconds_per_update": seconds,
         "memory_mib": peak - baseline,

@@ -17,31 +17,32 @@ set to 1, so the profiled step is the one that runs the meta loss).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import pstats
+import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import speed  # noqa: E402
+
 PACKAGE = str(Path(__file__).resolve().parents[1] / "noisy_meta")
 
 
-def timed(run, device: str, repeats: int = 3) -> float:
+def timed(run, args: argparse.Namespace, repeats: int = 3) -> float:
     """Mean synchronised wall seconds of ``run()`` over ``repeats`` calls."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
+    speed.synchronize(args)
     started = time.perf_counter()
     for _ in range(repeats):
         run()
-    sync()
+    speed.synchronize(args)
     return (time.perf_counter() - started) / repeats
 
 
@@ -60,11 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
 
-    torch.manual_seed(0)
-    kwargs = {"img_size": args.img_size} if "vit" in args.model else {}
-    model = timm.create_model(args.model, num_classes=10, **kwargs).to(args.device)
-    inputs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=args.device)
+    model, inputs, targets = speed.build(args)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     schedule = {"ramp_start": 0, "ramp_end": 0, "seed": 0}
     if args.preset:
@@ -75,21 +72,10 @@ def main() -> None:
         )
     wrapper = MetaNoiseWrapper(model, optimizer, config)
 
-    def autocast():
-        if args.amp == "bf16":
-            return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def meta_step() -> None:
-        with autocast():
-            wrapper.step(inputs, targets)
+        speed.wrapper_step(wrapper, inputs, targets, args)
 
-    def plain_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = F.cross_entropy(model(inputs), targets)
-        loss.backward()
-        optimizer.step()
+    plain_step = speed.plain_iteration(model, optimizer, inputs, targets, lambda: speed.autocast(args))
 
     for _ in range(2):  # warm-up: autotuning, the caching allocator
         meta_step()
@@ -98,8 +84,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as prof:
         meta_step()
-        if cuda:
-            torch.cuda.synchronize()
+        speed.synchronize(args)
     events = prof.key_averages()
     print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=args.top))
 
@@ -107,8 +92,7 @@ def main() -> None:
     started = time.perf_counter()
     profiler.enable()
     meta_step()
-    if cuda:
-        torch.cuda.synchronize()
+    speed.synchronize(args)
     profiler.disable()
     wall = time.perf_counter() - started
     stats = pstats.Stats(profiler).stats
@@ -117,7 +101,7 @@ def main() -> None:
         f"step wall time {wall:.3f} s (under cProfile); noisy_meta's own Python {own * 1e3:.1f} ms = {own / wall:.2%}"
     )
 
-    plain, meta = timed(plain_step, args.device), timed(meta_step, args.device)
+    plain, meta = timed(plain_step, args), timed(meta_step, args)
     line = f"plain step {plain * 1e3:.1f} ms, meta step {meta * 1e3:.1f} ms = {meta / plain:.1f} plain steps"
     if cuda:
         kernels = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e6  # us -> s

@@ -106,6 +106,21 @@ def autocast(args: argparse.Namespace):
     return contextlib.nullcontext()
 
 
+def plain_iteration(model, optimizer, inputs, targets, autocast):
+    """A zero-argument callable: one cross-entropy step of ``model`` with its forward under ``autocast()``, the
+    plain step every benchmark measures MLNT against."""
+    import torch.nn.functional as F
+
+    def plain() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+
+    return plain
+
+
 def synchronize(args: argparse.Namespace) -> None:
     import torch
 
@@ -118,22 +133,13 @@ def iteration_for(config: str, args: argparse.Namespace):
     import copy
 
     import torch
-    import torch.nn.functional as F
 
     from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 
     model, inputs, targets = build(args)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     if config == "plain":
-
-        def plain():
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(args):
-                loss = F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            optimizer.step()
-
-        return plain
+        return plain_iteration(model, optimizer, inputs, targets, lambda: autocast(args))
     if config == "fast":
         wrapper = MetaNoiseWrapper(model, optimizer, MetaNoiseConfig.fast(ramp_start=0, ramp_end=0, seed=0))
         return lambda: wrapper_step(wrapper, inputs, targets, args)
