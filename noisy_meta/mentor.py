@@ -62,8 +62,11 @@ class Mentor:
             memo = {id(p): p for p in self.shared}
             self.module = copy.deepcopy(source, memo).eval().to(device).requires_grad_(False)
         shared_ids = {id(p) for p in self.shared}
-        #: What the average runs over: every state-dict entry but the shared frozen parameters.
-        self.averaged = [name for name, t in student.state_dict(keep_vars=True).items() if id(t) not in shared_ids]
+        averaged = [(name, t) for name, t in student.state_dict(keep_vars=True).items() if id(t) not in shared_ids]
+        #: What the average runs over, every state-dict entry but the shared frozen parameters: the floating-point
+        #: ones are interpolated, the others (``num_batches_tracked``) copied.
+        self.interpolated = [name for name, t in averaged if t.is_floating_point()]
+        self.copied = [name for name, t in averaged if not t.is_floating_point()]
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
@@ -80,11 +83,10 @@ class Mentor:
                 "linear probe and the fine-tuning of LP-FT)"
             )
         ours, theirs = self.module.state_dict(), student.state_dict()
-        floats = [name for name in self.averaged if ours[name].is_floating_point()]
-        torch._foreach_lerp_([ours[n] for n in floats], [theirs[n] for n in floats], 1.0 - self.decay_at(step))
-        for name in self.averaged:
-            if not ours[name].is_floating_point():
-                ours[name].copy_(theirs[name])
+        weight = 1.0 - self.decay_at(step)
+        torch._foreach_lerp_([ours[n] for n in self.interpolated], [theirs[n] for n in self.interpolated], weight)
+        for name in self.copied:
+            ours[name].copy_(theirs[name])
 
     def decay_at(self, step: int) -> float:
         """The EMA decay of update ``step`` (`MetaNoiseConfig.mentor_decay_at`, warmed up or not)."""
