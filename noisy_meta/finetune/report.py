@@ -21,6 +21,7 @@ and suggested class names.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -224,16 +225,17 @@ def write_label_issues(
         return class_names[label] if class_names and 0 <= label < len(class_names) else ""
 
     paths = _image_paths(train_set)
-    header = "rank,index" + (",path" if paths else "") + ",given_label,given_name,suggested_label,suggested_name"
-    lines = [header + ",aum,times_seen,flagged" + (",clean_label" if clean is not None else "")]
-    for rank, row in enumerate(rows, 1):
-        sample = index[row]
-        fields = [rank, sample, *([paths[row] or ""] if paths else [])]
-        fields += [given[row], name(given[row]), predicted[sample], name(predicted[sample])]
-        fields += [f"{scores[sample]:.6g}", seen[sample], int(flagged[row])]
-        fields += [_clean_field(clean[row])] if clean is not None else []
-        lines.append(",".join(_csv_field(field) for field in fields))
-    (output_dir / LABEL_ISSUES_FILE).write_text("\n".join(lines) + "\n")
+    header = ["rank", "index", *(["path"] if paths else []), "given_label", "given_name", "suggested_label"]
+    header += ["suggested_name", "aum", "times_seen", "flagged", *(["clean_label"] if clean is not None else [])]
+    with open(output_dir / LABEL_ISSUES_FILE, "w", newline="") as file:
+        table = csv.writer(file, lineterminator="\n")
+        table.writerow(header)
+        for rank, row in enumerate(rows, 1):
+            sample = index[row]
+            fields = [rank, sample, *([paths[row] or ""] if paths else [])]
+            fields += [given[row], name(given[row]), predicted[sample], name(predicted[sample])]
+            fields += [f"{scores[sample]:.6g}", seen[sample], int(flagged[row])]
+            table.writerow(fields + ([_clean_field(clean[row])] if clean is not None else []))
 
     precision = recall = None
     if clean is not None and (clean >= 0).all():
@@ -270,11 +272,6 @@ def _clean_field(label: int) -> str:
     from ..labels.noise import OUTSIDE
 
     return "outside" if label == OUTSIDE else ("" if label < 0 else str(label))
-
-
-def _csv_field(value: Any) -> str:
-    text = str(value)
-    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
 def _label_issues_picture(path: Path, train_set: Dataset, rows: list[int], given, suggested, name) -> None:
