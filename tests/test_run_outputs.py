@@ -288,12 +288,16 @@ def test_a_second_run_trains_without_the_flagged_images_and_refuses_a_foreign_ta
     output, _ = tracked_run
     with open(output / "label_issues.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    rows[0]["flagged"] = "0"  # a person looked and kept it
     edited = tmp_path / "edited.csv"
-    with open(edited, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_table() -> None:  # the table as a person saves it after editing
+        with open(edited, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    rows[0]["flagged"] = "0"  # a person looked and kept it
+    write_table()
     removed = sum(r["flagged"] == "1" for r in rows)
     again = tmp_path / "again"
     result = run_example(
@@ -303,10 +307,7 @@ def test_a_second_run_trains_without_the_flagged_images_and_refuses_a_foreign_ta
     assert metrics(again)[-1]["train_samples"] == len(rows) - removed
 
     rows[1]["given_label"] = str((int(rows[1]["given_label"]) + 1) % 10)  # not what that image is labelled here
-    with open(edited, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table()
     refused = subprocess.run(
         [
             sys.executable,
