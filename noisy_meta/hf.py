@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"noisy_meta.hf needs transformers ({error}): pip install 'noisy-meta[hf]'") from error
 
 from .config import LOOP_DEFAULTS, MetaNoiseConfig
+from .core import require_joint_update
 from .loop_state import STATE_FILE, load_loop_state, save_loop_state
 from .wrapper import MetaNoiseWrapper
 
@@ -65,8 +66,10 @@ class MetaNoiseTrainer(Trainer):
     def __init__(self, *args: Any, meta_config: MetaNoiseConfig | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.meta_config = meta_config if meta_config is not None else MetaNoiseConfig(**LOOP_DEFAULTS)
-        if self.meta_config.update_rule != "joint":
-            raise ValueError("MetaNoiseTrainer supports update_rule='joint' only: the Trainer makes one step per batch")
+        require_joint_update(
+            self.meta_config,
+            "MetaNoiseTrainer cannot run update_rule='sequential': the Trainer makes one step per batch",
+        )
         #: The MLNT wrapper, built at the first training batch (the optimizer exists then).
         self.meta: MetaNoiseWrapper | None = None
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it over accumulation

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import LOOP_DEFAULTS, MetaNoiseConfig
+from .core import require_joint_update
 from .runtime import world_group
 from .wrapper import MetaNoiseWrapper
 
@@ -60,8 +61,9 @@ class MetaNoiseCallback(L.Callback):
 
     def __init__(self, config: MetaNoiseConfig | None = None, student: str | None = None) -> None:
         self.config = config if config is not None else MetaNoiseConfig(**LOOP_DEFAULTS)
-        if self.config.update_rule != "joint":
-            raise ValueError("MetaNoiseCallback supports update_rule='joint' only: Lightning steps once per batch")
+        require_joint_update(
+            self.config, "MetaNoiseCallback cannot run update_rule='sequential': Lightning steps once per batch"
+        )
         self.student = student
         #: The MLNT wrapper, built when training starts (the optimizer exists then).
         self.meta: MetaNoiseWrapper | None = None

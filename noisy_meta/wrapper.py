@@ -1,7 +1,8 @@
 """`MetaNoiseWrapper`: MLNT's meta step around any timm model and any optimizer.
 
-The facade users hold. `MetaNoiseWrapper.step` is Algorithm 1 of the paper, each stage a
-collaborator with one job:
+The facade users hold. `MetaNoiseWrapper.step` is Algorithm 1 of the paper. The wrapper owns the
+gradient and the optimizer step; everything else lives in one `noisy_meta.core.MetaCore` (the one
+config, the counters, the state dict), which holds a collaborator per stage:
 
 * `noisy_meta.mentor.Mentor`: the EMA (or frozen) teacher and its decay schedule;
 * `noisy_meta.meta_objective.MetaObjective`: synthetic labels by neighbour label transfer, a
@@ -26,13 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_batch, check_label_mask, check_outputs
 from .compat import second_order_context
 from .config import MetaNoiseConfig
+from .core import MetaCore
 from .fast_scope import SharedTrunk
 from .gradients import GradientUpdate
 from .meta_objective import MetaResult
-from .meta_parts import MetaParts, has_library_schedule, resolve_config
 from .runtime import TrainingRuntime
 from .update_state import UpdateState
 
@@ -116,25 +116,34 @@ class MetaNoiseWrapper:
         total_updates: int | None = None,
         **overrides: Any,
     ) -> None:
-        self.config = config = resolve_config(config, total_updates, overrides)
-        self._short_run_unknown = total_updates is None and has_library_schedule(config)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.runtime = TrainingRuntime(model, optimizer, accelerator, scaler)
-        if config.update_rule == "sequential" and self.runtime.accumulation_steps > 1:
-            raise ValueError(
-                "update_rule='sequential' makes two optimizer updates per batch and cannot accumulate "
-                "gradients over batches; use update_rule='joint' with gradient accumulation"
-            )
-        self.model, self.optimizer = model, optimizer
-        self._parts = parts = MetaParts.build(model, config, self.runtime.shared_seed, mentor)
-        self.module, self._mentor, self._meta, self._scope = parts.module, parts.mentor, parts.objective, parts.scope
-        self.compat_changes: list[str] = parts.compat_changes
+        accumulating = self.runtime.accumulation_steps > 1
+        fix = "For a shorter run pass total_updates=<the run's optimizer updates> to MetaNoiseWrapper (or use "
+        fix += "MetaNoiseConfig.for_run_length)"
+        #: The one core (`noisy_meta.core.MetaCore`): config, mentor, objective, fast-weight scope, counters, state.
+        self.core = core = MetaCore(
+            model,
+            config,
+            total_updates,
+            overrides,
+            self.runtime.shared_seed,
+            mentor,
+            updates=UpdateState(self.runtime),
+            short_run_fix=fix,
+            joint_only="update_rule='sequential' makes two optimizer updates per batch and cannot accumulate "
+            "gradients over batches"
+            if accumulating
+            else None,
+        )
+        self.model, self.optimizer, self.module = model, optimizer, core.module
+        self.compat_changes: list[str] = core.compat_changes
         #: Where the updates stand (`UpdateState`): accumulating, stepped or skipped, and the counters.
-        self.updates = UpdateState(self.runtime)
-        self._grads = GradientUpdate(parts.params, self.runtime, config.clip_grad, self.updates)
+        self.updates = core.updates
+        self._grads = GradientUpdate(core.params, self.runtime, core.config.clip_grad, self.updates)
         #: What the last meta step did (`step`, `meta_backward` or `meta_loss`), as detached scalar tensors
         #: (read them when you log: no device sync until then): ``meta_loss`` (``J``, unweighted),
         #: ``meta_weight``, ``labels_changed``, ``fast_divergence``, ``fast_step`` (NaN: no fast step ran).
@@ -170,8 +179,7 @@ class MetaNoiseWrapper:
         Inside ``accelerator.accumulate(model)`` a batch that only accumulates gradients
         returns its losses with no update made (``step`` unchanged).
         """
-        targets = self._check_batch(inputs, targets)
-        label_mask = check_label_mask(label_mask, targets)
+        targets, label_mask = self.core.check_batch(inputs, targets, label_mask)
         index, weight = self.num_updates, self.meta_weight
         self._grads.begin()
         with self._grads.rollback(self.module) as rollback, self.runtime.autocast():
@@ -187,19 +195,19 @@ class MetaNoiseWrapper:
             rollback.restore()
         self.last_meta = outcome.meta.figures(weight)
         self.last_logits = outcome.logits
-        return outcome.stats(weight, self._mentor.decay_at(index), self.num_skipped, self.num_updates)
+        return outcome.stats(weight, self.core.mentor.decay_at(index), self.num_skipped, self.num_updates)
 
     def _joint_update(
         self, inputs: torch.Tensor, targets: torch.Tensor, weight: float, label_mask: torch.Tensor | None
     ) -> Outcome:
         """``update_rule="joint"`` (the reference code): one optimizer step on ``grad CE + w * grad J``; inside an
         ``accelerator.accumulate`` window the gradient is held for the next micro-batch instead."""
-        grads = self._grads
+        grads, core = self._grads, self.core
         with self.forward_context():
-            student = self._scope.forward(inputs, meta=weight > 0.0)  # forward (BatchNorm statistics move once)
-            label_loss = self._label_loss(student.logits, targets, label_mask)  # the loss on the given labels
+            student = core.scope.forward(inputs, meta=weight > 0.0)  # forward (BatchNorm statistics move once)
+            label_loss = core.label_loss(student.logits, targets, label_mask)  # the loss on the given labels
             # the meta step: synthetic label sets, a fast step each, the KL to the mentor, its gradient
-            meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
+            meta = core.objective.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             grads.add(label_loss, through=meta.through)
         if not self.updates.ends_update:
             grads.hold()
@@ -212,30 +220,20 @@ class MetaNoiseWrapper:
     ) -> Outcome:
         """``update_rule="sequential"`` (the paper's notation): an optimizer step on ``w * grad J`` (from a forward
         that leaves BatchNorm statistics untouched), then a fresh forward and an optimizer step on ``grad CE``."""
-        grads = self._grads
+        grads, core = self._grads, self.core
         meta, meta_applied = MetaResult.off(inputs.device), True
         if weight > 0.0:
             with self.forward_context():
-                student = self._scope.forward(inputs, keep_buffers=True)
-                self._check_outputs(student.logits, targets)
-                meta = self._meta.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
+                student = core.scope.forward(inputs, keep_buffers=True)
+                core.check_outputs(student.logits, targets)
+                meta = core.objective.backward(inputs, targets, student, weight, grads.add, self.runtime.loss_scale())
             del student
             meta_applied = grads.apply(meta.loss)
-        logits = self._scope.module(inputs)
-        label_loss = self._label_loss(logits, targets, label_mask)
+        logits = core.scope.module(inputs)
+        label_loss = core.label_loss(logits, targets, label_mask)
         grads.add(label_loss)
         applied = grads.apply(label_loss)
         return Outcome(label_loss, meta, logits.detach(), stepped=applied, complete=applied and meta_applied)
-
-    def _label_loss(self, logits: torch.Tensor, targets: torch.Tensor, label_mask: torch.Tensor | None) -> torch.Tensor:
-        """The loss on the given labels (``config.criterion``) on the samples ``label_mask`` keeps (all when
-        ``None``; 0 with the graph kept when it keeps none)."""
-        self._check_outputs(logits, targets)
-        if label_mask is None:
-            return self._parts.criterion(logits, targets)
-        if not bool(label_mask.any()):
-            return logits.sum() * 0.0
-        return self._parts.criterion(logits[label_mask], targets[label_mask])
 
     @torch.no_grad()
     def update_mentor(self) -> None:
@@ -249,9 +247,7 @@ class MetaNoiseWrapper:
         """
         if not self.updates.ends_update or getattr(self.optimizer, "step_was_skipped", False):
             return
-        fix = "For a shorter run pass total_updates=<the run's optimizer updates> to MetaNoiseWrapper (or use "
-        fix += "MetaNoiseConfig.for_run_length)"
-        self._parts.advance_mentor(self.runtime, self.updates, self.config, fix if self._short_run_unknown else None)
+        self.core.advance_mentor(self.runtime)
 
     # ------------------------------------------------------------------ your own loop
 
@@ -268,12 +264,13 @@ class MetaNoiseWrapper:
         divisor and fp16 loss scale), without firing DDP's hooks: your own backward through
         the DDP model then all-reduces meta and CE gradient together, once.
         """
-        targets = self._check_batch(inputs, targets)
-        self._check_outputs(outputs, targets)
+        core = self.core
+        targets, _ = core.check_batch(inputs, targets)
+        core.check_outputs(outputs, targets)
         weight = self.meta_weight
         with self.runtime.autocast():
-            student = self._scope.around(inputs, outputs)
-            meta = self._meta.backward(inputs, targets, student, weight, self._grads.add, self.runtime.loss_scale())
+            student = core.scope.around(inputs, outputs)
+            meta = core.objective.backward(inputs, targets, student, weight, self._grads.add, self.runtime.loss_scale())
         self.last_meta = meta.figures(weight)
         return {key: float(value) for key, value in self.last_meta.items()}
 
@@ -284,12 +281,13 @@ class MetaNoiseWrapper:
         which also works through DDP). Unlike `meta_backward` it keeps all M graphs alive
         until that backward, so memory grows with M.
         """
-        targets = self._check_batch(inputs, targets)
-        self._check_outputs(outputs, targets)
-        student = self._scope.around(inputs, outputs)
+        core = self.core
+        targets, _ = core.check_batch(inputs, targets)
+        core.check_outputs(outputs, targets)
+        student = core.scope.around(inputs, outputs)
         weight = self.meta_weight
         with self.runtime.autocast():
-            loss, meta = self._meta.loss(inputs, targets, student, weight, self.runtime.loss_scale())
+            loss, meta = core.objective.loss(inputs, targets, student, weight, self.runtime.loss_scale())
         self.last_meta = meta.figures(weight)
         return loss
 
@@ -300,14 +298,19 @@ class MetaNoiseWrapper:
     # ------------------------------------------------------------------ state
 
     @property
+    def config(self) -> MetaNoiseConfig:
+        """The resolved `MetaNoiseConfig` (``config`` with ``total_updates``' schedule and the overrides)."""
+        return self.core.config
+
+    @property
     def mentor(self) -> nn.Module:
         """The mentor (teacher) network, in eval mode."""
-        return self._mentor.module
+        return self.core.mentor.module
 
     @property
     def criterion(self) -> Any:
         """The loss on the given labels (``config.criterion``, resolved), for a forward of your own."""
-        return self._parts.criterion
+        return self.core.criterion
 
     @property
     def num_updates(self) -> int:
@@ -318,7 +321,7 @@ class MetaNoiseWrapper:
     def fast_steps_clipped(self) -> int:
         """Meta steps not trained on because the fast step sized in the predictions (``inner_divergence``) could not
         meet its target within bounds (`noisy_meta.fast_weights.FastStepSize`); resumed with the state dict."""
-        return self._meta.step_size.num_clipped
+        return self.core.objective.step_size.num_clipped
 
     @property
     def num_skipped(self) -> int:
@@ -328,41 +331,37 @@ class MetaNoiseWrapper:
     @property
     def meta_weight(self) -> float:
         """The meta-loss weight ``w`` of the next update."""
-        return self.config.meta_weight_at(self.num_updates)
+        return self.core.meta_weight
 
     @property
     def fast_param_names(self) -> list[str]:
         """The parameters that get fast weights: ``config.fast_params`` resolved on the model (trainable ones only,
         so for a LoRA model the adapters and the trained head)."""
-        return list(self._scope.fast_names)
+        return list(self.core.scope.fast_names)
 
     @property
     def fast_suffix(self) -> str | None:
         """``"head"`` / ``"last_stage"`` when the fast passes start there after a shared trunk (also
         chosen for ``fast_params="all"`` when only that suffix is trainable), else None."""
-        if not isinstance(self._scope, SharedTrunk):
+        scope = self.core.scope
+        if not isinstance(scope, SharedTrunk):
             return None
-        return "head" if self._scope.start_is_last else "last_stage"
+        return "head" if scope.start_is_last else "last_stage"
 
     @property
     def trunk_shared(self) -> bool | None:
         """Whether the fast passes run only the suffix after a shared trunk (``fast_params="head"`` /
         ``"last_stage"``); ``None`` until the first meta step has checked that the split is exact."""
-        return self._scope.shared if isinstance(self._scope, SharedTrunk) else False
+        scope = self.core.scope
+        return scope.shared if isinstance(scope, SharedTrunk) else False
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, synthetic-label RNG state, the fast step's scale and mentor weights, for checkpointing."""
-        return self._parts.state_dict(self.updates)
+        return self.core.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` saved."""
-        self._parts.load_state_dict(state, self.updates)
-
-    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return check_batch(inputs, targets, self.config, self._parts.num_classes)
-
-    def _check_outputs(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        check_outputs(outputs, targets, self._parts.num_classes)
+        self.core.load_state_dict(state)
 
 
 @dataclass

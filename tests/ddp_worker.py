@@ -127,7 +127,7 @@ def main() -> None:
     results["step_first_order_identical"] = identical_on_all_ranks(accelerator, flat_state(first_order))
     # the fast step sized in the predictions: each rank measures on its own data, every rank uses one radius
     sized = train_with_step(accelerator, inner_step="normalized", inner_divergence=0.05)
-    scale = torch.tensor([sized._meta.step_size.scale], dtype=torch.float64)
+    scale = torch.tensor([sized.core.objective.step_size.scale], dtype=torch.float64)
     results["step_kl_sized_identical"] = identical_on_all_ranks(accelerator, torch.cat([flat_state(sized), scale]))
     own = train_with_own_loop(accelerator)
     results["own_loop_identical"] = identical_on_all_ranks(accelerator, flat_state(own))

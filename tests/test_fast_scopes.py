@@ -149,6 +149,6 @@ def test_the_step_sized_in_the_predictions_on_the_shared_trunk_equals_the_genera
         assert a["fast_divergence"] == pytest.approx(b["fast_divergence"], rel=1e-8)
         assert a["fast_divergence"] == pytest.approx(0.02, rel=0.3)
     assert shared.trunk_shared is True
-    assert shared._meta.step_size.scale == pytest.approx(general._meta.step_size.scale, rel=1e-8)
+    assert shared.core.objective.step_size.scale == pytest.approx(general.core.objective.step_size.scale, rel=1e-8)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, general_model.state_dict()[name], rtol=1e-9, atol=1e-11)

@@ -71,7 +71,7 @@ def test_meta_gradient_equals_reference_at_the_rescaled_radius(mlp64, batch64, f
     expected = torch.autograd.grad(reference, params)
 
     stats = wrapper.meta_backward(x, y, mlp64(x))
-    assert wrapper._meta.step_size.scale == pytest.approx(radius / RADIUS, rel=1e-9)
+    assert wrapper.core.objective.step_size.scale == pytest.approx(radius / RADIUS, rel=1e-9)
     assert stats["meta_loss"] == pytest.approx(reference.item(), rel=1e-9)
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-8, atol=1e-12)
@@ -93,7 +93,7 @@ def test_the_divergence_reaches_its_target_whatever_the_configured_size(inner_st
         wrapper = kl_sized_wrapper(model, inner_step=inner_step, inner_radius=start, inner_lr=start, first_order=True)
         divergences = [wrapper.meta_backward(x, y, model(x))["fast_divergence"] for _ in range(3)]
         assert all(d == pytest.approx(TARGET, rel=0.3) for d in divergences), divergences
-        radii.append(wrapper._meta.step_size.scale * start)
+        radii.append(wrapper.core.objective.step_size.scale * start)
     assert radii[0] == pytest.approx(radii[2], rel=0.25)
 
 
@@ -105,7 +105,7 @@ def test_an_absurd_radius_is_clipped_counted_and_not_trained_on(mlp64, batch64):
     stats = wrapper.meta_backward(x, y, mlp64(x))
     assert all(p.grad is None or not p.grad.any() for p in mlp64.parameters())
     assert stats["meta_loss"] == 0.0 and math.isnan(stats["fast_divergence"]) and math.isnan(stats["fast_step"])
-    sizer = wrapper._meta.step_size
+    sizer = wrapper.core.objective.step_size
     assert sizer.num_clipped == wrapper.fast_steps_clipped == 1
     norm = math.sqrt(sum(float((p**2).sum()) for p in mlp_params(mlp64)))
     assert sizer.scale * RADIUS / norm == pytest.approx(MAX_RELATIVE_STEP, rel=1e-9)
@@ -124,12 +124,12 @@ def test_the_radius_is_resumed_from_the_state_dict(mlp64, batch64):
     wrapper = kl_sized_wrapper(mlp64)
     wrapper.step(x, y)
     state = copy.deepcopy(wrapper.state_dict())
-    assert state["fast_step_size"] == {"scale": wrapper._meta.step_size.scale, "num_clipped": 0}
+    assert state["fast_step_size"] == {"scale": wrapper.core.objective.step_size.scale, "num_clipped": 0}
     twin_model = copy.deepcopy(mlp64)
     twin = kl_sized_wrapper(twin_model)
     twin.optimizer.load_state_dict(wrapper.optimizer.state_dict())
     twin.load_state_dict(state)
-    assert twin._meta.step_size.scale == wrapper._meta.step_size.scale
+    assert twin.core.objective.step_size.scale == wrapper.core.objective.step_size.scale
     for _ in range(2):
         wrapper.step(x, y)
         twin.step(x, y)

@@ -115,6 +115,6 @@ def test_the_task_and_the_wrapper_share_the_criterion():
     config = MetaNoiseConfig(criterion="gce")
     assert MetaNoiseTask(model, config=config, verbose=False).criterion == GeneralizedCrossEntropy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert MetaNoiseWrapper(model, optimizer, config)._parts.criterion == GeneralizedCrossEntropy()
+    assert MetaNoiseWrapper(model, optimizer, config).core.criterion == GeneralizedCrossEntropy()
     task = MetaNoiseTask(model, CrossEntropy(0.2), config=config, verbose=False)  # the argument wins
     assert task.criterion == CrossEntropy(0.2) and task.config.criterion == CrossEntropy(0.2)

@@ -9,7 +9,7 @@ import torch
 
 from noisy_meta import MetaNoiseConfig, MetaNoiseWrapper
 from noisy_meta.config import run_length_schedule
-from noisy_meta.meta_parts import SHORT_RUN_WARNING_AFTER
+from noisy_meta.core import SHORT_RUN_WARNING_AFTER
 
 from helpers import TinyMLP, vector_batch
 

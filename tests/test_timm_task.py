@@ -276,7 +276,7 @@ def test_fit_run_length_is_total_updates_given_at_construction():
     assert fitted.config.ramp_start == MetaNoiseConfig().ramp_start  # the library's long-run schedule until fitted
     fitted.fit_run_length(300)
     assert fitted.config == built.config and fitted.config.ramp_end == round(0.4 * 300)
-    assert fitted.config.mentor_decay == 0.95 and fitted._parts.mentor.config is fitted.config
+    assert fitted.config.mentor_decay == 0.95 and fitted.core.mentor.config is fitted.config
     assert fitted.meta_weight == built.meta_weight
 
 

@@ -133,7 +133,7 @@ def test_the_mentor_decay_warms_up_as_timms_model_ema():
     model = TinyMLP()
     student = MetaNoiseWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
     passed = MetaNoiseWrapper(model, torch.optim.SGD(model.parameters(), lr=0.1), config, mentor=TinyMLP())
-    assert student._mentor.decay_at(0) == 0.0 and passed._mentor.decay_at(0) == 0.99
+    assert student.core.mentor.decay_at(0) == 0.0 and passed.core.mentor.decay_at(0) == 0.99
     with pytest.raises(ValueError, match="mentor_warmup must be a bool"):
         MetaNoiseConfig(mentor_warmup=1)
 

@@ -33,12 +33,10 @@ import torch
 from timm.task import TrainingTask
 from torch import nn
 
-from ..checks import check_batch, check_outputs
 from ..compat import explain_double_backward_errors, second_order_context
 from ..config import LOOP_DEFAULTS, MetaNoiseConfig
-from ..meta_parts import MetaParts, has_library_schedule, resolve_config
+from ..core import MetaCore
 from ..runtime import TrainingRuntime, find_ddp, shared_seed, world_group
-from ..update_state import UpdateState
 
 _logger = logging.getLogger(__name__)
 
@@ -105,34 +103,34 @@ class MetaNoiseTask(TrainingTask):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if criterion is not None:
             overrides = {"criterion": criterion, **overrides}
-        if config is None:
-            config = MetaNoiseConfig(**TASK_DEFAULTS)
-        self._given = (config, overrides)
-        self.config = config = resolve_config(config, total_updates, overrides)
-        self._short_run_unknown = total_updates is None and has_library_schedule(config)
-        if config.update_rule != "joint":
-            raise ValueError(
-                "MetaNoiseTask supports update_rule='joint' only: train.py makes one optimizer step per batch"
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None:
             self.check_optimizer(optimizer)
+        fix = "In timm's train.py add `task.fit_run_length(num_epochs * updates_per_epoch)` after "
+        fix += "create_scheduler_v2 (or pass total_updates=)"
+        #: The one core (`noisy_meta.core.MetaCore`): config, mentor, objective, fast-weight scope, counters, state.
+        self.core = core = MetaCore(
+            model,
+            MetaNoiseConfig(**TASK_DEFAULTS) if config is None else config,
+            total_updates,
+            overrides,
+            lambda seed, device: shared_seed(seed, device, world_group()),
+            mentor,
+            short_run_fix=fix,
+            joint_only="MetaNoiseTask cannot run update_rule='sequential': train.py makes one optimizer step per batch",
+        )
         self.trainable_module = model
         self.loss_scaler = loss_scaler
-        parts = MetaParts.build(model, config, lambda seed, device: shared_seed(seed, device, world_group()), mentor)
-        self._parts = parts
-        self.criterion = parts.criterion
-        self.compat_changes = parts.compat_changes
+        self.criterion = core.criterion
+        self.compat_changes = core.compat_changes
         #: Where the updates stand (`UpdateState`); the script says when one was made (`update_ema`).
-        self.updates = UpdateState()
+        self.updates = core.updates
         self._scale_at_forward: float | None = None
         self._runtime = TrainingRuntime(model, optimizer)
-        self._double_backward_checked = config.first_order
+        self._double_backward_checked = core.config.first_order
         #: What the last meta step did (`MetaNoiseWrapper.last_meta`), as detached scalars.
         self.last_meta: dict[str, torch.Tensor] = {}
         if verbose:
-            _logger.info(f"{type(self).__name__}: {config}")
+            _logger.info(f"{type(self).__name__}: {core.config}")
 
     # ------------------------------------------------------------------ the training step
 
@@ -150,17 +148,16 @@ class MetaNoiseTask(TrainingTask):
                 f"{list(target.shape)}: mixup / cutmix soft targets cannot be used for neighbour label "
                 "transfer; run without --mixup / --cutmix (label smoothing in the criterion is fine)"
             )
-        parts, config = self._parts, self.config
-        target = check_batch(input, target, config, parts.num_classes)
-        with second_order_context(not config.first_order):
+        core = self.core
+        target, _ = core.check_batch(input, target)
+        with second_order_context(not core.config.first_order):
             output = self.trainable_module(input)
-        check_outputs(output, target, parts.num_classes)
-        ce_loss = self.criterion(output, target)
+        ce_loss = core.label_loss(output, target)
         scale = self._loss_scale()
         self._scale_at_forward = scale
-        student = parts.scope.around(input, output)
+        student = core.scope.around(input, output)
         weight = self.meta_weight
-        meta_loss, meta = parts.objective.loss(input, target, student, weight, scale)
+        meta_loss, meta = core.objective.loss(input, target, student, weight, scale)
         if not self._double_backward_checked and meta_loss.requires_grad:
             self._check_double_backward(meta_loss)
         self.last_meta = meta.figures(weight)
@@ -180,17 +177,19 @@ class MetaNoiseTask(TrainingTask):
         ``task.fit_run_length(num_epochs * updates_per_epoch)`` after ``create_scheduler_v2``.
         Call it before training (after a ``--resume`` too, with the same length).
         """
-        config, overrides = self._given
-        self.config = resolve_config(config, total_updates, overrides)
-        self._short_run_unknown = False
-        self._parts.use_config(self.config)
+        self.core.fit_run_length(total_updates)
         if self.verbose:
             _logger.info(f"{type(self).__name__} fitted to {total_updates} updates: {self.config}")
 
     @property
+    def config(self) -> MetaNoiseConfig:
+        """The resolved `MetaNoiseConfig` (refitted by `fit_run_length`)."""
+        return self.core.config
+
+    @property
     def meta_weight(self) -> float:
         """The meta-loss weight ``w`` of the next update."""
-        return self.config.meta_weight_at(self.num_updates)
+        return self.core.meta_weight
 
     @property
     def num_updates(self) -> int:
@@ -210,9 +209,7 @@ class MetaNoiseTask(TrainingTask):
             self.updates.record(stepped=False, complete=False)
             return
         self.updates.record(stepped=True)
-        fix = "In timm's train.py add `task.fit_run_length(num_epochs * updates_per_epoch)` after "
-        fix += "create_scheduler_v2 (or pass total_updates=)"
-        self._parts.advance_mentor(self._runtime, self.updates, self.config, fix if self._short_run_unknown else None)
+        self.core.advance_mentor(self._runtime)
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse an optimizer that needs a ``create_graph`` backward (timm's ``is_second_order``)."""
@@ -227,7 +224,7 @@ class MetaNoiseTask(TrainingTask):
     @property
     def mentor(self) -> nn.Module:
         """The mentor (teacher) network, in eval mode."""
-        return self._parts.mentor.module
+        return self.core.mentor.module
 
     def get_eval_model(self, module: nn.Module | None = None, ema: bool = False, mentor: bool = False) -> nn.Module:
         """The model to validate: the student, timm's EMA copy (``ema=True``) or MLNT's mentor (``mentor=True``)."""
@@ -239,7 +236,7 @@ class MetaNoiseTask(TrainingTask):
         """The mentor's weights, the update counter and the synthetic labels' generator."""
         if ema:
             return {}
-        return self._parts.state_dict(self.updates)
+        return self.core.state_dict()
 
     def load_task_state(
         self, state: dict[str, Any] | None, strict: bool = True, module: nn.Module | None = None, ema: bool = False
@@ -251,7 +248,7 @@ class MetaNoiseTask(TrainingTask):
             if strict:
                 raise ValueError("the checkpoint has no MetaNoiseTask state (mentor, counter): was it saved by one?")
             return
-        self._parts.load_state_dict(state, self.updates)
+        self.core.load_state_dict(state)
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs: Any) -> MetaNoiseTask:
         """Wrap the student in ``DistributedDataParallel`` (the mentor stays a plain module on every rank)."""
@@ -268,7 +265,7 @@ class MetaNoiseTask(TrainingTask):
 
     def _apply(self, fn, *args, **kwargs):
         """``task.to(device)`` and the like move the mentor with the task."""
-        self._parts.mentor.module._apply(fn)
+        self.core.mentor.module._apply(fn)
         return super()._apply(fn, *args, **kwargs)
 
     def _check_double_backward(self, meta_loss: torch.Tensor) -> None:
@@ -276,7 +273,7 @@ class MetaNoiseTask(TrainingTask):
         op without a double backward is named with the fix (`SecondOrderUnsupportedError`) rather
         than failing later inside the script's backward."""
         with explain_double_backward_errors():
-            torch.autograd.grad(meta_loss, self._parts.params, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(meta_loss, self.core.params, retain_graph=True, allow_unused=True)
         self._double_backward_checked = True
 
     def _scaler(self) -> Any | None:
