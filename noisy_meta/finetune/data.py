@@ -237,16 +237,11 @@ def prepare_splits(
     (`stratified_split`). String labels become a `ClassLabel` whose names are kept
     (`encode_string_labels`); ``class_names`` are the label feature's names.
     """
-    available = list(data.keys())
-    for name, split in (("train", train_split), ("validation", val_split), ("test", test_split)):
-        if split is not None and split not in data:
-            raise ValueError(f"--{name}-split {split!r} not in the data set; it has {available}")
     used = [split for split in dict.fromkeys((train_split, val_split, test_split)) if split is not None]
+    columns = [c for c in (image_column, label_column, clean_label_column) if c is not None]
+    _check_splits_and_columns(data, (train_split, val_split, test_split), columns)
     data = encode_string_labels(data, used, [c for c in (label_column, clean_label_column) if c is not None])
     train = data[train_split]
-    for column in filter(None, (image_column, label_column, clean_label_column)):
-        if column not in train.column_names:
-            raise ValueError(f"column {column!r} not in the training split; it has {train.column_names}")
     feature = train.features[label_column]
     class_names = feature.names if isinstance(feature, ClassLabel) else None
     if num_classes is None:
@@ -258,49 +253,85 @@ def prepare_splits(
         num_classes = len(class_map)
     elif open_set_classes:
         raise ValueError("--open-set-classes is for --noise open_set only")
-    noisy_labels = None
+    columns = (image_column, label_column, clean_label_column)
+    plan = _LabelPlan(*columns, noise, noise_rate, seed, source_classes, num_classes, tuple(open_set_classes))
 
-    def standardise(dataset: Dataset, inject: bool) -> Dataset:
-        nonlocal noisy_labels
-        kept = dataset.select_columns(
-            list(dict.fromkeys(filter(None, (image_column, label_column, clean_label_column))))
-        )
-        if noise == OPEN_SET and inject:
-            kept, noisy_labels = add_open_set_noise(
-                kept, open_set_classes, noise_rate, seed, label_column=label_column, num_classes=source_classes
-            )
-        elif noise == OPEN_SET:
-            kept = restrict_to_classes(kept, open_set_classes, label_column=label_column, num_classes=source_classes)
-            kept = with_label_columns(kept, label_column=label_column, num_classes=num_classes)
-        elif inject and noise != "none":
-            kept, noisy_labels = add_label_noise(
-                kept,
-                noise,
-                noise_rate,
-                seed,
-                label_column=label_column,
-                num_classes=num_classes,
-                image_column=image_column,
-            )
-        else:
-            kept = with_label_columns(
-                kept, label_column=label_column, clean_label_column=clean_label_column, num_classes=num_classes
-            )
-        kept = kept.select_columns([image_column, *LABEL_COLUMNS])
-        return kept.rename_column(image_column, "image") if image_column != "image" else kept
-
-    train = standardise(train, inject=True)
+    train, noisy_labels = plan.standardise(train, inject=True)
     has_clean = clean_label_column is not None or noise != "none"
     if val_split is not None:
-        validation = standardise(data[val_split], inject=False)
+        validation = plan.standardise(data[val_split])[0]
         validation_is_clean = clean_label_column is not None
     else:
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in (0, 1) when there is no --val-split, got {val_fraction}")
         train, validation = stratified_split(train, val_fraction, seed)
         validation_is_clean = has_clean
-    test = standardise(data[test_split], inject=False) if test_split is not None else None
+    test = plan.standardise(data[test_split])[0] if test_split is not None else None
     return Splits(train, validation, test, num_classes, class_names, validation_is_clean, noisy_labels)
+
+
+def _check_splits_and_columns(data: DatasetDict, splits: Sequence[str | None], columns: Sequence[str]) -> None:
+    """The splits asked for (train, validation, test) exist, and the training split has the columns."""
+    available = list(data.keys())
+    for name, split in zip(("train", "validation", "test"), splits):
+        if split is not None and split not in data:
+            raise ValueError(f"--{name}-split {split!r} not in the data set; it has {available}")
+    train = data[splits[0]]
+    for column in columns:
+        if column not in train.column_names:
+            raise ValueError(f"column {column!r} not in the training split; it has {train.column_names}")
+
+
+@dataclass(frozen=True)
+class _LabelPlan:
+    """How `prepare_splits` gives a split the standard columns: which columns it reads, the noise injected into the
+    training split, the open-set classes taken out of the label space (``source_classes`` before, ``num_classes``
+    after)."""
+
+    image_column: str
+    label_column: str
+    clean_label_column: str | None
+    noise: str
+    noise_rate: float
+    seed: int
+    source_classes: int
+    num_classes: int
+    open_set_classes: tuple[int, ...]
+
+    def standardise(self, dataset: Dataset, inject: bool = False) -> tuple[Dataset, NoisyLabels | OpenSetNoise | None]:
+        """``dataset`` with the columns ``image`` and `LABEL_COLUMNS` (noise injected when ``inject``), and the
+        injected noise (``None`` when none was)."""
+        label, noisy_labels = self.label_column, None
+        columns = (self.image_column, label, self.clean_label_column)
+        kept = dataset.select_columns(list(dict.fromkeys(filter(None, columns))))
+        if self.noise == OPEN_SET and inject:
+            kept, noisy_labels = add_open_set_noise(
+                kept,
+                self.open_set_classes,
+                self.noise_rate,
+                self.seed,
+                label_column=label,
+                num_classes=self.source_classes,
+            )
+        elif self.noise == OPEN_SET:
+            kept = restrict_to_classes(kept, self.open_set_classes, label_column=label, num_classes=self.source_classes)
+            kept = with_label_columns(kept, label_column=label, num_classes=self.num_classes)
+        elif inject and self.noise != "none":
+            kept, noisy_labels = add_label_noise(
+                kept,
+                self.noise,
+                self.noise_rate,
+                self.seed,
+                label_column=label,
+                num_classes=self.num_classes,
+                image_column=self.image_column,
+            )
+        else:
+            kept = with_label_columns(
+                kept, label_column=label, clean_label_column=self.clean_label_column, num_classes=self.num_classes
+            )
+        kept = kept.select_columns([self.image_column, *LABEL_COLUMNS])
+        return (kept.rename_column(self.image_column, "image") if self.image_column != "image" else kept), noisy_labels
 
 
 def encode_string_labels(data: DatasetDict, splits: Sequence[str], columns: Sequence[str]) -> DatasetDict:

@@ -21,7 +21,7 @@ from .checkpoint import MetricsLog, find_checkpoint, validation_score
 from .data import Splits
 from .models import load_mentor
 from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, MODEL_CARD_FILE, STUDENT_FILE
-from .settings import RunContext
+from .settings import RunContext, RunSettings
 
 __all__ = ["best_record", "export_model", "model_card", "push_to_hub"]
 
@@ -64,11 +64,21 @@ def export_model(context: RunContext, splits: Splits, run_dir: Path) -> Path:
 
 def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]], run_file: dict[str, Any]) -> str:
     """The model card (``README.md``, Hugging Face's format: YAML metadata, then Markdown)."""
-    settings, accelerator = context.settings, context.accelerator
+    sections = (
+        _card_title(context.settings, records),
+        _card_data(context.settings, splits),
+        _card_method(context, run_file),
+        _card_results(records),
+        _card_cost(context, records, run_file),
+    )
+    return "\n".join(line for section in sections for line in section)
+
+
+def _card_title(settings: RunSettings, records: list[dict[str, Any]]) -> list[str]:
+    """The metadata, what the exported model is and how to load it."""
     best, kept = best_record(records)
     last = records[-1]
     other = "student" if kept == "mentor" else "mentor"
-    name = settings.model.name
     metadata = {
         "library_name": "timm",
         "pipeline_tag": "image-classification",
@@ -84,12 +94,12 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
         if settings.meta.no_meta
         else f"MLNT (Li et al., CVPR 2019) with `--preset {settings.preset}`"
     )
-    lines = [
+    return [
         "---",
         yaml.safe_dump(metadata, sort_keys=False).strip(),
         "---",
         "",
-        f"# {settings.experiment}: `{name}` fine-tuned on noisy labels with noisy-meta",
+        f"# {settings.experiment}: `{settings.model.name}` fine-tuned on noisy labels with noisy-meta",
         "",
         f"The {kept} of epoch {best['epoch']} of {last['epoch']}: it validated at {_pct(best[f'val_{kept}'])} "
         f"against the {other}'s {_pct(best[f'val_{other}'])} there (the run keeps whichever of the two "
@@ -99,6 +109,12 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
         "import timm",
         f'model = timm.create_model("local-dir:{settings.output.export_dir}", pretrained=True)  # or "hf-hub:<repo>"',
         "```",
+    ]
+
+
+def _card_data(settings: RunSettings, splits: Splits) -> list[str]:
+    """The data set, its splits and the label noise."""
+    lines = [
         "",
         "## Data",
         "",
@@ -115,13 +131,19 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
     ]
     if settings.iterative.iterations > 1:
         lines.append(f"- {settings.iterative.iterations} iterations, cleaning by the previous best mentor in between")
-    lines += [
+    return lines
+
+
+def _card_method(context: RunContext, run_file: dict[str, Any]) -> list[str]:
+    """The optimisation and the `MetaNoiseConfig` the run trained with."""
+    optim, accelerator = context.settings.optim, context.accelerator
+    return [
         "",
         "## Method and configuration",
         "",
-        f"- optimizer `{settings.optim.opt}`, lr {settings.optim.lr:g}, schedule `{settings.optim.sched}`, "
-        f"{settings.optim.epochs} epochs, batch {settings.optim.batch_size} per process, {accelerator.num_processes} "
-        f"process(es), {settings.optim.grad_accum_steps} accumulation step(s) per update",
+        f"- optimizer `{optim.opt}`, lr {optim.lr:g}, schedule `{optim.sched}`, "
+        f"{optim.epochs} epochs, batch {optim.batch_size} per process, {accelerator.num_processes} "
+        f"process(es), {optim.grad_accum_steps} accumulation step(s) per update",
         f"- mixed precision: {accelerator.mixed_precision if accelerator.mixed_precision != 'no' else 'none (fp32)'}",
         "- the MetaNoiseConfig it trained with:",
         "",
@@ -130,6 +152,14 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
         "```",
         "",
         f"Every flag is in the run's `{ARGS_FILE}`; `--config` it to train the same way.",
+    ]
+
+
+def _card_results(records: list[dict[str, Any]]) -> list[str]:
+    """Top-1 accuracy at the kept (best) epoch and the last."""
+    best, _ = best_record(records)
+    last = records[-1]
+    lines = [
         "",
         "## Results (top-1 accuracy)",
         "",
@@ -139,8 +169,14 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
     for label, record in ((f"best ({best['epoch']})", best), (f"last ({last['epoch']})", last)):
         cells = [_pct(record.get(f"{split}_{who}")) for split in ("val", "test") for who in ("student", "mentor")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _card_cost(context: RunContext, records: list[dict[str, Any]], run_file: dict[str, Any]) -> list[str]:
+    """Training time, updates, throughput and the library versions."""
+    accelerator, last = context.accelerator, records[-1]
     seconds = sum(record["seconds"] for record in records)
-    lines += [
+    return [
         "",
         "## Cost",
         "",
@@ -150,7 +186,6 @@ def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]
         "- versions: " + ", ".join(f"{k} {v}" for k, v in run_file.get("versions", {}).items() if v),
         "",
     ]
-    return "\n".join(lines)
 
 
 def push_to_hub(export_dir: Path, repo_id: str) -> str:

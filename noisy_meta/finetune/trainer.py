@@ -197,34 +197,14 @@ def _train_run(
     """
     settings, accelerator, console = context.settings, context.accelerator, context.console
     epochs, control = settings.optim.epochs, settings.control
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    training = _prepare(context, splits, train_set, mentor)
+    training, state, log = _start_run(context, splits, train_set, output_dir, mentor, resume)
     wrapper, batches = training.wrapper, training.train_batches
-    aum = AreaUnderMargin(max(train_set[INDEX]) + 1) if isinstance(train_set, Dataset) and len(train_set) else None
-    state = RunState(control.max_consecutive_skips, aum)
-    accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
-    if control.resume is not None if resume is None else resume:
-        _resume(context, wrapper, state, output_dir)
-    if accelerator.is_main_process:
-        write_args_file(output_dir / ARGS_FILE, settings.flags, wrapper.config)
-    log = MetricsLog(output_dir / METRICS_FILE)
-    if accelerator.is_main_process:
-        log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
-    accelerator.wait_for_everyone()
-
     progress = EpochProgress(console, enabled=accelerator.is_main_process, log_interval=settings.output.log_interval)
     record: dict[str, Any] = {}
     with StopSignals() as signals:
+        flags = recorded_flags(settings.flags)
         checkpoints = RunCheckpoints(
-            accelerator,
-            wrapper,
-            state,
-            output_dir,
-            control.checkpoint_every,
-            control.keep_checkpoints,
-            signals,
-            recorded_flags(settings.flags),
+            accelerator, wrapper, state, output_dir, control.checkpoint_every, control.keep_checkpoints, signals, flags
         )
         for epoch in range(state.epoch, epochs):
             batches.set_epoch(epoch)
@@ -248,13 +228,57 @@ def _train_run(
                 log.append(record)
             context.tracker.log_epoch(record)
             checkpoints.after_epoch(record, final=epoch + 1 == epochs)
+    return _finish_run(context, splits, train_set, output_dir, training, state, log) or record
 
+
+def _start_run(
+    context: RunContext,
+    splits: Splits,
+    train_set: Dataset | IterableDataset,
+    output_dir: Path,
+    mentor: torch.nn.Module | None,
+    resume: bool | None,
+) -> tuple[Training, RunState, MetricsLog]:
+    """Everything before the first epoch: the model, wrapper and loaders, the run's checkpointed state (resumed when
+    asked), ``args.yaml`` and the metrics log (emptied past the resumed epoch)."""
+    settings, accelerator = context.settings, context.accelerator
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    training = _prepare(context, splits, train_set, mentor)
+    wrapper = training.wrapper
+    aum = AreaUnderMargin(max(train_set[INDEX]) + 1) if isinstance(train_set, Dataset) and len(train_set) else None
+    state = RunState(settings.control.max_consecutive_skips, aum)
+    accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
+    if settings.control.resume is not None if resume is None else resume:
+        _resume(context, wrapper, state, output_dir)
+    if accelerator.is_main_process:
+        write_args_file(output_dir / ARGS_FILE, settings.flags, wrapper.config)
+    log = MetricsLog(output_dir / METRICS_FILE)
+    if accelerator.is_main_process:
+        log.truncate(state.epoch)  # a fresh run starts an empty log; a resumed one drops later epochs
+    accelerator.wait_for_everyone()
+    return training, state, log
+
+
+def _finish_run(
+    context: RunContext,
+    splits: Splits,
+    train_set: Dataset | IterableDataset,
+    output_dir: Path,
+    training: Training,
+    state: RunState,
+    log: MetricsLog,
+) -> dict[str, Any] | None:
+    """What a finished run leaves: the summary table, the trackers' end, ``report.png``, the label-error report;
+    returns the last epoch's record as the log holds it (on the main process)."""
+    accelerator, console = context.accelerator, context.console
+    record = None
     if accelerator.is_main_process:
         records = log.read()
         console.print(summary_table(records, state.best_epoch))
         console.print(f"checkpoints and metrics in {output_dir}/ (last/, best/, {METRICS_FILE})")
-        record = records[-1] if records else record
-    context.tracker.finished_run(wrapper.num_updates)
+        record = records[-1] if records else None
+    context.tracker.finished_run(training.wrapper.num_updates)
     _write_report(context, output_dir)
     if state.aum is not None:
         state.aum.all_reduce()  # every rank's margins since the last checkpoint
