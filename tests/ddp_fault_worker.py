@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from ddp_worker import SETTINGS, image_batch
 
 from noisy_meta import MetaNoiseWrapper
-from noisy_meta.finetune.distributed import check_ranks_agree
+from noisy_meta.finetune.trainer import check_ranks_agree
 
 from helpers import tiny_resnet
 

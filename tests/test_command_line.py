@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from noisy_meta import MetaNoiseWrapper
-from noisy_meta.finetune.distributed import check_process_group
+from noisy_meta.finetune.trainer import check_process_group
 
 from helpers import tiny_resnet
 
@@ -180,7 +180,7 @@ def test_an_output_dir_that_cannot_be_created_is_one_line():
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(28, "No space left on device")])
 def test_an_unwritable_output_dir_is_refused_and_left_as_it_was(tmp_path, monkeypatch, error):
     """The write check probes where the run will write and leaves nothing behind."""
-    from noisy_meta.finetune.flag_checks import check_writable
+    from noisy_meta.finetune.flags import check_writable
 
     target = tmp_path / "new" / "run"
 

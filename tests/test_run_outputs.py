@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from noisy_meta.finetune import main
-from noisy_meta.finetune.args_file import INVOCATION_FLAGS, recorded_flags, write_args_file
 from noisy_meta.finetune.checkpoint import CheckpointError
 from noisy_meta.finetune.cli import build_parser, parse_settings, run_command
 from noisy_meta.finetune.export import best_record
+from noisy_meta.finetune.flags import INVOCATION_FLAGS, recorded_flags, write_args_file
 from noisy_meta.finetune.report import report_data, write_report
 from noisy_meta.finetune.tracking import check_trackers
 

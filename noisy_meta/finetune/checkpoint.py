@@ -64,7 +64,7 @@ from torch import nn
 
 from ..labels.dynamics import AreaUnderMargin
 from ..wrapper import MetaNoiseWrapper
-from .names import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
+from .settings import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
 
 def plain_model(module: nn.Module) -> nn.Module:
@@ -451,7 +451,7 @@ class RunCheckpoints:
         every: write ``last/`` every this many updates as well; 0: at epoch ends only.
         keep: how many of the newest ``last/`` states to keep (``last/`` itself included).
         signals: the stop requests the run honours after each update and each epoch.
-        flags: the run's flags as ``args.yaml`` records them (`noisy_meta.finetune.args_file`), kept in
+        flags: the run's flags as ``args.yaml`` records them (`noisy_meta.finetune.flags.recorded_flags`), kept in
             each checkpoint's ``position.json`` so that ``--resume`` can say what changed.
     """
 

@@ -11,8 +11,7 @@ from typing import Any, NoReturn, get_args
 from ..config import RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
 from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA
 from ..labels.noise import NOISE_KINDS, OPEN_SET
-from .args_file import read_config_file
-from .flag_checks import (
+from .flags import (
     check_settings,
     flag_of,
     half_open_unit,
@@ -22,19 +21,26 @@ from .flag_checks import (
     positive_float,
     positive_int,
     probability,
+    read_config_file,
     smoothing_fraction,
     switch_or,
 )
-from .names import ARGS_FILE, EMBEDDED, MODEL_CARD_FILE, PRED_PROBS_FILE, REPORT_FILE, TRACKERS, TRACKING_DIR
 from .settings import (
+    ARGS_FILE,
+    EMBEDDED,
     EMBEDDED_DEFAULTS,
     FINETUNE_CLEANING,
     FINETUNE_META_DEFAULTS,
     GENERAL_DEFAULTS,
+    MODEL_CARD_FILE,
     NO_FLAG_FIELDS,
+    PRED_PROBS_FILE,
     PRESETS,
+    REPORT_FILE,
+    TRACKING_DIR,
     RunSettings,
 )
+from .tracking import TRACKERS
 
 #: MetaNoiseConfig fields whose flag takes something other than the field's own type.
 _FIELD_TYPES: dict[str, Any] = {"clip_grad": float, "inner_divergence": float, "seed": int}
@@ -545,8 +551,7 @@ def run_command(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     from .checkpoint import EXIT_STOPPED, CheckpointError, RunStopped
-    from .distributed import is_lost_rank, lost_rank_message
-    from .trainer import run
+    from .trainer import is_lost_rank, lost_rank_message, run
 
     try:
         run(settings)

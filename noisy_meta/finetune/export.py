@@ -20,8 +20,7 @@ import yaml
 from .checkpoint import MetricsLog, find_checkpoint, validation_score
 from .data import Splits
 from .models import load_mentor
-from .names import ARGS_FILE, MENTOR_FILE, METRICS_FILE, MODEL_CARD_FILE, STUDENT_FILE
-from .settings import RunContext, RunSettings
+from .settings import ARGS_FILE, MENTOR_FILE, METRICS_FILE, MODEL_CARD_FILE, STUDENT_FILE, RunContext, RunSettings
 
 __all__ = ["best_record", "export_model", "model_card", "push_to_hub"]
 

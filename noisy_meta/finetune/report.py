@@ -43,7 +43,14 @@ from rich.progress import (
 from rich.table import Table
 
 from .checkpoint import MetricsLog
-from .names import CLEAN_BEFORE_FILE, CLEANING_FILE, LABEL_ISSUES_FILE, LABEL_ISSUES_PICTURE, METRICS_FILE, REPORT_FILE
+from .settings import (
+    CLEAN_BEFORE_FILE,
+    CLEANING_FILE,
+    LABEL_ISSUES_FILE,
+    LABEL_ISSUES_PICTURE,
+    METRICS_FILE,
+    REPORT_FILE,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset

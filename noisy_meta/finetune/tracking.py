@@ -23,10 +23,11 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .names import TRACKERS
-
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+#: ``--log-with`` values: Accelerate's trackers (`accelerate.utils.LoggerType`), ``all`` those installed.
+TRACKERS = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
 
 
 #: The package each tracker needs (to name it when it is missing).
@@ -50,13 +51,13 @@ def check_trackers(log_with: tuple[str, ...]) -> None:
 
 
 def tracker_config(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's flags as a tracker's configuration: numbers, strings and booleans only (TensorBoard's hparams)."""
-    from .args_file import recorded_flags
+    """The run's recorded flags (`noisy_meta.finetune.flags.recorded_flags`) as a tracker's configuration: numbers,
+    strings and booleans only (TensorBoard's hparams)."""
 
     def plain(value: Any) -> Any:
         return value if isinstance(value, (bool, int, float, str)) else str(value)
 
-    return {name: plain(value) for name, value in recorded_flags(flags).items()}
+    return {name: plain(value) for name, value in flags.items()}
 
 
 class RunTracker:
@@ -67,7 +68,7 @@ class RunTracker:
             the trackers it starts outlive the accelerators of later iterations.
         experiment: the tracker run's name (``--experiment``); ``None`` (no ``--log-with``), or
             no ``accelerator``: a tracker that logs nothing.
-        flags: the run's resolved flags, the tracker run's configuration.
+        flags: the run's recorded flags (`noisy_meta.finetune.flags.recorded_flags`), the tracker run's configuration.
     """
 
     def __init__(
