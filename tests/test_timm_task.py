@@ -310,3 +310,50 @@ def test_the_meta_step_leaves_torchs_global_rng_where_it_was():
         optimizer.step()
         optimizer.zero_grad()
         task.update_ema(step=task.num_updates)
+
+
+class AugmentedBatches:
+    """Batches whose augmentation draws from torch's global RNG as timm's transforms do, recording the RNG state
+    after each batch's draw."""
+
+    def __init__(self, count: int) -> None:
+        self.clean, self.states = batches(count), []
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def __iter__(self):
+        for inputs, targets in self.clean:
+            augmented = inputs + 0.1 * torch.randn_like(inputs)
+            self.states.append(torch.get_rng_state())
+            yield augmented, targets
+
+
+def test_a_resumed_task_draws_the_augmentation_of_timms_classification_task():
+    """timm's ``--resume`` restores no RNG state (train.py reseeds), so what MLNT owes is to change nothing of the
+    random stream: with a global-RNG augmentation, the RNG state at every batch equals the one under timm's own
+    ``ClassificationTask``, in a fresh run and after a task state loaded into a new task (a resume)."""
+    from timm.task import ClassificationTask
+
+    def run(meta: bool) -> list[torch.Tensor]:
+        torch.manual_seed(5)
+        model = tiny_resnet()
+        if meta:
+            task = MetaNoiseTask(model, verbose=False, config=MetaNoiseConfig(), **settings(seed=None))
+        else:
+            task = ClassificationTask(model, F.cross_entropy, verbose=False)
+        first = AugmentedBatches(2)
+        updates = train_like_timm(task, sgd(model), first)
+        saved = task.get_task_state() if meta else None
+        model = tiny_resnet()  # the resumed process: a new model and task, the checkpoint's state loaded
+        if meta:
+            task = MetaNoiseTask(model, verbose=False, config=MetaNoiseConfig(), **settings(seed=None))
+            task.load_task_state(saved)
+        else:
+            task = ClassificationTask(model, F.cross_entropy, verbose=False)
+        second = AugmentedBatches(2)
+        train_like_timm(task, sgd(model), second, num_updates=updates)
+        return first.states + second.states
+
+    plain, meta = run(meta=False), run(meta=True)
+    assert len(plain) == 4 and all(torch.equal(a, b) for a, b in zip(plain, meta, strict=True))
