@@ -55,6 +55,10 @@ class InOrder(MetaNoiseTrainer):
         return SequentialSampler(self.train_dataset)
 
 
+#: What every test's TrainingArguments set beside the training: CPU, no reports, no files but those asked for.
+QUIET = dict(save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+
+
 def arguments(tmp_path, **overrides) -> transformers.TrainingArguments:
     values = dict(
         output_dir=str(tmp_path),
@@ -66,12 +70,8 @@ def arguments(tmp_path, **overrides) -> transformers.TrainingArguments:
         weight_decay=0.0,
         max_grad_norm=0.0,
         max_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
         seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        **QUIET,
     )
     return transformers.TrainingArguments(**{**values, **overrides})
 
@@ -278,3 +278,20 @@ def test_the_mentor_is_restored_by_a_resume_with_no_step_left(tmp_path):
     again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert again.evaluate(mentor=True)["eval_mentor_loss"] == pytest.approx(finished["eval_mentor_loss"], rel=1e-6)
     assert again.meta.num_updates == 2
+
+
+def test_the_docs_example_works_with_the_trainers_defaults(tmp_path):
+    """The usage page's Trainer example keeps the Trainer's optimizer, learning rate and schedule (AdamW at 5e-5,
+    linear decay, gradient clipping at 1) and the adapters' default config: the meta step still runs, and its fast
+    step is the recipe's 0.3% of each tensor's norm whatever the learning rate (a step tied to the learning rate
+    would be 1,000x smaller at 5e-5 than at a fine-tuning SGD's 0.05)."""
+    torch.manual_seed(7)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=10, logging_steps=5, **QUIET
+    )
+    trainer = MetaNoiseTrainer(model=tiny_resnet(), args=args, train_dataset=Images(64))
+    trainer.train()
+    assert args.learning_rate == 5e-5 and type(trainer.optimizer.optimizer).__name__ == "AdamW"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["meta_weight"] > 0 and logs[-1]["fast_step"] == pytest.approx(0.003, rel=1e-3)
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
