@@ -21,11 +21,12 @@ from torch import nn
 from .checks import check_batch, check_label_mask, check_outputs
 from .compat import make_twice_differentiable, unwrap_model
 from .config import RUN_LENGTH_FIELDS, MetaNoiseConfig, run_length_schedule
-from .fast_scope import WholeModel, make_scope
+from .fast_scope import SharedTrunk, WholeModel, make_scope
 from .fast_weights import select_fast_params
 from .losses import Criterion, resolve_criterion
 from .mentor import Mentor
 from .meta_objective import MetaObjective
+from .runtime import is_dtensor, is_sharded
 from .update_state import UpdateState
 
 #: A front-end warns once at this update when the meta step is still off under the library's long-run schedule and
@@ -77,11 +78,16 @@ class MetaCore:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         fast_names = select_fast_params(module, config.fast_params)
-        self.mentor = Mentor(module, config, mentor)
+        #: The student is sharded with FSDP2: the fast weights must be whole, after a shared trunk (`check_sharded`).
+        self.sharded = is_sharded(module)
+        scope = make_scope(module, config, fast_names)
+        if self.sharded:
+            check_sharded(module, config, scope, mentor)
+        self.mentor = Mentor(module, config, mentor, sharded=self.sharded)
         #: The ops changed for second order (`noisy_meta.compat.make_twice_differentiable`).
         self.compat_changes: list[str] = [] if config.first_order else make_twice_differentiable(module)
         self.objective = MetaObjective(config, module, self.mentor, shared_seed(config.seed, self.params[0].device))
-        self.scope: WholeModel = make_scope(module, config, fast_names)
+        self.scope: WholeModel = scope
         self.num_classes: int | None = getattr(module, "num_classes", None)
         self.criterion: Criterion = resolve_criterion(config.criterion)
         #: Where the updates stand: the counters that drive the schedules, accumulating / stepped / skipped.
@@ -178,6 +184,33 @@ def resolve_config(
         schedule = run_length_schedule(total_updates)
         overrides = {**{k: v for k, v in schedule.items() if at_library_default(config, k)}, **overrides}
     return config.with_overrides(**overrides) if overrides else config
+
+
+def check_sharded(module: nn.Module, config: MetaNoiseConfig, scope: WholeModel, mentor: nn.Module | None) -> None:
+    """Refuse, before anything changes, an FSDP2 student the meta step cannot train exactly.
+
+    Under ``fully_shard`` ``autograd.grad`` never reaches the sharded parameters (FSDP2 gathers them into other
+    tensors for each forward and reduces their gradient in its own backward hooks), so the meta step runs ANIL's
+    way: the fast weights whole (``fully_shard(..., ignored_params=<them>)``), after a trunk that runs once; the
+    meta-gradient at the trunk's output goes back with the loss on the labels in one ordinary backward.
+    """
+    works = (
+        "under FSDP2 use fast_params='head' (or 'last_stage') with those parameters left whole: "
+        "fully_shard(model, ignored_params=<the fast parameters>)"
+    )
+    sharded = [name for name in scope.fast_names if is_dtensor(module.get_parameter(name))]
+    if sharded:
+        raise ValueError(f"the fast weights {sharded[:3]} are sharded: second order cannot reach them; {works}")
+    if not isinstance(scope, SharedTrunk):
+        raise ValueError(f"fast_params={config.fast_params!r} runs the whole sharded model in every fast pass; {works}")
+    scope.required = True
+    if config.update_rule != "joint":
+        raise ValueError("under FSDP2 the meta step runs with update_rule='joint' only")
+    if mentor is None:
+        raise ValueError(
+            "under FSDP2 the mentor cannot be copied from the student (FSDP does not support deepcopy): pass "
+            "mentor=<a second model with the student's weights, fully_shard-ed the same way>"
+        )
 
 
 def require_joint_update(config: MetaNoiseConfig, why: str) -> None:

@@ -119,6 +119,8 @@ class SharedTrunk(WholeModel):
         self.start_is_last = start_is_last
         #: Whether the split reproduces the model; None until the first batch that needs it.
         self.shared: bool | None = None
+        #: The whole model cannot run in the fast passes (an FSDP2-sharded trunk): a split that fails is an error.
+        self.required = False
 
     def forward(self, inputs: torch.Tensor, meta: bool = True, keep_buffers: bool = False) -> StudentForward:
         if not meta or keep_buffers or not self._verified(inputs):
@@ -136,6 +138,11 @@ class SharedTrunk(WholeModel):
     def _verified(self, inputs: torch.Tensor) -> bool:
         if self.shared is None:
             self.shared = suffix_matches_model(self.module, self.start, inputs, self.start_is_last)
+            if not self.shared and self.required:
+                raise ValueError(
+                    "the model's output does not come from its head's (or last stage's) input alone, so the trunk "
+                    "cannot run once: the meta step cannot train this sharded model"
+                )
         return self.shared
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .runtime import TrainingRuntime
+from .runtime import TrainingRuntime, is_dtensor
 from .update_state import UpdateState
 
 
@@ -85,6 +85,9 @@ class GradientUpdate:
         if through is not None and through[1] is not None and through[0].requires_grad:
             outputs.append(through[0])
             grad_outputs.append(through[1])
+        if self.runtime.sharded and wrt is None:  # through the sharded trunk: FSDP2's backward reduces its gradient
+            torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph)
+            return None
         inputs = self.params if wrt is None else [*self.params, wrt]
         grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=retain_graph, allow_unused=True)
         with torch.no_grad():
@@ -108,7 +111,7 @@ class GradientUpdate:
         if ok and self.clip_grad is not None:
             runtime.clip_gradients(self.params, self.clip_grad)
         if ok and runtime.scaler is None:  # a GradScaler checks the gradients itself
-            checks = [p.grad.isfinite().all() for p in self.params if p.grad is not None]
+            checks = [_whole(p.grad.isfinite().all()) for p in self.params if p.grad is not None]
             ok = not checks or bool(torch.stack(checks).all())
         if not ok:  # fp16: an overflow in the inner step shows as a non-finite meta loss
             runtime.back_off()
@@ -136,3 +139,8 @@ class GradientUpdate:
             self.zero()
             self.state.close_window()
             raise
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) result gathered whole, a plain one as it is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor

@@ -42,12 +42,16 @@ class Mentor:
         config: the `MetaNoiseConfig` (``mentor_update`` and the decay schedule).
         initial: a starting mentor with the student's architecture; by default a copy of the
             student. The module passed is copied, never changed.
+        sharded: the student is sharded with FSDP2's ``fully_shard``, which cannot be deep-copied:
+            ``initial`` must then be the student's copy, sharded the same way, and is the mentor itself.
     """
 
-    def __init__(self, student: nn.Module, config: MetaNoiseConfig, initial: nn.Module | None = None) -> None:
+    def __init__(
+        self, student: nn.Module, config: MetaNoiseConfig, initial: nn.Module | None = None, sharded: bool = False
+    ) -> None:
         self.config = config
-        #: The decay warms up only from a copy of the initial student.
-        self.warmup = config.mentor_warmup and initial is None
+        #: The decay warms up only from a copy of the initial student (under FSDP2 the one passed is that copy).
+        self.warmup = config.mentor_warmup and (initial is None or sharded)
         source = student if initial is None else unwrap_model(initial)
         if initial is not None and config.mentor_update == "ema":
             _check_same_state_layout(student, source)
@@ -55,7 +59,9 @@ class Mentor:
         #: The student's frozen parameters, which a mentor copied from it shares (held once).
         self.shared = [p for p in student.parameters() if not p.requires_grad] if initial is None else []
         self.ema: ModelEmaV3 | None = None
-        if config.mentor_update == "ema" and not self.shared:
+        if sharded:
+            self.module = _sharded_copy_of(student, source)
+        elif config.mentor_update == "ema" and not self.shared:
             self.ema = ModelEmaV3(source, decay=config.mentor_decay_ramp)
             self.module = self.ema.module.to(device).requires_grad_(False)
         else:
@@ -84,7 +90,8 @@ class Mentor:
             )
         ours, theirs = self.module.state_dict(), student.state_dict()
         weight = 1.0 - self.decay_at(step)
-        torch._foreach_lerp_([ours[n] for n in self.interpolated], [theirs[n] for n in self.interpolated], weight)
+        interpolated = [_local(ours[n]) for n in self.interpolated]  # FSDP2: each process its shard
+        torch._foreach_lerp_(interpolated, [_local(theirs[n]) for n in self.interpolated], weight)
         for name in self.copied:
             ours[name].copy_(theirs[name])
 
@@ -106,6 +113,29 @@ class Mentor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state)
+
+
+def _sharded_copy_of(student: nn.Module, mentor: nn.Module) -> nn.Module:
+    """The FSDP2-sharded mentor passed for a sharded student, checked to hold the student's weights, in eval mode
+    without gradients, its timm feature methods gathering their shards as its forward does."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    ours, theirs = mentor.state_dict(), student.state_dict()
+    local = [_local(ours[name]).equal(_local(value)) for name, value in theirs.items()]
+    if not isinstance(mentor, FSDPModule) or not all(local):
+        raise ValueError(
+            "under FSDP2 mentor= must be the student's copy: a second model holding the student's weights, "
+            "fully_shard-ed the same way (the same mesh and ignored parameters)"
+        )
+    for method in ("forward_features", "forward_head"):
+        if callable(getattr(mentor, method, None)):
+            register_fsdp_forward_method(mentor, method)
+    return mentor.eval().requires_grad_(False)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor as it is)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _check_same_state_layout(student: nn.Module, mentor: nn.Module) -> None:

@@ -102,6 +102,9 @@ class MetaObjective:
         #: sizes the fast step in the predictions (``config.inner_divergence``) and records what it did
         self.step_size = FastStepSize(config.inner_divergence)
         self._generators: dict[torch.device, torch.Generator] = {}
+        # the student's device's generator from the start, so that a state dict loaded in place (as
+        # torch.distributed.checkpoint loads) has its entry before the first meta step
+        self.generator(next(student.parameters()).device)
 
     def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> MetaTargets:
         """Synthetic label sets by neighbour label transfer, and the mentor's log-probabilities."""

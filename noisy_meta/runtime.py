@@ -9,6 +9,13 @@ running statistics, which each rank updates from its own data, are then made equ
 ranks (``dist_bn``: averaged, or rank 0's copied), so the mentor, an average of parameters and
 buffers, stays identical on every rank too.
 
+Under FSDP2 (a student built with ``fully_shard``) the trunk's parameters are sharded and their
+gradients reduce-scattered by FSDP2's own backward hooks: `TrainingRuntime.sharded` says so, the
+last gradient of an update (the loss on the labels with the meta-gradient at the trunk's output)
+is an ordinary backward (`noisy_meta.gradients.GradientUpdate.add`), and only the unsharded
+parameters (the fast weights, which ``fully_shard(..., ignored_params=...)`` leaves whole) are
+all-reduced here.
+
 Mixed precision follows Accelerate: ``accelerator.autocast()`` around the forwards, and for
 fp16 the GradScaler's scale on every backward, including the inner ``autograd.grad`` of the
 fast-weight step (scaled there, unscaled before the fast weights are formed), so that the
@@ -28,11 +35,26 @@ from torch import nn
 _UNSUPPORTED_DISTRIBUTED = {
     "DEEPSPEED": "DeepSpeed's engine owns the backward and the gradient reduction, which the meta step must do "
     "itself (two backwards over one graph; ZeRO-3 cannot run that at all, DeepSpeed issue 4528)",
-    "FSDP": "the meta step synchronises gradients itself and does not handle sharded parameters yet; fit a larger "
-    "model with LoRA (--lora-rank) or fast_params='head' under DDP",
+    "FSDP": "Accelerate shards every parameter, the fast weights too, which second order cannot reach; shard the "
+    "trunk yourself with fully_shard(model, ignored_params=<the head's parameters>) and pass the student, its "
+    "sharded copy as mentor= and fast_params='head' to MetaNoiseWrapper (see the docs' FSDP2 section)",
     "MEGATRON_LM": "the meta step needs the whole model on every process",
     "XLA": "the meta step is not traced for XLA",
 }
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` (unwrapped) was sharded with FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a sharded parameter or its gradient)."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
@@ -85,9 +107,13 @@ class TrainingRuntime:
         self.accelerator = accelerator
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        #: FSDP2: the trunk's parameters are sharded and FSDP2 reduces their gradients (see the module's docstring).
+        self.sharded = is_sharded(getattr(model, "_orig_mod", model))
         ddp = find_ddp(model)
         if ddp is not None:
             self.use_process_group(ddp.process_group)
+        elif self.sharded:
+            self.use_process_group(world_group())
         elif accelerator is not None and accelerator.num_processes > 1:
             self.use_process_group(world_group())  # a part of a DDP-wrapped model (an adapter's timm_model)
         else:
@@ -141,6 +167,7 @@ class TrainingRuntime:
         """
         if self.process_group is None:
             return local_ok
+        params = [p for p in params if not is_dtensor(p)]  # FSDP2 reduced the sharded ones in its backward
         reference = params[0]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         markers = [float(p.grad is not None) for p in params] + [0.0 if local_ok else 1.0]
@@ -154,12 +181,20 @@ class TrainingRuntime:
 
     def clip_gradients(self, params: list[nn.Parameter], max_norm: float) -> None:
         """Unscale (fp16) and clip the global gradient norm to ``max_norm``."""
-        if self.accelerator is not None:
+        if self.accelerator is not None and not self.sharded:
             self.accelerator.clip_grad_norm_(params, max_norm)
             return
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not self.sharded:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
+        grads = [p.grad for p in params if p.grad is not None]  # sharded (DTensor) and whole ones: one global norm
+        squares = [torch.linalg.vector_norm(g) ** 2 for g in grads]
+        total = sum(float(s.full_tensor() if is_dtensor(s) else s) for s in squares) ** 0.5
+        if total > max_norm:
+            for grad in grads:
+                grad.mul_(max_norm / (total + 1e-6))
 
     def optimizer_step(self) -> bool:
         """Step the optimizer; return whether it updated the parameters.
@@ -254,10 +289,6 @@ def shared_seed(seed: int | None, device: torch.device, group: Any | None) -> in
         broadcast_from_first_rank(value, group)
         seed = int(value.item())
     return seed
-
-
-#: Mixes the global seed into the synthetic labels' seed (an odd 64-bit constant, as splitmix64's).
-SEED_MULTIPLIER = 0x9E3779B97F4A7C15
 
 
 #: Mixes the global seed into the synthetic labels' seed (an odd 64-bit constant, as splitmix64's).

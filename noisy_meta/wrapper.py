@@ -139,6 +139,8 @@ class MetaNoiseWrapper:
             if accumulating
             else None,
         )
+        if core.sharded and accumulating:
+            raise NotImplementedError("gradient accumulation under FSDP2 is not supported by the meta step yet")
         self.model, self.optimizer, self.module = model, optimizer, core.module
         self.compat_changes: list[str] = core.compat_changes
         #: Where the updates stand (`UpdateState`): accumulating, stepped or skipped, and the counters.
@@ -264,7 +266,7 @@ class MetaNoiseWrapper:
         divisor and fp16 loss scale), without firing DDP's hooks: your own backward through
         the DDP model then all-reduces meta and CE gradient together, once.
         """
-        core = self.core
+        core = self._own_loop_core()
         targets, _ = core.check_batch(inputs, targets)
         core.check_outputs(outputs, targets)
         weight = self.meta_weight
@@ -281,7 +283,7 @@ class MetaNoiseWrapper:
         which also works through DDP). Unlike `meta_backward` it keeps all M graphs alive
         until that backward, so memory grows with M.
         """
-        core = self.core
+        core = self._own_loop_core()
         targets, _ = core.check_batch(inputs, targets)
         core.check_outputs(outputs, targets)
         student = core.scope.around(inputs, outputs)
@@ -290,6 +292,14 @@ class MetaNoiseWrapper:
             loss, meta = core.objective.loss(inputs, targets, student, weight, self.runtime.loss_scale())
         self.last_meta = meta.figures(weight)
         return loss
+
+    def _own_loop_core(self) -> MetaCore:
+        if self.core.sharded:
+            raise NotImplementedError(
+                "under FSDP2 the meta step runs in MetaNoiseWrapper.step only: your own backward would leave the "
+                "unsharded fast weights' gradients unreduced across processes"
+            )
+        return self.core
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Context for your own student forward: math attention when second order needs it."""

@@ -224,7 +224,7 @@ def test_own_loop_with_accelerator_backward_equals_step(make_accelerator):
     [
         ("DEEPSPEED", 3, "DEEPSPEED ZeRO-3 mode is not supported: DeepSpeed's engine owns the backward"),
         ("DEEPSPEED", 2, "DEEPSPEED ZeRO-2 mode is not supported"),
-        ("FSDP", None, "FSDP mode is not supported: the meta step synchronises gradients itself"),
+        ("FSDP", None, "FSDP mode is not supported: Accelerate shards every parameter, the fast weights too"),
     ],
 )
 def test_sharding_modes_are_refused_in_one_line_naming_why(mlp64, kind, stage, message):

@@ -36,7 +36,7 @@ from torch import nn
 from ..compat import explain_double_backward_errors, second_order_context
 from ..config import LOOP_DEFAULTS, MetaNoiseConfig
 from ..core import MetaCore
-from ..runtime import TrainingRuntime, find_ddp, shared_seed, world_group
+from ..runtime import TrainingRuntime, find_ddp, is_sharded, shared_seed, world_group
 
 _logger = logging.getLogger(__name__)
 
@@ -105,6 +105,11 @@ class MetaNoiseTask(TrainingTask):
             overrides = {"criterion": criterion, **overrides}
         if optimizer is not None:
             self.check_optimizer(optimizer)
+        if is_sharded(model):
+            raise NotImplementedError(
+                "MetaNoiseTask under FSDP2 is not supported: train.py's backward would leave the unsharded fast "
+                "weights' gradients unreduced across processes; use MetaNoiseWrapper.step"
+            )
         fix = "In timm's train.py add `task.fit_run_length(num_epochs * updates_per_epoch)` after "
         fix += "create_scheduler_v2 (or pass total_updates=)"
         #: The one core (`noisy_meta.core.MetaCore`): config, mentor, objective, fast-weight scope, counters, state.

@@ -1,0 +1,171 @@
+"""FSDP2 against DDP, run by tests/test_fsdp.py under two real processes (gloo on CPU).
+
+``accelerate launch --multi_gpu --num_processes 2 tests/fsdp_worker.py RESULT.json``: the same model, seeds and
+per-rank batches trained by `MetaNoiseWrapper.step` under DDP and under ``fully_shard`` (each stage sharded, the
+head left whole as the fast weights); rank 0 writes how far apart the two runs' students and mentors are, each
+run's parameter memory per process, how far a run saved with torch.distributed.checkpoint and resumed into new
+objects ends from the uninterrupted one, and the messages of what FSDP2 refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from noisy_meta import MetaNoiseWrapper
+from noisy_meta.timm import MetaNoiseTask
+
+import helpers
+from helpers import FROM_FIRST_UPDATE, tiny_resnet
+
+SETTINGS = dict(num_synthetic=2, num_neighbors=3, mentor_decay_ramp=0.5, fast_params="head", seed=0)
+UPDATES = 3
+
+
+def batch(step: int, rank: int):
+    return helpers.image_batch(100 * step + rank, batch_size=8, size=32)
+
+
+def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """Each stage sharded, then the rest but the head (the fast weights stay whole on every process)."""
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        fully_shard(model.get_submodule(name), mesh=mesh)
+    return fully_shard(model, mesh=mesh, ignored_params=set(model.get_classifier().parameters()))
+
+
+def whole_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().double()
+        for k, v in module.state_dict().items()
+    }
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def train(wrapper: MetaNoiseWrapper, rank: int) -> list[dict]:
+    return [wrapper.step(*batch(step, rank)) for step in range(UPDATES)]
+
+
+def sharded_run(mesh, **settings) -> tuple[torch.nn.Module, torch.optim.Optimizer, MetaNoiseWrapper]:
+    """A fresh sharded student, its sharded mentor copy, SGD and the wrapper (seeded: every call builds the same)."""
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    mentor = shard(copy.deepcopy(model), mesh)
+    model = shard(model, mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, optimizer, MetaNoiseWrapper(model, optimizer, mentor=mentor, **SETTINGS, **FROM_FIRST_UPDATE)
+
+
+def checkpoint_state(model, optimizer, wrapper) -> dict:
+    """What a checkpoint holds: the sharded student, the optimizer, the meta step's state (mentor, counters, RNG)."""
+    return {
+        "model": model.state_dict(),
+        "optim": get_optimizer_state_dict(model, optimizer),
+        "meta": wrapper.state_dict(),
+    }
+
+
+def resume_difference(mesh, folder: str, rank: int) -> float:
+    """Four updates uninterrupted against two, a checkpoint, new objects that load it, and two more."""
+    model, _, wrapper = sharded_run(mesh)
+    for step in range(4):
+        wrapper.step(*batch(step, rank))
+    first = sharded_run(mesh)
+    for step in range(2):
+        first[2].step(*batch(step, rank))
+    dcp.save(checkpoint_state(*first), checkpoint_id=folder)
+    resumed_model, resumed_optimizer, resumed = sharded_run(mesh)
+    state = checkpoint_state(resumed_model, resumed_optimizer, resumed)
+    dcp.load(state, checkpoint_id=folder)
+    resumed_model.load_state_dict(state["model"])
+    set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optim"])
+    resumed.load_state_dict(state["meta"])
+    for step in range(2, 4):
+        resumed.step(*batch(step, rank))
+    pairs = [(resumed_model, model), (resumed.mentor, wrapper.mentor)]
+    return max(float((whole_state(a)[k] - v).abs().max()) for a, b in pairs for k, v in whole_state(b).items())
+
+
+def refusals(mesh) -> dict[str, str]:
+    """The one-line messages of what the meta step cannot do under FSDP2."""
+    messages = {}
+    attempts = {
+        "all_fast": lambda model, mentor: MetaNoiseWrapper(model, sgd(model), mentor=mentor, fast_params="all"),
+        "no_mentor": lambda model, mentor: MetaNoiseWrapper(model, sgd(model), fast_params="head"),
+        "other_mentor": lambda model, mentor: MetaNoiseWrapper(
+            model, sgd(model), mentor=tiny_resnet(), fast_params="head"
+        ),
+        "timm_task": lambda model, mentor: MetaNoiseTask(model, verbose=False, fast_params="head"),
+        "own_loop": lambda model, mentor: MetaNoiseWrapper(
+            model, sgd(model), mentor=mentor, fast_params="head"
+        ).meta_loss(*batch(0, 0), torch.zeros(8, 4)),
+    }
+    for name, attempt in attempts.items():
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        mentor = shard(copy.deepcopy(model), mesh)
+        try:
+            attempt(shard(model, mesh), mentor)
+            messages[name] = "accepted"
+        except (ValueError, NotImplementedError) as error:
+            messages[name] = str(error)
+    return messages
+
+
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def main(path: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    results: dict = {}
+    for clip in (None, 0.5):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        sharded, mentor = copy.deepcopy(model), copy.deepcopy(model)
+        ddp = DistributedDataParallel(model)
+        settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": clip}
+        reference = MetaNoiseWrapper(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), **settings)
+        reference_stats = train(reference, rank)
+        shard(sharded, mesh), shard(mentor, mesh)
+        optimizer = torch.optim.SGD(sharded.parameters(), lr=0.05, momentum=0.9)
+        wrapper = MetaNoiseWrapper(sharded, optimizer, mentor=mentor, **settings)
+        stats = train(wrapper, rank)
+        pairs = [
+            (whole_state(sharded), whole_state(model)),
+            (whole_state(wrapper.mentor), whole_state(reference.mentor)),
+        ]
+        difference = max(float((ours[k] - theirs[k]).abs().max()) for ours, theirs in pairs for k in theirs)
+        results[f"clip_{clip}"] = {
+            "max_difference": difference,
+            "meta_losses": [s["meta_loss"] for s in stats],
+            "reference_meta_losses": [s["meta_loss"] for s in reference_stats],
+            "updates": wrapper.num_updates,
+        }
+    results["parameter_bytes"] = {"ddp": parameter_bytes(model), "fsdp": parameter_bytes(sharded)}
+    folder = [f"{path}.checkpoint"]
+    dist.broadcast_object_list(folder)
+    results["resume_difference"] = resume_difference(mesh, folder[0], rank)
+    results["refusals"] = refusals(mesh)
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
