@@ -129,3 +129,30 @@ def test_every_flag_default_agrees_with_its_settings_field():
             assert value == field.default, f"--{field.name.replace('_', '-')}: {value!r} != {field.default!r}"
             checked += 1
     assert checked > 40
+
+
+def test_what_help_says_of_each_meta_default_is_what_a_run_resolves():
+    """``--help`` and `RunSettings.meta_config` read one list of layers (`META_DEFAULT_LAYERS`): every default the
+    help names for the embedded data set, a preset or a start from weights is the value a run with those flags gets."""
+    from noisy_meta.finetune.settings import EMBEDDED, EMBEDDED_DEFAULTS, PRESETS, describe_default
+
+    def resolved(*argv: str) -> MetaNoiseConfig:
+        return resolve_meta_config(build_parser().parse_args(list(argv)), total_updates=1000)[0]
+
+    checked = 0
+    for field in dataclasses.fields(MetaNoiseConfig):
+        if field.name == "criterion":
+            continue
+        help_text = describe_default(field)
+        embedded = EMBEDDED_DEFAULTS.get("meta_" + field.name)
+        if embedded is not None:
+            assert f"{embedded!r} for {EMBEDDED}" in help_text and getattr(resolved(), field.name) == embedded
+            checked += 1
+        for name, preset in PRESETS.items():
+            if f"{preset.get(field.name)!r} with --preset {name}" in help_text:
+                assert getattr(resolved("--preset", name), field.name) == preset[field.name], (field.name, name)
+                checked += 1
+    from_weights = resolved("--pretrained", "--preset", "full", "--lr", "0.02")
+    assert (from_weights.inner_lr, from_weights.num_synthetic) == (0.02, 3)  # "1 x --lr", "3 with --preset full"
+    assert "1 x --lr" in describe_default(MetaNoiseConfig.__dataclass_fields__["inner_lr"])
+    assert checked >= 10

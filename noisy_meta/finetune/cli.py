@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, NoReturn, get_args
 
-from ..config import RUN_LENGTH_FIELDS, MentorUpdate, MetaNoiseConfig, field_choices
+from ..config import MentorUpdate, MetaNoiseConfig, field_choices
 from ..labels.cleaning_config import CLEANING_ACTIONS, CLEANING_CRITERIA
 from ..labels.noise import NOISE_KINDS, OPEN_SET
 from .flags import (
@@ -30,7 +30,6 @@ from .settings import (
     EMBEDDED,
     EMBEDDED_DEFAULTS,
     FINETUNE_CLEANING,
-    FINETUNE_META_DEFAULTS,
     GENERAL_DEFAULTS,
     MODEL_CARD_FILE,
     NO_FLAG_FIELDS,
@@ -39,6 +38,7 @@ from .settings import (
     REPORT_FILE,
     TRACKING_DIR,
     RunSettings,
+    describe_default,
 )
 from .tracking import TRACKERS
 
@@ -443,7 +443,7 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
     dest = "meta_" + field.name
     if field.name == "seed":  # --seed is the run's seed; this one only the synthetic labels'
         flag = "--meta-seed"
-    note = f"default {_default_note(field)}"
+    note = f"default {describe_default(field)}"
     named = field_choices(field.name)
     if isinstance(field.default, bool) and named:  # a switch that also takes named values (compensate_meta_every)
         no_flag = f"--no-{flag[2:]}"
@@ -465,29 +465,6 @@ def _add_field_flag(group: argparse._ArgumentGroup, field: dataclasses.Field) ->
 
 def _preset_text(name: str) -> str:
     return ", ".join(f"{field.replace('_', '-')} {value}" for field, value in PRESETS[name].items())
-
-
-def _default_note(field: dataclasses.Field) -> str:
-    """A MetaNoiseConfig field's default as the command line applies it (data set and start dependent)."""
-    if field.name == "seed":
-        return "--seed"
-    if field.name in RUN_LENGTH_FIELDS:
-        return "from the run's length (MetaNoiseConfig.for_run_length)"
-    note = repr(field.default)
-    embedded = EMBEDDED_DEFAULTS.get("meta_" + field.name)
-    if embedded is not None:
-        note += f"; {embedded!r} for {EMBEDDED}"
-    if field.name == "inner_lr":
-        note += (
-            f"; {FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr with --preset full or fast from "
-            "--pretrained/--checkpoint"
-        )
-    if field.name == "num_synthetic":
-        note += f"; {FINETUNE_META_DEFAULTS['num_synthetic']} with --preset full from --pretrained/--checkpoint"
-    for name, preset in PRESETS.items():
-        if field.name in preset and (preset[field.name] != field.default or embedded is not None):
-            note += f"; {preset[field.name]!r} with --preset {name}"
-    return note
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:

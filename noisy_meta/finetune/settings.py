@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -30,6 +30,7 @@ from ..config import (
     FINETUNE_PRESET,
     RUN_LENGTH_FIELDS,
     MetaNoiseConfig,
+    run_length_schedule,
 )
 from ..labels.cleaning_config import CleaningConfig
 from .tracking import RunTracker
@@ -344,16 +345,13 @@ class RunSettings:
 
     def fine_tuning_defaults(self) -> dict[str, Any]:
         """`FINETUNE_META_DEFAULTS` as MetaNoiseConfig values for a run from pretrained weights with
-        ``--preset full`` or ``fast`` (empty otherwise, and for the fields whose flag was given; they
-        win over the data set's defaults, a preset's own fields win over them)."""
+        ``--preset full`` or ``fast`` (empty otherwise)."""
         if not self.model.from_weights or self.preset == "finetune":
             return {}
-        values = {
+        return {
             "inner_lr": FINETUNE_META_DEFAULTS["inner_lr_per_lr"] * self.optim.lr,
             "num_synthetic": FINETUNE_META_DEFAULTS["num_synthetic"],
         }
-        given = set(self.meta.fields) - self.meta.defaulted
-        return {name: value for name, value in values.items() if name not in given}
 
     def criterion(self) -> Any | None:
         """The loss of ``--loss`` / ``--smoothing`` / ``--gce-q`` (None: the preset's or the library's)."""
@@ -367,42 +365,127 @@ class RunSettings:
     def meta_config(self, total_updates: int) -> tuple[MetaNoiseConfig, dict[str, Any]]:
         """The `MetaNoiseConfig` of a run of ``total_updates`` updates and the defaults chosen for it.
 
-        Flags not given keep the library defaults, except the schedules, which follow
-        `MetaNoiseConfig.for_run_length` (the library's own defaults suit long Clothing1M runs),
-        and the preset's fields (`preset`: ``fast`` `FAST_PRESET`, ``finetune``
-        `FINETUNE_PRESET`, the default from pretrained weights), which win over the data set's
-        defaults. A ``--preset full`` or ``fast`` run from pretrained weights takes
-        `fine_tuning_defaults` for the fields its preset leaves. The loss comes from ``--loss`` /
-        ``--smoothing`` (`criterion`). The second value: what was chosen other than by a flag.
+        Each field comes from the last of `META_DEFAULT_LAYERS` that sets it: the library's
+        defaults, the schedules fitted to the run's length (`MetaNoiseConfig.for_run_length`; the
+        library's own suit long Clothing1M runs), the data set's defaults, the fine-tuning
+        defaults, the preset, ``--seed``, the flags given, ``--no-meta`` and ``--loss``. The
+        second value: what the reported layers (run length, fine-tuning, preset) chose.
         """
-        meta = self.meta
-        values = dict(meta.fields)
-        given = set(values) - meta.defaulted
-        preset = {name: value for name, value in PRESETS[self.preset].items() if name not in given}
-        values = {name: value for name, value in values.items() if name not in preset}
-        fast_params = values.get("fast_params")
-        if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
-            values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
-        values.setdefault("seed", self.control.seed)
-        if meta.no_meta:
-            values["meta_weight"] = 0.0
-        criterion = self.criterion()
-        if criterion is not None:
-            values["criterion"] = criterion
-        fine_tuning = {name: v for name, v in self.fine_tuning_defaults().items() if name not in preset}
-        values = {name: value for name, value in values.items() if name not in fine_tuning}
-        config = MetaNoiseConfig.for_run_length(max(total_updates, 1), **fine_tuning, **preset, **values)
-        chosen = {name: getattr(config, name) for name in RUN_LENGTH_FIELDS if name not in values}
-        return config, {**chosen, **fine_tuning, **preset}
+        values, sources = self._meta_layers(total_updates)
+        config = MetaNoiseConfig().with_overrides(**values)
+        return config, {name: value for name, value in values.items() if sources[name].reported}
 
     def meta_config_sources(self) -> str:
         """Where the defaults `meta_config` chose come from, for the run's first lines."""
-        sources = ["run-length"]
-        if self.model.from_weights and self.preset != "finetune":
-            sources.append("fine-tuning")
-        if self.preset != "full":
-            sources.append(f"--preset {self.preset}")
-        return ", ".join(sources)
+        values, sources = self._meta_layers(1)
+        reported = dict.fromkeys(sources[name].shown(self) for name in values if sources[name].reported)
+        return ", ".join(reported)
+
+    def _meta_layers(self, total_updates: int) -> tuple[dict[str, Any], dict[str, DefaultLayer]]:
+        """Every MetaNoiseConfig value the layers set, and the layer each came from (the last that set it)."""
+        values: dict[str, Any] = {}
+        sources: dict[str, DefaultLayer] = {}
+        for layer in META_DEFAULT_LAYERS:
+            for name, value in layer.values(self, max(total_updates, 1)).items():
+                values.pop(name, None)  # in the order the winning layers set them
+                values[name], sources[name] = value, layer
+        return values, sources
+
+
+@dataclass(frozen=True)
+class DefaultLayer:
+    """One layer of the MetaNoiseConfig defaults of a command-line run; in `META_DEFAULT_LAYERS` later ones win.
+
+    ``values(settings, total_updates)``: the fields it sets for a run. ``help(field)``: what ``--help``
+    says of the field's default at this layer (None: nothing), ``replaces``: instead of the layers
+    before. ``reported``: the run's first lines list what it chose, by ``shown(settings)``.
+    """
+
+    name: str
+    values: Callable[[RunSettings, int], Mapping[str, Any]]
+    help: Callable[[dataclasses.Field], str | None] = lambda field: None
+    reported: bool = False
+    replaces: bool = False
+
+    def shown(self, settings: RunSettings) -> str:
+        return f"--preset {settings.preset}" if self.name == "preset" else self.name
+
+
+def _embedded_default(field: dataclasses.Field) -> Any | None:
+    return EMBEDDED_DEFAULTS.get("meta_" + field.name)
+
+
+def _fine_tuning_help(field: dataclasses.Field) -> str | None:
+    weights = "from --pretrained/--checkpoint"
+    if field.name == "inner_lr":
+        return f"{FINETUNE_META_DEFAULTS['inner_lr_per_lr']:g} x --lr with --preset full or fast {weights}"
+    if field.name == "num_synthetic":  # --preset fast sets its own
+        return f"{FINETUNE_META_DEFAULTS['num_synthetic']} with --preset full {weights}"
+    return None
+
+
+def _preset_help(field: dataclasses.Field) -> str | None:
+    notes = [
+        f"{preset[field.name]!r} with --preset {name}"
+        for name, preset in PRESETS.items()
+        if field.name in preset and (preset[field.name] != field.default or _embedded_default(field) is not None)
+    ]
+    return "; ".join(notes) or None
+
+
+def _given_fields(settings: RunSettings) -> dict[str, Any]:
+    """The MetaNoiseConfig fields whose flags were given (``--fast-params a,b`` as a tuple of names)."""
+    meta = settings.meta
+    values = {name: value for name, value in meta.fields.items() if name not in meta.defaulted}
+    fast_params = values.get("fast_params")
+    if isinstance(fast_params, str) and fast_params not in FAST_PARAM_NAMES:
+        values["fast_params"] = tuple(p.strip() for p in fast_params.split(",") if p.strip())
+    return values
+
+
+def _switches(settings: RunSettings) -> dict[str, Any]:
+    """``--no-meta`` (the meta weight 0) and ``--loss`` / ``--smoothing`` (the loss on the labels)."""
+    values: dict[str, Any] = {"meta_weight": 0.0} if settings.meta.no_meta else {}
+    criterion = settings.criterion()
+    return {**values, "criterion": criterion} if criterion is not None else values
+
+
+#: The layers of a command-line run's MetaNoiseConfig, lowest first: `RunSettings.meta_config` resolves a run with
+#: them and ``--help`` says each field's defaults from them (`describe_default`).
+META_DEFAULT_LAYERS: tuple[DefaultLayer, ...] = (
+    DefaultLayer("library", lambda settings, total: {}, lambda field: repr(field.default)),
+    DefaultLayer(
+        "run-length",
+        lambda settings, total: run_length_schedule(total),
+        lambda field: (
+            "from the run's length (MetaNoiseConfig.for_run_length)" if field.name in RUN_LENGTH_FIELDS else None
+        ),
+        reported=True,
+        replaces=True,
+    ),
+    DefaultLayer(
+        "data set",
+        lambda settings, total: {name: settings.meta.fields[name] for name in settings.meta.defaulted},
+        lambda field: f"{value!r} for {EMBEDDED}" if (value := _embedded_default(field)) is not None else None,
+    ),
+    DefaultLayer("fine-tuning", lambda settings, total: settings.fine_tuning_defaults(), _fine_tuning_help, True),
+    DefaultLayer("preset", lambda settings, total: PRESETS[settings.preset], _preset_help, reported=True),
+    DefaultLayer(
+        "--seed",
+        lambda settings, total: {"seed": settings.control.seed},
+        lambda field: "--seed" if field.name == "seed" else None,
+        replaces=True,
+    ),
+    DefaultLayer("flags", lambda settings, total: _given_fields(settings)),
+    DefaultLayer("--no-meta / --loss", lambda settings, total: _switches(settings)),
+)
+
+
+def describe_default(field: dataclasses.Field) -> str:
+    """A MetaNoiseConfig field's default as ``--help`` says it: what each layer of `META_DEFAULT_LAYERS` sets."""
+    notes = [(layer, text) for layer in META_DEFAULT_LAYERS if (text := layer.help(field)) is not None]
+    replacing = [text for layer, text in notes if layer.replaces]
+    return "; ".join(replacing or [text for _, text in notes])
 
 
 def _group(kind: type, flags: dict[str, Any], **values: Any) -> Any:
