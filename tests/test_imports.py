@@ -109,3 +109,19 @@ def test_the_package_marks_itself_typed():
     import noisy_meta
 
     assert (Path(noisy_meta.__file__).parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize("package", ["noisy_meta", "noisy_meta.finetune"])
+def test_every_exported_name_resolves_and_the_lazy_ones_are_the_type_checking_imports(package):
+    """The ``if TYPE_CHECKING:`` block is the one list of what loads on first use: each of its names is exported
+    and resolves to the object it names, and nothing is exported that neither it nor an eager import holds."""
+    import importlib
+
+    module = importlib.import_module(package)
+    lazy = set(module._LAZY)
+    assert lazy <= set(module.__all__) and len(lazy) >= 10
+    for name in module.__all__:
+        value = getattr(module, name)
+        if name in lazy:
+            source = importlib.import_module(f"{package}.{module._LAZY[name]}")
+            assert value is getattr(source, name), name

@@ -8,27 +8,21 @@ load on first use, so ``--help`` does not wait for torch.
 """
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .. import _lazy_names
 
 if TYPE_CHECKING:
     from .cli import build_parser, main, parse_settings, resolve_meta_config, run_command
     from .export import export_model
+    from .flags import read_config_file
     from .report import write_report
     from .settings import RunContext, RunSettings
     from .trainer import run
 
-_LAZY = {
-    "build_parser": "cli",
-    "main": "cli",
-    "parse_settings": "cli",
-    "resolve_meta_config": "cli",
-    "run_command": "cli",
-    "RunContext": "settings",
-    "RunSettings": "settings",
-    "run": "trainer",
-    "write_report": "report",
-    "export_model": "export",
-}
+#: Names imported on first use, read from the ``if TYPE_CHECKING:`` block above.
+_LAZY = _lazy_names(Path(__file__).read_text())
 
 
 def __getattr__(name: str) -> Any:
@@ -45,6 +39,7 @@ __all__ = [
     "export_model",
     "main",
     "parse_settings",
+    "read_config_file",
     "resolve_meta_config",
     "run",
     "run_command",
