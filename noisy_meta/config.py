@@ -116,10 +116,8 @@ class MetaNoiseConfig:
             then grows ``meta_every``-fold (one set's noise, ``meta_every`` times as loud, once
             per cycle). ``"sqrt"``: ``sqrt(meta_every)``, which keeps that noise, summed over a
             cycle, at what one set on every update would give, the average weight falling to
-            ``meta_weight / sqrt(meta_every)``. On the from-scratch benchmark ``"sqrt"`` kept
-            77% of full MLNT's gain at 80% symmetric noise where ``True`` kept 49% (and 90%
-            against 99% on instance-dependent noise); fine-tuning, it kept less than ``True``
-            (benchmarks/RESULTS.md). ``False``: 1, ``meta_every`` also weakens the meta loss.
+            ``meta_weight / sqrt(meta_every)``; how each compares, from scratch and fine-tuning,
+            is in the docs' benchmarks page. ``False``: 1, ``meta_every`` also weakens the meta loss.
         meta_batch_fraction: the fraction of the batch the meta step runs on: a random
             subset (drawn with the synthetic labels' generator) of
             ``max(num_neighbors + 1, round(fraction * B))`` samples, at most the batch, gets
@@ -128,9 +126,8 @@ class MetaNoiseConfig:
             cost falls about in proportion on a CPU (less on a GPU with small batches), and
             its fast passes normalise with the subset's BatchNorm statistics. ``1.0`` (the
             default, the paper) uses the whole batch and draws nothing. The inner gradient of
-            a subset is noisier: at ``inner_lr`` 1.0 half of a 128-sample batch made our
-            from-scratch benchmark erratic (a seed in three lost 6-16 points), 32 or 16
-            samples diverged; pair a fraction below 1 with a smaller ``inner_lr``.
+            a subset is noisier (small subsets made the from-scratch benchmark erratic or
+            diverge, benchmarks/RESULTS.md): pair a fraction below 1 with a smaller ``inner_lr``.
         sets_per_pass: how many synthetic sets are processed together. 1 (the default) runs
             them one after the other with one set's graph in memory, so memory does not grow
             with M. A larger value computes that many sets' inner gradients in one batched

@@ -88,9 +88,9 @@ GENERAL_DEFAULTS: dict[str, Any] = {
 }
 #: MetaNoiseConfig defaults of a ``--preset full`` / ``fast`` run from pretrained weights (``--pretrained`` or
 #: ``--checkpoint``; the default preset there is ``finetune``), chosen on the fine-tuning
-#: benchmark's noisy validation split (benchmarks/finetune_accuracy.py, RESULTS.md): the inner
-#: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default 0.2 is 10x a typical
-#: fine-tuning rate; a ViT collapsed at 15x and lost 9-18 points at 5x), and M synthetic sets.
+#: benchmark's noisy validation split (benchmarks/finetune_accuracy.py; the figures in RESULTS.md): the inner
+#: step size is the fine-tuning learning rate times ``inner_lr_per_lr`` (the from-scratch default is far larger
+#: than a fine-tuning rate), and M synthetic sets.
 FINETUNE_META_DEFAULTS: dict[str, Any] = {"inner_lr_per_lr": 1.0, "num_synthetic": 3}
 #: ``--preset`` values: the paper's full meta step, the affordable preset (`MetaNoiseConfig.fast`) or
 #: the fine-tuning recipe (`MetaNoiseConfig.finetune`, the default from pretrained weights), and
