@@ -28,6 +28,8 @@ import helpers
 from helpers import FROM_FIRST_UPDATE, tiny_resnet
 
 SETTINGS = dict(num_synthetic=2, num_neighbors=3, mentor_decay_ramp=0.5, fast_params="head", seed=0)
+#: The runs compared with DDP: the fast weights, and the global norm they clip to.
+RUNS = {"head": ("head", None), "head_clipped": ("head", 0.5), "last_stage": ("last_stage", None)}
 UPDATES = 3
 
 
@@ -35,11 +37,15 @@ def batch(step: int, rank: int):
     return helpers.image_batch(100 * step + rank, batch_size=8, size=32)
 
 
-def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
-    """Each stage sharded, then the rest but the head (the fast weights stay whole on every process)."""
-    for name in ("layer1", "layer2", "layer3", "layer4"):
+def shard(model: torch.nn.Module, mesh, fast_params: str = "head") -> torch.nn.Module:
+    """Each stage sharded, then the rest, but the fast weights (the head, or the last stage and the head) stay whole
+    on every process."""
+    whole = set(model.get_classifier().parameters())
+    if fast_params == "last_stage":
+        whole |= set(model.layer4.parameters())
+    for name in ("layer1", "layer2", "layer3", "layer4")[: 3 if fast_params == "last_stage" else 4]:
         fully_shard(model.get_submodule(name), mesh=mesh)
-    return fully_shard(model, mesh=mesh, ignored_params=set(model.get_classifier().parameters()))
+    return fully_shard(model, mesh=mesh, ignored_params=whole)
 
 
 def whole_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -133,15 +139,15 @@ def main(path: str) -> None:
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results: dict = {}
-    for clip in (None, 0.5):
+    for run, (fast_params, clip) in RUNS.items():
         torch.manual_seed(0)
         model = tiny_resnet()
         sharded, mentor = copy.deepcopy(model), copy.deepcopy(model)
         ddp = DistributedDataParallel(model)
-        settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": clip}
+        settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": clip, "fast_params": fast_params}
         reference = MetaNoiseWrapper(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), **settings)
         reference_stats = train(reference, rank)
-        shard(sharded, mesh), shard(mentor, mesh)
+        shard(sharded, mesh, fast_params), shard(mentor, mesh, fast_params)
         optimizer = torch.optim.SGD(sharded.parameters(), lr=0.05, momentum=0.9)
         wrapper = MetaNoiseWrapper(sharded, optimizer, mentor=mentor, **settings)
         stats = train(wrapper, rank)
@@ -150,13 +156,14 @@ def main(path: str) -> None:
             (whole_state(wrapper.mentor), whole_state(reference.mentor)),
         ]
         difference = max(float((ours[k] - theirs[k]).abs().max()) for ours, theirs in pairs for k in theirs)
-        results[f"clip_{clip}"] = {
+        results[run] = {
             "max_difference": difference,
             "meta_losses": [s["meta_loss"] for s in stats],
             "reference_meta_losses": [s["meta_loss"] for s in reference_stats],
             "updates": wrapper.num_updates,
         }
-    results["parameter_bytes"] = {"ddp": parameter_bytes(model), "fsdp": parameter_bytes(sharded)}
+        if run == "head":
+            results["parameter_bytes"] = {"ddp": parameter_bytes(model), "fsdp": parameter_bytes(sharded)}
     folder = [f"{path}.checkpoint"]
     dist.broadcast_object_list(folder)
     results["resume_difference"] = resume_difference(mesh, folder[0], rank)
