@@ -83,6 +83,7 @@ class MetaCore:
         scope = make_scope(module, config, fast_names)
         if self.sharded:
             check_sharded(module, config, scope, mentor)
+            scope.required = True  # a trunk split found inexact at the first meta step is an error, not a fallback
         self.mentor = Mentor(module, config, mentor, sharded=self.sharded)
         #: The ops changed for second order (`noisy_meta.compat.make_twice_differentiable`).
         self.compat_changes: list[str] = [] if config.first_order else make_twice_differentiable(module)
@@ -203,7 +204,6 @@ def check_sharded(module: nn.Module, config: MetaNoiseConfig, scope: WholeModel,
         raise ValueError(f"the fast weights {sharded[:3]} are sharded: second order cannot reach them; {works}")
     if not isinstance(scope, SharedTrunk):
         raise ValueError(f"fast_params={config.fast_params!r} runs the whole sharded model in every fast pass; {works}")
-    scope.required = True
     if config.update_rule != "joint":
         raise ValueError("under FSDP2 the meta step runs with update_rule='joint' only")
     if mentor is None:

@@ -189,12 +189,20 @@ class TrainingRuntime:
         if not self.sharded:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
             return
-        grads = [p.grad for p in params if p.grad is not None]  # sharded (DTensor) and whole ones: one global norm
-        squares = [torch.linalg.vector_norm(g) ** 2 for g in grads]
-        total = sum(float(s.full_tensor() if is_dtensor(s) else s) for s in squares) ** 0.5
-        if total > max_norm:
-            for grad in grads:
-                grad.mul_(max_norm / (total + 1e-6))
+        # one global norm over sharded (DTensor) and whole gradients: each process squares its shards, one
+        # all-reduce sums them, the whole ones (equal on every process after their all-reduce) are added once
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g.to_local() for g in grads if is_dtensor(g)]
+        whole = [g for g in grads if not is_dtensor(g)]
+        zero = torch.zeros((), device=grads[0].device)
+        squares = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in sharded] or [zero])
+        sharded_square = squares.sum()
+        if self.process_group is not None:
+            dist.all_reduce(sharded_square, group=self.process_group)
+        whole_square = sum((torch.linalg.vector_norm(g.float()) ** 2 for g in whole), zero)
+        coefficient = (max_norm / (torch.sqrt(sharded_square + whole_square) + 1e-6)).clamp(max=1.0)
+        for grad in sharded + whole:  # a shard scaled in place scales its DTensor
+            grad.mul_(coefficient.to(grad.dtype))
 
     def optimizer_step(self) -> bool:
         """Step the optimizer; return whether it updated the parameters.

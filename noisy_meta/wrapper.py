@@ -122,6 +122,9 @@ class MetaNoiseWrapper:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.runtime = TrainingRuntime(model, optimizer, accelerator, scaler)
         accumulating = self.runtime.accumulation_steps > 1
+        if accumulating and self.runtime.sharded:
+            raise NotImplementedError("gradient accumulation under FSDP2 is not supported by the meta step yet")
+        no_sequential = "update_rule='sequential' makes two optimizer updates per batch and cannot accumulate gradients"
         fix = "For a shorter run pass total_updates=<the run's optimizer updates> to MetaNoiseWrapper (or use "
         fix += "MetaNoiseConfig.for_run_length)"
         #: The one core (`noisy_meta.core.MetaCore`): config, mentor, objective, fast-weight scope, counters, state.
@@ -134,13 +137,8 @@ class MetaNoiseWrapper:
             mentor,
             updates=UpdateState(self.runtime),
             short_run_fix=fix,
-            joint_only="update_rule='sequential' makes two optimizer updates per batch and cannot accumulate "
-            "gradients over batches"
-            if accumulating
-            else None,
+            joint_only=no_sequential if accumulating else None,
         )
-        if core.sharded and accumulating:
-            raise NotImplementedError("gradient accumulation under FSDP2 is not supported by the meta step yet")
         self.model, self.optimizer, self.module = model, optimizer, core.module
         self.compat_changes: list[str] = core.compat_changes
         #: Where the updates stand (`UpdateState`): accumulating, stepped or skipped, and the counters.

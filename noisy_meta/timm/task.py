@@ -157,7 +157,8 @@ class MetaNoiseTask(TrainingTask):
         target, _ = core.check_batch(input, target)
         with second_order_context(not core.config.first_order):
             output = self.trainable_module(input)
-        ce_loss = core.label_loss(output, target)
+        core.check_outputs(output, target)
+        ce_loss = self.criterion(output, target)  # the script's loss (the core's unless replaced on the task)
         scale = self._loss_scale()
         self._scale_at_forward = scale
         student = core.scope.around(input, output)
