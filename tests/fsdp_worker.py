@@ -1,10 +1,11 @@
 """FSDP2 against DDP, run by tests/test_fsdp.py under two real processes (gloo on CPU).
 
 ``accelerate launch --multi_gpu --num_processes 2 tests/fsdp_worker.py RESULT.json``: the same model, seeds and
-per-rank batches trained by `MetaNoiseWrapper.step` under DDP and under ``fully_shard`` (each stage sharded, the
-head left whole as the fast weights); rank 0 writes how far apart the two runs' students and mentors are, each
-run's parameter memory per process, how far a run saved with torch.distributed.checkpoint and resumed into new
-objects ends from the uninterrupted one, and the messages of what FSDP2 refuses.
+per-rank batches trained by `MetaNoiseWrapper.step` under DDP and under ``fully_shard`` (each stage sharded; the
+head, or the last stage and the head, left whole as the fast weights; a LoRA model too). Rank 0 writes how far
+apart the two runs' students and mentors are, each run's parameter memory per process, how far a run saved with
+torch.distributed.checkpoint and resumed into new objects ends from the uninterrupted one, and the messages of
+what FSDP2 refuses.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from noisy_meta import MetaNoiseWrapper
+from noisy_meta.finetune.models import add_lora
 from noisy_meta.timm import MetaNoiseTask
 
 import helpers
 from helpers import FROM_FIRST_UPDATE, tiny_resnet
 
 SETTINGS = dict(num_synthetic=2, num_neighbors=3, mentor_decay_ramp=0.5, fast_params="head", seed=0)
-#: The runs compared with DDP: the fast weights, and the global norm they clip to.
-RUNS = {"head": ("head", None), "head_clipped": ("head", 0.5), "last_stage": ("last_stage", None)}
+#: The runs compared with DDP: the fast weights, the global norm they clip to, and whether the trunk has LoRA adapters.
+RUNS = {
+    "head": ("head", None, False),
+    "head_clipped": ("head", 0.5, False),
+    "last_stage": ("last_stage", None, False),
+    "lora_head": ("head", None, True),
+}
 UPDATES = 3
 
 
@@ -39,13 +46,18 @@ def batch(step: int, rank: int):
 
 def shard(model: torch.nn.Module, mesh, fast_params: str = "head") -> torch.nn.Module:
     """Each stage sharded, then the rest, but the fast weights (the head, or the last stage and the head) stay whole
-    on every process."""
-    whole = set(model.get_classifier().parameters())
+    on every process. A PEFT model is sharded around its timm model."""
+    timm_model = model.base_model.model if hasattr(model, "base_model") else model
+    whole = set(timm_model.get_classifier().parameters())
     if fast_params == "last_stage":
-        whole |= set(model.layer4.parameters())
+        whole |= set(timm_model.layer4.parameters())
     for name in ("layer1", "layer2", "layer3", "layer4")[: 3 if fast_params == "last_stage" else 4]:
-        fully_shard(model.get_submodule(name), mesh=mesh)
+        fully_shard(timm_model.get_submodule(name), mesh=mesh)
     return fully_shard(model, mesh=mesh, ignored_params=whole)
+
+
+def sgd(model: torch.nn.Module, momentum: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=momentum)
 
 
 def whole_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -70,7 +82,7 @@ def sharded_run(mesh, **settings) -> tuple[torch.nn.Module, torch.optim.Optimize
     model = tiny_resnet()
     mentor = shard(copy.deepcopy(model), mesh)
     model = shard(model, mesh)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = sgd(model, momentum=0.9)
     return model, optimizer, MetaNoiseWrapper(model, optimizer, mentor=mentor, **SETTINGS, **FROM_FIRST_UPDATE)
 
 
@@ -130,26 +142,21 @@ def refusals(mesh) -> dict[str, str]:
     return messages
 
 
-def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.05)
-
-
 def main(path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     results: dict = {}
-    for run, (fast_params, clip) in RUNS.items():
+    for run, (fast_params, clip, lora) in RUNS.items():
         torch.manual_seed(0)
-        model = tiny_resnet()
+        model = add_lora(tiny_resnet(), 4) if lora else tiny_resnet()
         sharded, mentor = copy.deepcopy(model), copy.deepcopy(model)
         ddp = DistributedDataParallel(model)
         settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": clip, "fast_params": fast_params}
-        reference = MetaNoiseWrapper(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9), **settings)
+        reference = MetaNoiseWrapper(ddp, sgd(ddp, momentum=0.9), **settings)
         reference_stats = train(reference, rank)
         shard(sharded, mesh, fast_params), shard(mentor, mesh, fast_params)
-        optimizer = torch.optim.SGD(sharded.parameters(), lr=0.05, momentum=0.9)
-        wrapper = MetaNoiseWrapper(sharded, optimizer, mentor=mentor, **settings)
+        wrapper = MetaNoiseWrapper(sharded, sgd(sharded, momentum=0.9), mentor=mentor, **settings)
         stats = train(wrapper, rank)
         pairs = [
             (whole_state(sharded), whole_state(model)),

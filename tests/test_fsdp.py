@@ -21,11 +21,11 @@ def fsdp_results(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("run", ["head", "head_clipped", "last_stage"])
+@pytest.mark.parametrize("run", ["head", "head_clipped", "last_stage", "lora_head"])
 def test_two_sharded_processes_train_as_ddp_does(fsdp_results, run):
     """FSDP2 reduce-scatters the trunk's gradient in its backward, the library all-reduces the whole fast weights':
-    bit for bit DDP's run (the head or the last stage fast), to float rounding with the global norm clipped over
-    sharded and whole gradients."""
+    bit for bit DDP's run (the head or the last stage fast; the head of a LoRA model, its adapters sharded with the
+    trunk), to float rounding with the global norm clipped over sharded and whole gradients."""
     result = fsdp_results[run]
     assert result["max_difference"] == 0.0 if run != "head_clipped" else result["max_difference"] < 1e-6
     assert result["updates"] == 3
