@@ -116,6 +116,31 @@ def resume_difference(mesh, folder: str, rank: int) -> float:
     return max(float((whole_state(a)[k] - v).abs().max()) for a, b in pairs for k, v in whole_state(b).items())
 
 
+def half_batches_match_the_full_batch(mesh, rank: int) -> float:
+    """The meta weight 0 on a ViT (LayerNorm: nothing depends on the batch's other samples): two sharded processes
+    on half-batches end where one process on the whole batch does."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+    model = timm.create_model("vit_small_patch16_224", **vit)
+    single, mentor = copy.deepcopy(model), copy.deepcopy(model)
+
+    def shard_vit(module: torch.nn.Module) -> torch.nn.Module:
+        for block in module.blocks:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(module, mesh=mesh, ignored_params=set(module.get_classifier().parameters()))
+
+    settings = {**SETTINGS, "meta_weight": 0.0}
+    wrapper = MetaNoiseWrapper(shard_vit(model), sgd(model, 0.9), mentor=shard_vit(mentor), **settings)
+    single_wrapper = MetaNoiseWrapper(single, sgd(single, 0.9), **settings)
+    for step in range(3):
+        inputs, targets = helpers.image_batch(step, batch_size=16, size=32)
+        wrapper.step(inputs[8 * rank : 8 * rank + 8], targets[8 * rank : 8 * rank + 8])
+        single_wrapper.step(inputs, targets)
+    return max(float((whole_state(model)[k] - v).abs().max()) for k, v in whole_state(single).items())
+
+
 def refusals(mesh) -> dict[str, str]:
     """The one-line messages of what the meta step cannot do under FSDP2."""
     messages = {}
@@ -175,6 +200,7 @@ def main(path: str) -> None:
     dist.broadcast_object_list(folder)
     results["resume_difference"] = resume_difference(mesh, folder[0], rank)
     results["refusals"] = refusals(mesh)
+    results["half_batch_max_difference"] = half_batches_match_the_full_batch(mesh, rank)
     if rank == 0:
         with open(path, "w") as f:
             json.dump(results, f)

@@ -32,6 +32,10 @@ def test_two_sharded_processes_train_as_ddp_does(fsdp_results, run):
     assert result["meta_losses"] == pytest.approx(result["reference_meta_losses"], rel=1e-5)
 
 
+def test_meta_weight_zero_two_sharded_half_batches_match_one_process_on_the_whole_batch(fsdp_results):
+    assert fsdp_results["half_batch_max_difference"] < 1e-6
+
+
 def test_each_process_holds_half_the_parameters(fsdp_results):
     sizes = fsdp_results["parameter_bytes"]
     assert sizes["fsdp"] / sizes["ddp"] < 0.55  # the head (whole on every process) is the rest
