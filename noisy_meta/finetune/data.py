@@ -260,8 +260,8 @@ def prepare_splits(
     (`encode_string_labels`); ``class_names`` are the label feature's names.
     """
     used = [split for split in dict.fromkeys((train_split, val_split, test_split)) if split is not None]
-    columns = [c for c in (image_column, label_column, clean_label_column) if c is not None]
-    _check_splits_and_columns(data, (train_split, val_split, test_split), columns)
+    columns = (image_column, label_column, clean_label_column)
+    _check_splits_and_columns(data, (train_split, val_split, test_split), [c for c in columns if c is not None])
     data = encode_string_labels(data, used, [c for c in (label_column, clean_label_column) if c is not None])
     train = data[train_split]
     feature = train.features[label_column]
@@ -275,7 +275,6 @@ def prepare_splits(
         num_classes = len(class_map)
     elif open_set_classes:
         raise ValueError("--open-set-classes is for --noise open_set only")
-    columns = (image_column, label_column, clean_label_column)
     plan = _LabelPlan(*columns, noise, noise_rate, seed, source_classes, num_classes, tuple(open_set_classes))
 
     train, noisy_labels = plan.standardise(train, inject=True)
