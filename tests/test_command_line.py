@@ -135,6 +135,7 @@ def test_an_error_in_the_data_is_one_line_and_debug_shows_the_traceback(tiny_mni
 # ------------------------------------------------------------------------------- an earlier run is kept
 
 
+@pytest.mark.slow
 def test_an_earlier_run_is_never_overwritten_silently(tiny_mnist, tmp_path):
     output = tmp_path / "run"
     first = command(EXAMPLE, *FAST, "--dataset", str(tiny_mnist), "--output-dir", str(output))

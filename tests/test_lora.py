@@ -122,6 +122,7 @@ def test_resume_continues_bitwise(mlp64, batch64):
 # ------------------------------------------------------------------ the command line: --lora-rank
 
 
+@pytest.mark.slow
 def test_a_lora_run_saves_timm_weights_exports_and_resumes_bitwise(tiny_mnist, tmp_path):
     """--lora-rank: student/mentor files are plain timm state dicts (the adapters merged), the export loads in timm
     offline, and a run killed mid-epoch resumes bitwise equal to one never interrupted (adapters, mentor, optimizer)."""
