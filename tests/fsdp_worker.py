@@ -141,6 +141,28 @@ def half_batches_match_the_full_batch(mesh, rank: int) -> float:
     return max(float((whole_state(model)[k] - v).abs().max()) for k, v in whole_state(single).items())
 
 
+def through_accelerate(mesh, rank: int) -> float:
+    """The sharded run with Accelerate's prepared optimizer and ``accelerator=`` (how ``accelerate launch`` users
+    pass it) against the same run without: the global norm clipped at 0.5 by the library either way."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # the launch's process group
+    states = []
+    for prepared in (False, True):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        mentor = shard(copy.deepcopy(model), mesh)
+        model = shard(model, mesh)
+        optimizer = accelerator.prepare(sgd(model, 0.9)) if prepared else sgd(model, 0.9)
+        settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": 0.5}
+        wrapper = MetaNoiseWrapper(
+            model, optimizer, mentor=mentor, accelerator=accelerator if prepared else None, **settings
+        )
+        train(wrapper, rank)
+        states.append(whole_state(model))
+    return max(float((states[1][k] - v).abs().max()) for k, v in states[0].items())
+
+
 def refusals(mesh) -> dict[str, str]:
     """The one-line messages of what the meta step cannot do under FSDP2."""
     messages = {}
@@ -201,6 +223,7 @@ def main(path: str) -> None:
     results["resume_difference"] = resume_difference(mesh, folder[0], rank)
     results["refusals"] = refusals(mesh)
     results["half_batch_max_difference"] = half_batches_match_the_full_batch(mesh, rank)
+    results["accelerate_difference"] = through_accelerate(mesh, rank)
     if rank == 0:
         with open(path, "w") as f:
             json.dump(results, f)

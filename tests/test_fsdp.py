@@ -36,6 +36,10 @@ def test_meta_weight_zero_two_sharded_half_batches_match_one_process_on_the_whol
     assert fsdp_results["half_batch_max_difference"] < 1e-6
 
 
+def test_accelerates_prepared_optimizer_and_accelerator_train_the_same(fsdp_results):
+    assert fsdp_results["accelerate_difference"] == 0.0
+
+
 def test_each_process_holds_half_the_parameters(fsdp_results):
     sizes = fsdp_results["parameter_bytes"]
     assert sizes["fsdp"] / sizes["ddp"] < 0.55  # the head (whole on every process) is the rest
