@@ -102,9 +102,7 @@ class MetaObjective:
         #: sizes the fast step in the predictions (``config.inner_divergence``) and records what it did
         self.step_size = FastStepSize(config.inner_divergence)
         self._generators: dict[torch.device, torch.Generator] = {}
-        # the student's device's generator from the start, so that a state dict loaded in place (as
-        # torch.distributed.checkpoint loads) has its entry before the first meta step
-        self.generator(next(student.parameters()).device)
+        self._ensure_student_generator()
 
     def targets(self, inputs: torch.Tensor, labels: torch.Tensor) -> MetaTargets:
         """Synthetic label sets by neighbour label transfer, and the mentor's log-probabilities."""
@@ -250,6 +248,12 @@ class MetaObjective:
         self._generators = {}
         for device, generator_state in state["generators"].items():
             self.generator(torch.device(device)).set_state(generator_state)
+        self._ensure_student_generator()  # a state saved before the first meta step has none
+
+    def _ensure_student_generator(self) -> None:
+        """The generator on the student's device exists (seeded), so that every state dict holds it: one loaded in
+        place, as torch.distributed.checkpoint loads, then restores it even before the first meta step."""
+        self.generator(next(self.student.parameters()).device)
 
 
 def _log_probs(mentor_logits: torch.Tensor) -> torch.Tensor:

@@ -297,6 +297,21 @@ def test_state_dict_round_trip_continues_identically():
     assert wrapper_c.num_updates == 4
 
 
+def test_a_state_saved_before_the_first_meta_step_by_an_earlier_version_loads_seeded():
+    """Earlier versions made the synthetic labels' generator at the first meta step, so a state saved before it has
+    none: loading one leaves the seeded generator a new wrapper has, which every state dict now holds (a state
+    loaded in place, as torch.distributed.checkpoint loads, needs its entry)."""
+    torch.manual_seed(0)
+    wrapper = make_wrapper(tiny_resnet())
+    state = wrapper.state_dict()
+    assert list(state["generators"]) == ["cpu"]  # from construction, before any meta step
+    earlier = {**copy.deepcopy(state), "generators": {}}
+    torch.manual_seed(0)
+    loaded = make_wrapper(tiny_resnet())
+    loaded.load_state_dict(earlier)
+    assert torch.equal(loaded.state_dict()["generators"]["cpu"], state["generators"]["cpu"])
+
+
 def test_mlp_without_timm_api_uses_outputs_as_features(mlp64, batch64):
     wrapper = make_wrapper(mlp64, num_neighbors=3)
     stats = wrapper.step(*batch64)
