@@ -964,7 +964,7 @@ def clean_before_training(context: RunContext, train_set: Dataset, num_classes: 
         train_set, found.flagged, found.suggested_labels, action, num_classes
     )
     seconds = time.perf_counter() - started
-    left = f"{int((~found.flagged).sum())} labels" if action == "mask" else f"{len(cleaned)} training images"
+    left = _left_after(action, found.flagged, cleaned)
     console.print(
         f"--clean-before {action}: {found.summary()}; {left} left "
         f"({seconds:.1f} s; flags in {output_dir / CLEAN_BEFORE_FILE})"
@@ -1041,7 +1041,12 @@ def apply_label_issues(context: RunContext, train_set: Dataset, num_classes: int
                 raise ValueError(f"--label-issues {path}, line {line}: suggested_label {label} is not a class")
             suggested[row] = label
     cleaned, _, relabelled_correct = apply_flags(train_set, flagged, suggested, action, num_classes)
-    left = f"{int((~flagged).sum())} labels" if action == "mask" else f"{len(cleaned)} training images"
+    left = _left_after(action, flagged, cleaned)
     correct = f", {relabelled_correct} of them to their true class" if relabelled_correct is not None else ""
     console.print(f"--label-issues {action}: {int(flagged.sum())} flagged in {path}{correct}; {left} left")
     return cleaned
+
+
+def _left_after(action: str, flagged: np.ndarray, cleaned: Dataset) -> str:
+    """What cleaning leaves to train on: the labels kept in the loss (``mask``), else the training images."""
+    return f"{int((~flagged).sum())} labels" if action == "mask" else f"{len(cleaned)} training images"

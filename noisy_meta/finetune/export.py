@@ -63,19 +63,19 @@ def export_model(context: RunContext, splits: Splits, run_dir: Path) -> Path:
 
 def model_card(context: RunContext, splits: Splits, records: list[dict[str, Any]], run_file: dict[str, Any]) -> str:
     """The model card (``README.md``, Hugging Face's format: YAML metadata, then Markdown)."""
+    best, kept = best_record(records)
     sections = (
-        _card_title(context.settings, records),
+        _card_title(context.settings, records, best, kept),
         _card_data(context.settings, splits),
         _card_method(context, run_file),
-        _card_results(records),
+        _card_results(records, best),
         _card_cost(context, records, run_file),
     )
     return "\n".join(line for section in sections for line in section)
 
 
-def _card_title(settings: RunSettings, records: list[dict[str, Any]]) -> list[str]:
-    """The metadata, what the exported model is and how to load it."""
-    best, kept = best_record(records)
+def _card_title(settings: RunSettings, records: list[dict[str, Any]], best: dict[str, Any], kept: str) -> list[str]:
+    """The metadata, what the exported model is (``kept`` of the ``best`` epoch) and how to load it."""
     last = records[-1]
     other = "student" if kept == "mentor" else "mentor"
     metadata = {
@@ -154,9 +154,8 @@ def _card_method(context: RunContext, run_file: dict[str, Any]) -> list[str]:
     ]
 
 
-def _card_results(records: list[dict[str, Any]]) -> list[str]:
-    """Top-1 accuracy at the kept (best) epoch and the last."""
-    best, _ = best_record(records)
+def _card_results(records: list[dict[str, Any]], best: dict[str, Any]) -> list[str]:
+    """Top-1 accuracy at the kept (``best``) epoch and the last."""
     last = records[-1]
     lines = [
         "",
