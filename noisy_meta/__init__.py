@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .labels.dynamics import AreaUnderMargin
     from .labels.noisy_datasets import add_label_noise, add_open_set_noise, restrict_to_classes, with_label_columns
     from .losses import CrossEntropy, GeneralizedCrossEntropy, SymmetricCrossEntropy, make_criterion
+    from .runtime import fully_shard_trunk
     from .synthetic import SyntheticLabels, nearest_neighbors, neighbor_label_transfer, num_perturbed
     from .update_state import UpdateState
     from .wrapper import MetaNoiseWrapper
@@ -113,6 +114,7 @@ __all__ = [
     "detect_label_noise",
     "extract_features",
     "find_label_issues",
+    "fully_shard_trunk",
     "inject_noise",
     "iterate_with_cleaning",
     "kl_to_mentor",

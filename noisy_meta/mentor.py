@@ -32,6 +32,7 @@ from torch import nn
 from .compat import unwrap_model
 from .config import MetaNoiseConfig
 from .features import eval_mode, logits_and_features
+from .runtime import is_dtensor
 
 
 class Mentor:
@@ -50,6 +51,7 @@ class Mentor:
         self, student: nn.Module, config: MetaNoiseConfig, initial: nn.Module | None = None, sharded: bool = False
     ) -> None:
         self.config = config
+        self.sharded = sharded
         #: The decay warms up only from a copy of the initial student (under FSDP2 the one passed is that copy).
         self.warmup = config.mentor_warmup and (initial is None or sharded)
         source = student if initial is None else unwrap_model(initial)
@@ -112,6 +114,13 @@ class Mentor:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the mentor's weights; a sharded mentor takes its own shards or whole tensors (each process holding
+        all of them, as a whole-tensor checkpoint gives: each keeps its shard)."""
+        if self.sharded and not any(is_dtensor(value) for value in state.values()):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
+            return
         self.module.load_state_dict(state)
 
 

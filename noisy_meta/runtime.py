@@ -57,6 +57,41 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
+def fully_shard_trunk(
+    model: nn.Module, fast_params: str = "head", mesh: Any | None = None, **fully_shard_kwargs: Any
+) -> nn.Module:
+    """Shard a timm model with FSDP2 for the meta step: the trunk sharded, the fast weights whole on every process.
+
+    Second order cannot reach a sharded parameter (FSDP2 gathers it into other tensors for each forward), so the
+    meta step under FSDP2 runs ANIL's way: ``fast_params`` (``"head"`` or ``"last_stage"``) stays whole
+    (``ignored_params``), the trunk before it runs once and its gradient is reduce-scattered by FSDP2's own
+    backward. Each block of the model's block lists (a ViT's ``blocks``, a ResNet's ``layer1``..``layer4``, a
+    ConvNeXt's ``stages``) that holds no fast weight becomes one FSDP2 unit, the model the root; a PEFT model is
+    sharded around its timm model, its adapters with the blocks they are in. Returns ``model``, sharded in place.
+    Build the mentor the same way from a copy taken before (``copy.deepcopy(model)``: FSDP2 modules cannot be
+    copied) and pass it as ``mentor=``. ``mesh`` (default: every process) and ``fully_shard_kwargs``
+    (``mp_policy``, ``reshard_after_forward``, ...) go to every ``fully_shard`` call.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .fast_weights import select_fast_params
+
+    if fast_params not in ("head", "last_stage"):
+        raise ValueError(
+            f"fast_params={fast_params!r}: under FSDP2 the fast weights must be a suffix left whole, 'head' or "
+            "'last_stage' (second order cannot reach sharded parameters)"
+        )
+    whole = {model.get_parameter(name) for name in select_fast_params(model, fast_params)}
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    for child in base.children():
+        blocks = list(child.children()) if isinstance(child, (nn.Sequential, nn.ModuleList)) else []
+        for block in blocks:
+            parameters = set(block.parameters())
+            if parameters and not parameters & whole:
+                fully_shard(block, mesh=mesh, **fully_shard_kwargs)
+    return fully_shard(model, mesh=mesh, ignored_params=whole, **fully_shard_kwargs)
+
+
 def find_ddp(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     """The ``DistributedDataParallel`` wrapper in ``model`` (under ``torch.compile`` too), if any."""
     while True:

@@ -1,11 +1,11 @@
 """FSDP2 against DDP, run by tests/test_fsdp.py under two real processes (gloo on CPU).
 
 ``accelerate launch --multi_gpu --num_processes 2 tests/fsdp_worker.py RESULT.json``: the same model, seeds and
-per-rank batches trained by `MetaNoiseWrapper.step` under DDP and under ``fully_shard`` (each stage sharded; the
-head, or the last stage and the head, left whole as the fast weights; a LoRA model too). Rank 0 writes how far
-apart the two runs' students and mentors are, each run's parameter memory per process, how far a run saved with
-torch.distributed.checkpoint and resumed into new objects ends from the uninterrupted one, and the messages of
-what FSDP2 refuses.
+per-rank batches trained by `MetaNoiseWrapper.step` under DDP and under FSDP2 (`noisy_meta.fully_shard_trunk`:
+each block sharded; the head, or the last stage and the head, left whole as the fast weights; a LoRA model too).
+Rank 0 writes how far apart the two runs' students and mentors are, how each model was sharded, each run's
+parameter memory per process, how far a run saved with torch.distributed.checkpoint and resumed into new objects
+ends from the uninterrupted one, and the messages of what FSDP2 refuses.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from noisy_meta import MetaNoiseWrapper
+from noisy_meta import MetaNoiseWrapper, fully_shard_trunk
 from noisy_meta.finetune.models import add_lora
 from noisy_meta.timm import MetaNoiseTask
 
@@ -45,15 +45,17 @@ def batch(step: int, rank: int):
 
 
 def shard(model: torch.nn.Module, mesh, fast_params: str = "head") -> torch.nn.Module:
-    """Each stage sharded, then the rest, but the fast weights (the head, or the last stage and the head) stay whole
-    on every process. A PEFT model is sharded around its timm model."""
-    timm_model = model.base_model.model if hasattr(model, "base_model") else model
-    whole = set(timm_model.get_classifier().parameters())
-    if fast_params == "last_stage":
-        whole |= set(timm_model.layer4.parameters())
-    for name in ("layer1", "layer2", "layer3", "layer4")[: 3 if fast_params == "last_stage" else 4]:
-        fully_shard(timm_model.get_submodule(name), mesh=mesh)
-    return fully_shard(model, mesh=mesh, ignored_params=whole)
+    """The library's sharding: each block without a fast weight one FSDP2 unit, the fast weights (the head, or the
+    last stage and the head) whole on every process; a PEFT model sharded around its timm model."""
+    return fully_shard_trunk(model, fast_params, mesh)
+
+
+def sharding_layout(model: torch.nn.Module) -> dict:
+    """Which modules `fully_shard_trunk` made FSDP2 units, and which parameters it left whole."""
+    return {
+        "units": [name for name, module in model.named_modules() if isinstance(module, FSDPModule)],
+        "whole": [name for name, p in model.named_parameters() if not hasattr(p, "to_local")],
+    }
 
 
 def sgd(model: torch.nn.Module, momentum: float = 0.0) -> torch.optim.Optimizer:
@@ -116,9 +118,9 @@ def resume_difference(mesh, folder: str, rank: int) -> float:
     return max(float((whole_state(a)[k] - v).abs().max()) for a, b in pairs for k, v in whole_state(b).items())
 
 
-def half_batches_match_the_full_batch(mesh, rank: int) -> float:
+def half_batches_match_the_full_batch(mesh, rank: int) -> tuple[float, dict]:
     """The meta weight 0 on a ViT (LayerNorm: nothing depends on the batch's other samples): two sharded processes
-    on half-batches end where one process on the whole batch does."""
+    on half-batches end where one process on the whole batch does; and how the ViT was sharded."""
     import timm
 
     torch.manual_seed(0)
@@ -126,19 +128,15 @@ def half_batches_match_the_full_batch(mesh, rank: int) -> float:
     model = timm.create_model("vit_small_patch16_224", **vit)
     single, mentor = copy.deepcopy(model), copy.deepcopy(model)
 
-    def shard_vit(module: torch.nn.Module) -> torch.nn.Module:
-        for block in module.blocks:
-            fully_shard(block, mesh=mesh)
-        return fully_shard(module, mesh=mesh, ignored_params=set(module.get_classifier().parameters()))
-
     settings = {**SETTINGS, "meta_weight": 0.0}
-    wrapper = MetaNoiseWrapper(shard_vit(model), sgd(model, 0.9), mentor=shard_vit(mentor), **settings)
+    wrapper = MetaNoiseWrapper(shard(model, mesh), sgd(model, 0.9), mentor=shard(mentor, mesh), **settings)
     single_wrapper = MetaNoiseWrapper(single, sgd(single, 0.9), **settings)
     for step in range(3):
         inputs, targets = helpers.image_batch(step, batch_size=16, size=32)
         wrapper.step(inputs[8 * rank : 8 * rank + 8], targets[8 * rank : 8 * rank + 8])
         single_wrapper.step(inputs, targets)
-    return max(float((whole_state(model)[k] - v).abs().max()) for k, v in whole_state(single).items())
+    difference = max(float((whole_state(model)[k] - v).abs().max()) for k, v in whole_state(single).items())
+    return difference, sharding_layout(model)
 
 
 def through_accelerate(mesh, rank: int) -> float:
@@ -216,13 +214,14 @@ def main(path: str) -> None:
             "reference_meta_losses": [s["meta_loss"] for s in reference_stats],
             "updates": wrapper.num_updates,
         }
+        results[run]["layout"] = sharding_layout(sharded)
         if run == "head":
             results["parameter_bytes"] = {"ddp": parameter_bytes(model), "fsdp": parameter_bytes(sharded)}
     folder = [f"{path}.checkpoint"]
     dist.broadcast_object_list(folder)
     results["resume_difference"] = resume_difference(mesh, folder[0], rank)
     results["refusals"] = refusals(mesh)
-    results["half_batch_max_difference"] = half_batches_match_the_full_batch(mesh, rank)
+    results["half_batch_max_difference"], results["vit_layout"] = half_batches_match_the_full_batch(mesh, rank)
     results["accelerate_difference"] = through_accelerate(mesh, rank)
     if rank == 0:
         with open(path, "w") as f:

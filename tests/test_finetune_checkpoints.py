@@ -117,14 +117,14 @@ def test_a_crash_during_a_save_leaves_a_checkpoint_that_resumes_exactly(
     saves = []
     real_save_weights, real_swap = checkpoint.save_weights, checkpoint._swap_in
 
-    def crashing_save_weights(module, path):
+    def crashing_save_weights(module, path, state=None):
         if len(saves) == 4 and crash_point == "disk full":
-            real_save_weights(module, path)  # a partial copy, then the write fails
+            real_save_weights(module, path, state)  # a partial copy, then the write fails
             raise OSError(errno.ENOSPC, "No space left on device")
         if len(saves) == 4:  # epoch 2's first save (student and mentor of "best" and "last" in epoch 1)
             raise KeyboardInterrupt("simulated kill while writing")
         saves.append(path)
-        real_save_weights(module, path)
+        real_save_weights(module, path, state)
 
     def crashing_swap(staging, directory, keep=1):
         saves.append(directory)

@@ -63,6 +63,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..labels.dynamics import AreaUnderMargin
+from ..runtime import is_sharded
 from ..wrapper import MetaNoiseWrapper
 from .settings import HISTORY_DIR, MENTOR_FILE, POSITION_FILE, STUDENT_FILE
 
@@ -75,12 +76,12 @@ def plain_model(module: nn.Module) -> nn.Module:
     return module
 
 
-def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
+def save_weights(module: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
     """``module``'s state dict as safetensors (contiguous copies; shared tensors de-duplicated; a LoRA model
-    merged, `plain_model`)."""
+    merged, `plain_model`); ``state``: the whole tensors `gathered_state` collected from a sharded ``module``."""
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in plain_model(module).state_dict().items():
+    for name, tensor in (plain_model(module).state_dict() if state is None else state).items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel():  # tied weights: safetensors refuses shared storage
             tensors[name] = tensor.detach().clone().contiguous().cpu()
@@ -97,6 +98,7 @@ def save_checkpoint(
     mentor: nn.Module,
     position: dict[str, Any] | None = None,
     keep: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
     """Accelerate's full state plus plain student / mentor weights in ``directory`` (replaced whole).
 
@@ -104,17 +106,25 @@ def save_checkpoint(
     the checkpoint ``directory`` held before moves to ``checkpoints/update_<n>/`` beside it,
     and only the ``keep - 1`` newest of those stay. A write that fails (a full disk, a lost
     mount) raises an OSError saying so; the checkpoint ``directory`` held before is left as it
-    was and the partial copy is removed.
+    was and the partial copy is removed. An FSDP2 student (``--fsdp``, which Accelerate does not
+    hold) and its ``optimizer`` are written whole in the files Accelerate writes for a model it
+    prepared (`gathered_state`): every process must call this.
     """
     staging = directory.with_name(directory.name + ".tmp")
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
+    sharded = is_sharded(student)
     try:
         accelerator.save_state(str(staging))
+        states = {STUDENT_FILE: gathered_state(student), MENTOR_FILE: gathered_state(mentor)} if sharded else {}
+        optimizer_state = gathered_optimizer_state(student, optimizer) if sharded and optimizer is not None else None
         if accelerator.is_main_process:
-            save_weights(student, staging / STUDENT_FILE)
-            save_weights(mentor, staging / MENTOR_FILE)
+            save_weights(student, staging / STUDENT_FILE, states.get(STUDENT_FILE))
+            save_weights(mentor, staging / MENTOR_FILE, states.get(MENTOR_FILE))
+            if optimizer_state is not None:  # as Accelerate writes a prepared model and optimizer
+                save_weights(student, staging / ACCELERATE_MODEL_FILE, states[STUDENT_FILE])
+                torch.save(optimizer_state, staging / ACCELERATE_OPTIMIZER_FILE)
             if position is not None:
                 (staging / POSITION_FILE).write_text(json.dumps(position) + "\n")
             _fsync_tree(staging)  # on disk before it replaces anything
@@ -125,6 +135,66 @@ def save_checkpoint(
     if accelerator.is_main_process:
         _swap_in(staging, directory, keep)
     accelerator.wait_for_everyone()
+
+
+def gathered_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP2 module's state dict as whole tensors on the main process, in CPU memory (the other processes get an
+    empty dict): each process sends its shards, so every process must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of an FSDP2 ``model``, whole, on the main process, in the layout of
+    ``optimizer.state_dict()`` (parameters numbered in the optimizer's order), which Accelerate writes for a
+    prepared optimizer; the other processes get an empty dict. Every process must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return {}
+    number = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
+    return {
+        "state": {number[name]: value for name, value in state["state"].items()},
+        "param_groups": [{**group, "params": [number[n] for n in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def load_sharded_training(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore an FSDP2 ``model`` and its ``optimizer`` from the whole tensors of a checkpoint ``directory``
+    (`save_checkpoint`): every process reads the files and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, load_file(os.fspath(directory / ACCELERATE_MODEL_FILE)), options=whole)
+    saved = torch.load(directory / ACCELERATE_OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    named = {
+        "state": {order[number]: value for number, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [order[n] for n in group["params"]]} for group in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=whole)
+
+
+class WholeMentorState:
+    """What an FSDP2 run registers for checkpointing in its wrapper's place: the wrapper's state with the sharded
+    mentor's weights whole (gathered onto the main process, which writes them, as a DDP run's wrapper state holds
+    them); loaded back, each process keeps its shards (`noisy_meta.mentor.Mentor.load_state_dict`)."""
+
+    def __init__(self, wrapper: MetaNoiseWrapper) -> None:
+        self.wrapper = wrapper
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.wrapper.state_dict(), "mentor": gathered_state(self.wrapper.mentor)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.wrapper.load_state_dict(state)
 
 
 def _swap_in(staging: Path, directory: Path, keep: int = 1) -> None:
@@ -203,8 +273,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable or made for another model."""
 
 
+#: The files Accelerate writes for the model and the optimizer it prepared (an FSDP2 run writes them itself).
+ACCELERATE_MODEL_FILE, ACCELERATE_OPTIMIZER_FILE = "model.safetensors", "optimizer.bin"
 #: Files every checkpoint directory must hold (beside Accelerate's RNG and custom states).
-REQUIRED_FILES = ("model.safetensors", "optimizer.bin", STUDENT_FILE, MENTOR_FILE)
+REQUIRED_FILES = (ACCELERATE_MODEL_FILE, ACCELERATE_OPTIMIZER_FILE, STUDENT_FILE, MENTOR_FILE)
 
 
 def read_weights(path: Path, model: nn.Module, role: str) -> dict[str, torch.Tensor]:
@@ -284,7 +356,7 @@ def check_checkpoint(directory: Path, model: nn.Module, role: str = "--resume") 
     plain = plain_model(model)
     for name in (STUDENT_FILE, MENTOR_FILE):
         read_weights(directory / name, plain, role)
-    _load_readable(directory / "model.safetensors", role)  # Accelerate's copy may leave out tied weights
+    _load_readable(directory / ACCELERATE_MODEL_FILE, role)  # Accelerate's copy may leave out tied weights
 
 
 def _load_readable(path: Path, role: str) -> Any:
@@ -522,5 +594,6 @@ class RunCheckpoints:
         }
         if self.flags is not None:
             position["flags"] = self.flags
-        save_checkpoint(self.accelerator, directory, self.wrapper.module, self.wrapper.mentor, position, keep)
+        wrapper = self.wrapper
+        save_checkpoint(self.accelerator, directory, wrapper.module, wrapper.mentor, position, keep, wrapper.optimizer)
         return directory

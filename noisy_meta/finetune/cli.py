@@ -246,6 +246,13 @@ def _optim_flags(parser: argparse.ArgumentParser) -> None:
         "--mixed-precision", choices=("no", "bf16", "fp16"), default=None, help="default: accelerate's configuration"
     )
     optim.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model across the launched processes with FSDP2 (fully_shard; accelerate launch "
+        "--num_processes N, N >= 2): each holds 1/N of the trunk and its optimizer state, the fast weights "
+        "(--fast-params head, the default here, or last_stage) stay whole; checkpoints hold whole tensors",
+    )
+    optim.add_argument(
         "--loss",
         choices=LOSSES,
         default=None,

@@ -174,6 +174,8 @@ def _check_combinations(settings: RunSettings) -> None:
             "previous best mentor merged into a plain timm model, which a LoRA student cannot average; run one "
             "iteration"
         )
+    if optim.fsdp:
+        _check_fsdp(settings)
     if model.pretrained and model.checkpoint:
         raise ValueError("--pretrained and --checkpoint both choose the starting weights: give one")
     if control.overwrite and control.resume is not None:
@@ -193,6 +195,48 @@ def _check_combinations(settings: RunSettings) -> None:
             f"--clean-before {clean_before} needs starting weights (--pretrained or --checkpoint): the features "
             "of a randomly initialised model cannot tell which labels are wrong"
         )
+
+
+def _check_fsdp(settings: RunSettings) -> None:
+    """What ``--fsdp`` cannot run with, refused in one line each before anything loads."""
+    optim, iterations = settings.optim, settings.iterative.iterations
+    refusals = (
+        (
+            optim.mixed_precision == "fp16",
+            "--mixed-precision fp16",
+            "use --mixed-precision bf16 (fp16's GradScaler is not run over sharded gradients)",
+        ),
+        (
+            optim.grad_accum_steps > 1,
+            f"--grad-accum-steps {optim.grad_accum_steps}",
+            "FSDP2 reduces every micro-batch's gradient in the meta step's last backward; raise --batch-size or "
+            "the number of processes",
+        ),
+        (
+            iterations > 1,
+            f"--iterations {iterations}",
+            "the next iteration's mentor is a whole timm model, not a sharded copy of the student",
+        ),
+        (
+            settings.model.lora_rank > 0,
+            "--lora-rank",
+            "the checkpoints merge the adapters, which needs a whole copy of the model; shard a LoRA model with "
+            "noisy_meta.fully_shard_trunk in your own loop",
+        ),
+    )
+    for refused, flag, why in refusals:
+        if refused:
+            raise ValueError(f"--fsdp with {flag}: {why}")
+    fast_params = settings.meta.fields.get("fast_params")
+    if fast_params is not None and "fast_params" not in settings.meta.defaulted and fast_params not in FSDP_FAST:
+        raise ValueError(
+            f"--fsdp with --fast-params {fast_params}: second order cannot reach the sharded trunk, so the fast "
+            f"weights must be a suffix left whole: {' or '.join(FSDP_FAST)}"
+        )
+
+
+#: The fast weights ``--fsdp`` can leave whole (`noisy_meta.fully_shard_trunk`).
+FSDP_FAST = ("head", "last_stage")
 
 
 def _check_streaming(settings: RunSettings) -> None:

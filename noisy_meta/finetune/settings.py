@@ -100,6 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {"full": {}, "fast": FAST_PRESET, "finetune
 #: nor masking what the neighbour vote over the pretrained features flags helped both of the fine-tuning
 #: benchmark's models on its noisy validation split (benchmarks/RESULTS.md).
 FINETUNE_CLEANING = "off"
+#: What ``--fsdp`` changes of the preset: the fast weights are the classifier, left whole on every process, as
+#: second order cannot reach the sharded trunk (`noisy_meta.fully_shard_trunk`; ``--fast-params last_stage`` works too).
+FSDP_META_DEFAULTS: dict[str, Any] = {"fast_params": "head"}
 #: MetaNoiseConfig fields with no flag of their own: the loss on the given labels comes from
 #: ``--loss`` / ``--smoothing`` / ``--gce-q``.
 NO_FLAG_FIELDS = ("criterion",)
@@ -176,6 +179,8 @@ class OptimSettings:
     batch_size: int = 64
     grad_accum_steps: int = 1
     mixed_precision: str | None = None
+    #: ``--fsdp``: the trunk sharded across the processes, the fast weights whole (`noisy_meta.fully_shard_trunk`).
+    fsdp: bool = False
     loss: str | None = None
     smoothing: float = 0.0
     gce_q: float = 0.7
@@ -470,6 +475,12 @@ META_DEFAULT_LAYERS: tuple[DefaultLayer, ...] = (
     ),
     DefaultLayer("fine-tuning", lambda settings, total: settings.fine_tuning_defaults(), _fine_tuning_help, True),
     DefaultLayer("preset", lambda settings, total: PRESETS[settings.preset], _preset_help, reported=True),
+    DefaultLayer(
+        "--fsdp",
+        lambda settings, total: FSDP_META_DEFAULTS if settings.optim.fsdp else {},
+        lambda field: f"{FSDP_META_DEFAULTS[field.name]!r} with --fsdp" if field.name in FSDP_META_DEFAULTS else None,
+        reported=True,
+    ),
     DefaultLayer(
         "--seed",
         lambda settings, total: {"seed": settings.control.seed},

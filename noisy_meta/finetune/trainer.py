@@ -21,6 +21,7 @@ all-gather (after ``--resume``, where a bad load would otherwise go unnoticed).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -46,6 +47,7 @@ from ..labels.cleaning import LABEL_KEPT, CleaningReport, clean_dataset, iter_pr
 from ..labels.dynamics import AreaUnderMargin
 from ..labels.noise import OUTSIDE
 from ..labels.noisy_datasets import INDEX, LABEL
+from ..runtime import fully_shard_trunk, is_dtensor
 from ..wrapper import MetaNoiseWrapper
 from .checkpoint import (
     CheckpointError,
@@ -53,8 +55,10 @@ from .checkpoint import (
     RunCheckpoints,
     RunState,
     StopSignals,
+    WholeMentorState,
     check_checkpoint,
     find_checkpoint,
+    load_sharded_training,
     read_position,
     save_checkpoint,
 )
@@ -265,7 +269,8 @@ def _start_run(
     wrapper = training.wrapper
     aum = AreaUnderMargin(max(train_set[INDEX]) + 1) if isinstance(train_set, Dataset) and len(train_set) else None
     state = RunState(settings.control.max_consecutive_skips, aum)
-    accelerator.register_for_checkpointing(wrapper, state, *filter(None, [training.scheduler]))
+    meta_state = WholeMentorState(wrapper) if settings.optim.fsdp else wrapper
+    accelerator.register_for_checkpointing(meta_state, state, *filter(None, [training.scheduler]))
     if settings.control.resume is not None if resume is None else resume:
         _resume(context, wrapper, state, output_dir)
     if accelerator.is_main_process:
@@ -345,10 +350,14 @@ def _prepare(
         raise ValueError(
             f"the training split ({batches.rows} samples) is smaller than one batch ({optim.batch_size}) per process"
         )
+    sharded_mentor = None
+    if optim.fsdp:  # Accelerate neither places nor wraps it: its own FSDP would shard the fast weights too
+        model, sharded_mentor = shard_student_and_mentor(accelerator, model, settings.meta_config(1)[0].fast_params)
     optimizer = create_optimizer_v2(
         model, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay, momentum=optim.momentum
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not optim.fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
     batches.prepare(accelerator)
     loaders = [accelerator.prepare(loader) for loader in eval_loaders.values()]
     updates_per_epoch = math.ceil(len(batches) / optim.grad_accum_steps)  # the last window syncs early
@@ -364,7 +373,7 @@ def _prepare(
     config, automatic = settings.meta_config(updates_per_epoch * optim.epochs)
     if mentor is not None and "mentor_update" not in settings.meta.fields:
         config = config.with_overrides(mentor_update=settings.iterative.iteration_mentor)
-    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
+    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor or sharded_mentor, accelerator=accelerator)
     source = settings.meta_config_sources()
     console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
     if config.fast_params == "all" and wrapper.fast_suffix:
@@ -378,6 +387,19 @@ def _prepare(
     return Training(wrapper, optimizer, batches, dict(zip(eval_loaders, loaders)), scheduler, augmentation)
 
 
+def shard_student_and_mentor(
+    accelerator: Accelerator, model: torch.nn.Module, fast_params: Any
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``--fsdp``: the student and its mentor copy on this process's device, each sharded across the processes
+    with the fast weights whole (`noisy_meta.fully_shard_trunk`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    model = model.to(accelerator.device)
+    mentor = copy.deepcopy(model)  # before sharding: FSDP2 modules cannot be copied
+    return fully_shard_trunk(model, fast_params, mesh), fully_shard_trunk(mentor, fast_params, mesh)
+
+
 def _resume(context: RunContext, wrapper: MetaNoiseWrapper, state: RunState, output_dir: Path) -> None:
     """Load the checkpoint ``--resume`` names (or ``<output-dir>/last``) and check every rank holds it."""
     settings, accelerator = context.settings, context.accelerator
@@ -387,6 +409,8 @@ def _resume(context: RunContext, wrapper: MetaNoiseWrapper, state: RunState, out
     _check_resumed_settings(context, resume_dir)
     try:
         accelerator.load_state(str(resume_dir))
+        if settings.optim.fsdp:  # the student and optimizer Accelerate does not hold
+            load_sharded_training(resume_dir, wrapper.module, wrapper.optimizer)
     except Exception as error:
         raise CheckpointError(f"--resume: could not restore {resume_dir}: {error}") from error
     check_ranks_agree(accelerator, wrapper.module, wrapper.mentor)
@@ -548,7 +572,7 @@ def stop_after_skips(
     previous epoch's, or a ``--checkpoint-every`` one), from which ``--resume`` continues exactly.
     """
     stopped = output_dir / "stopped"
-    save_checkpoint(accelerator, stopped, wrapper.module, wrapper.mentor)
+    save_checkpoint(accelerator, stopped, wrapper.module, wrapper.mentor, optimizer=wrapper.optimizer)
     raise NonFiniteTrainingError(
         f"{skips} consecutive updates were skipped because the loss or a gradient was not finite "
         f"(epoch {epoch + 1}, after {wrapper.num_updates} good updates; {wrapper.num_skipped} skipped in all). "
@@ -659,6 +683,11 @@ def make_accelerator(settings: RunSettings) -> Accelerator:
         ),
     )
     check_process_group(accelerator.num_processes)
+    if settings.optim.fsdp and accelerator.num_processes == 1:
+        raise ValueError(
+            "--fsdp shards the model across processes, and this run has one: launch it with accelerate launch "
+            "--num_processes N (N >= 2), or leave out --fsdp"
+        )
     return accelerator
 
 
@@ -716,12 +745,15 @@ def check_ranks_agree(accelerator: Accelerator, *modules: torch.nn.Module) -> No
 
     Each rank sends one checksum per tensor (float64 sum and sum of squares); any difference
     names the first tensor that differs. One small all-gather: cheap enough after a resume.
+    An FSDP2 module's sharded tensors hold another part on each rank: its whole ones are compared.
     """
     if accelerator.num_processes == 1:
         return
     names, sums = [], []
     for number, module in enumerate(modules):
         for name, tensor in module.state_dict().items():
+            if is_dtensor(tensor):
+                continue
             values = tensor.detach().double().reshape(-1)
             names.append(f"module {number}: {name}")
             sums.append(torch.stack([values.sum(), (values * values).sum()]) if values.numel() else values.new_zeros(2))
