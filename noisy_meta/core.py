@@ -197,7 +197,7 @@ def check_sharded(module: nn.Module, config: MetaNoiseConfig, scope: WholeModel,
     """
     works = (
         "under FSDP2 use fast_params='head' (or 'last_stage') with those parameters left whole: "
-        "fully_shard(model, ignored_params=<the fast parameters>)"
+        "noisy_meta.fully_shard_trunk(model, 'head'), or fully_shard(model, ignored_params=<the fast parameters>)"
     )
     sharded = [name for name in scope.fast_names if is_dtensor(module.get_parameter(name))]
     if sharded:
@@ -209,7 +209,7 @@ def check_sharded(module: nn.Module, config: MetaNoiseConfig, scope: WholeModel,
     if mentor is None:
         raise ValueError(
             "under FSDP2 the mentor cannot be copied from the student (FSDP does not support deepcopy): pass "
-            "mentor=<a second model with the student's weights, fully_shard-ed the same way>"
+            "mentor=<a copy of the student taken before sharding, sharded the same way (fully_shard_trunk)>"
         )
 
 

@@ -36,8 +36,9 @@ _UNSUPPORTED_DISTRIBUTED = {
     "DEEPSPEED": "DeepSpeed's engine owns the backward and the gradient reduction, which the meta step must do "
     "itself (two backwards over one graph; ZeRO-3 cannot run that at all, DeepSpeed issue 4528)",
     "FSDP": "Accelerate shards every parameter, the fast weights too, which second order cannot reach; shard the "
-    "trunk yourself with fully_shard(model, ignored_params=<the head's parameters>) and pass the student, its "
-    "sharded copy as mentor= and fast_params='head' to MetaNoiseWrapper (see the docs' FSDP2 section)",
+    "trunk with noisy_meta.fully_shard_trunk(model, 'head') (the head whole) and pass the student, its sharded "
+    "copy as mentor= and fast_params='head' to MetaNoiseWrapper (the docs' FSDP2 section; --fsdp on the command "
+    "line)",
     "MEGATRON_LM": "the meta step needs the whole model on every process",
     "XLA": "the meta step is not traced for XLA",
 }
