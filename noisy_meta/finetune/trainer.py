@@ -373,7 +373,8 @@ def _prepare(
     config, automatic = settings.meta_config(updates_per_epoch * optim.epochs)
     if mentor is not None and "mentor_update" not in settings.meta.fields:
         config = config.with_overrides(mentor_update=settings.iterative.iteration_mentor)
-    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor or sharded_mentor, accelerator=accelerator)
+    mentor = mentor if mentor is not None else sharded_mentor
+    wrapper = MetaNoiseWrapper(model, optimizer, config, mentor=mentor, accelerator=accelerator)
     source = settings.meta_config_sources()
     console.print(f"MLNT: {config}" + (f"\n  {source} defaults: {automatic}" if automatic else ""))
     if config.fast_params == "all" and wrapper.fast_suffix:
