@@ -156,3 +156,29 @@ def test_what_help_says_of_each_meta_default_is_what_a_run_resolves():
     assert (from_weights.inner_lr, from_weights.num_synthetic) == (0.02, 3)  # "1 x --lr", "3 with --preset full"
     assert "1 x --lr" in describe_default(MetaNoiseConfig.__dataclass_fields__["inner_lr"])
     assert checked >= 10
+
+
+@pytest.mark.parametrize(
+    "flag, defaults_name",
+    [(["--fsdp"], "FSDP_META_DEFAULTS"), (["--lora-rank", "4"], "LORA_META_DEFAULTS")],
+)
+def test_a_flag_that_changes_the_preset_says_so_and_a_given_flag_wins(flag, defaults_name):
+    """``--fsdp`` makes the head the fast weights, ``--lora-rank`` clips the gradient at 1, over every preset; what
+    ``--help`` says is what a run gets, the run's first lines name the flag, and a flag given for the field wins."""
+    from noisy_meta.finetune import settings as run_settings
+    from noisy_meta.finetune.settings import PRESETS, RunSettings, describe_default
+
+    defaults = getattr(run_settings, defaults_name)
+    for name, value in defaults.items():
+        field = MetaNoiseConfig.__dataclass_fields__[name]
+        assert f"{value!r} with {flag[0]}" in describe_default(field)
+        for preset in PRESETS:
+            args = build_parser().parse_args([*flag, "--preset", preset])
+            config, chosen = resolve_meta_config(args, total_updates=1000)
+            assert getattr(config, name) == value and chosen[name] == value, (name, preset)
+            assert flag[0] in RunSettings.from_args(args).meta_config_sources()
+        assert getattr(resolve_meta_config(build_parser().parse_args([*flag]), 1000)[0], name) == value
+    given = {"fast_params": ["--fast-params", "last_stage"], "clip_grad": ["--clip-grad", "5"]}
+    for name in defaults:
+        config, chosen = resolve_meta_config(build_parser().parse_args([*flag, *given[name]]), total_updates=1000)
+        assert getattr(config, name) != defaults[name] and name not in chosen

@@ -103,6 +103,10 @@ FINETUNE_CLEANING = "off"
 #: What ``--fsdp`` changes of the preset: the fast weights are the classifier, left whole on every process, as
 #: second order cannot reach the sharded trunk (`noisy_meta.fully_shard_trunk`; ``--fast-params last_stage`` works too).
 FSDP_META_DEFAULTS: dict[str, Any] = {"fast_params": "head"}
+#: What ``--lora-rank`` changes of the preset: the gradient's global norm clipped at 1 (the Hugging Face Trainer's
+#: default). On the fine-tuning benchmark's ViT with LoRA at its best learning rate the recipe's meta steps, at
+#: meta_every x the meta weight, drove the adapters to chance accuracy without it (benchmarks/RESULTS.md).
+LORA_META_DEFAULTS: dict[str, Any] = {"clip_grad": 1.0}
 #: MetaNoiseConfig fields with no flag of their own: the loss on the given labels comes from
 #: ``--loss`` / ``--smoothing`` / ``--gce-q``.
 NO_FLAG_FIELDS = ("criterion",)
@@ -455,6 +459,16 @@ def _switches(settings: RunSettings) -> dict[str, Any]:
     return {**values, "criterion": criterion} if criterion is not None else values
 
 
+def _flag_defaults(flag: str, defaults: dict[str, Any], given: Callable[[RunSettings], bool]) -> DefaultLayer:
+    """The layer of what a flag changes of the preset when it is ``given`` (reported in the run's first lines)."""
+    return DefaultLayer(
+        flag,
+        lambda settings, total: defaults if given(settings) else {},
+        lambda field: f"{defaults[field.name]!r} with {flag}" if field.name in defaults else None,
+        reported=True,
+    )
+
+
 #: The layers of a command-line run's MetaNoiseConfig, lowest first: `RunSettings.meta_config` resolves a run with
 #: them and ``--help`` says each field's defaults from them (`describe_default`).
 META_DEFAULT_LAYERS: tuple[DefaultLayer, ...] = (
@@ -475,12 +489,8 @@ META_DEFAULT_LAYERS: tuple[DefaultLayer, ...] = (
     ),
     DefaultLayer("fine-tuning", lambda settings, total: settings.fine_tuning_defaults(), _fine_tuning_help, True),
     DefaultLayer("preset", lambda settings, total: PRESETS[settings.preset], _preset_help, reported=True),
-    DefaultLayer(
-        "--fsdp",
-        lambda settings, total: FSDP_META_DEFAULTS if settings.optim.fsdp else {},
-        lambda field: f"{FSDP_META_DEFAULTS[field.name]!r} with --fsdp" if field.name in FSDP_META_DEFAULTS else None,
-        reported=True,
-    ),
+    _flag_defaults("--fsdp", FSDP_META_DEFAULTS, lambda settings: settings.optim.fsdp),
+    _flag_defaults("--lora-rank", LORA_META_DEFAULTS, lambda settings: settings.model.lora_rank > 0),
     DefaultLayer(
         "--seed",
         lambda settings, total: {"seed": settings.control.seed},
