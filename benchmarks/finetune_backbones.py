@@ -118,8 +118,12 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 class PlainLoop:
     """SGD + cosine schedule with one of the baseline losses, and timm's ModelEmaV3 alongside."""
 
-    def __init__(self, model: nn.Module, lr: float, total: int, loss: str, opt: str = "sgd") -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, total: int, loss: str, opt: str = "sgd", clip: float | None = None
+    ) -> None:
         self.model = model
+        #: the gradient's global norm is clipped to this (None: not clipped)
+        self.clip = clip
         if opt == "adamw":
             self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
         else:
@@ -132,6 +136,8 @@ class PlainLoop:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         loss = self.loss(self.model(x), y)
         loss.backward()
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -3,12 +3,13 @@
     python benchmarks/lora_cost.py [--rank 16] [--write]
 
 A ViT with 12 blocks at a reduced width (timm's ``vit_small`` layout at width 192, 3 heads,
-64 px images in 8 px patches, batch 32, 10 classes). Four configurations, each in its own
+64 px images in 8 px patches, batch 32, 10 classes). Seven configurations, each in its own
 process: full fine-tuning and LoRA (PEFT, rank ``--rank`` on every linear layer of the blocks
 via `noisy_meta.finetune.models.add_lora`, the classifier trained in full), each with a plain
 cross-entropy step and with the fine-tuning recipe (`MetaNoiseConfig.finetune`, its meta step
 every 5th update, at full weight from the first); on LoRA also the recipe with
-``fast_params="head"`` / ``"last_stage"`` (the fast passes run only that part, on a shared trunk).
+``fast_params="head"`` / ``"last_stage"`` (the fast passes run only that part, on a shared trunk) and in first
+order (no graph of the inner gradient).
 Time per update: the mean over whole ``meta_every`` cycles after one warm-up cycle. Memory: the
 process's peak resident memory above its resident memory after the imports, before the model is built (model, mentor,
 optimizer state and the step's graphs: the whole run's cost).
@@ -28,7 +29,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import speed  # noqa: E402
 from results_file import write_section  # noqa: E402
 
-CONFIGS = ("full plain", "full recipe", "LoRA plain", "LoRA recipe", "LoRA recipe, head", "LoRA recipe, last_stage")
+#: Each configuration and the MetaNoiseConfig.finetune overrides of its recipe (None: a plain cross-entropy step).
+CONFIGS: dict[str, dict[str, object] | None] = {
+    "full plain": None,
+    "full recipe": {},
+    "LoRA plain": None,
+    "LoRA recipe": {},
+    "LoRA recipe, head": {"fast_params": "head"},
+    "LoRA recipe, last_stage": {"fast_params": "last_stage"},
+    "LoRA recipe, first order": {"first_order": True},
+}
 
 
 def child(config: str, rank: int, cycles: int) -> dict[str, float]:
@@ -51,9 +61,9 @@ def child(config: str, rank: int, cycles: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     inputs, targets = torch.randn(32, 3, 64, 64), torch.randint(0, 10, (32,))
     meta_every = MetaNoiseConfig.finetune().meta_every
-    if "recipe" in config:
-        fast_params = config.split(", ")[1] if ", " in config else "all"
-        recipe = MetaNoiseConfig.finetune(ramp_start=0, ramp_end=0, seed=0, fast_params=fast_params)
+    overrides = CONFIGS[config]
+    if overrides is not None:
+        recipe = MetaNoiseConfig.finetune(ramp_start=0, ramp_end=0, seed=0, **overrides)
         wrapper = MetaNoiseWrapper(model, optimizer, recipe)
 
         def update() -> None:

@@ -125,6 +125,7 @@ def assert_same_checkpoint(ours: Path, theirs: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*map(flat_tensors, optimizers), strict=True))
 
 
+@pytest.mark.slow
 def test_the_command_lines_fsdp_run_is_its_ddp_run_and_writes_the_same_whole_files(cli_runs):
     """``--fsdp`` shards student and mentor (the head whole): metrics, checkpoints (every file Accelerate writes for a
     prepared model and optimizer, gathered whole) and the export are bit for bit the DDP run's."""
@@ -139,6 +140,7 @@ def test_the_command_lines_fsdp_run_is_its_ddp_run_and_writes_the_same_whole_fil
     assert (root / "fsdp" / "label_issues.csv").read_text() == (root / "ddp" / "label_issues.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_ddp_checkpoint_resumes_under_fsdp_to_the_uninterrupted_end(cli_runs):
     """The files hold whole tensors either way: a DDP run's mid-epoch checkpoint continues under ``--fsdp``, each
     process taking its shards, and ends bit for bit where the uninterrupted run did."""
