@@ -169,8 +169,10 @@ METHODS: dict[str, Method] = {
     "lora_ce": Method(lora=LORA_RANK, clip=1.0),
     "lora_gce": Method(loss="gce", lora=LORA_RANK, clip=1.0),
     "lora_recipe": Method(dict(FINETUNE_PRESET), clean=FINETUNE_CLEANING, lora=LORA_RANK, clip=1.0),
-    "lora_recipe_head": Method({**FINETUNE_PRESET, "fast_params": "head"}, lora=LORA_RANK, clip=1.0),
-    "lora_recipe_kl": Method({**FINETUNE_PRESET, **KL_STEP}, lora=LORA_RANK, clip=1.0),
+    "lora_recipe_head": Method(
+        {**FINETUNE_PRESET, "fast_params": "head"}, clean=FINETUNE_CLEANING, lora=LORA_RANK, clip=1.0
+    ),
+    "lora_recipe_kl": Method({**FINETUNE_PRESET, **KL_STEP}, clean=FINETUNE_CLEANING, lora=LORA_RANK, clip=1.0),
     "lora_recipe_noclip": Method(dict(FINETUNE_PRESET), clean=FINETUNE_CLEANING, lora=LORA_RANK),
 }
 #: Rows in the report: baselines first, then the levers alone, then the recipe.
