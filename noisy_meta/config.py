@@ -47,6 +47,8 @@ DistBN = Literal["reduce", "broadcast"]
 
 #: The named `fast_params` modes.
 FAST_PARAM_NAMES: tuple[str, ...] = get_args(FastParamsName)
+#: The fast weights that can stay whole after a sharded (FSDP2) trunk: a suffix of the model (`fully_shard_trunk`).
+SHARDABLE_FAST_PARAMS: tuple[str, ...] = ("head", "last_stage")
 
 
 def _is_int(value: Any) -> bool:

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import SHARDABLE_FAST_PARAMS
+
 #: Accelerate's modes the meta step refuses, and why (one line each; `TrainingRuntime` adds DeepSpeed's ZeRO stage).
 _UNSUPPORTED_DISTRIBUTED = {
     "DEEPSPEED": "DeepSpeed's engine owns the backward and the gradient reduction, which the meta step must do "
@@ -77,7 +79,7 @@ def fully_shard_trunk(
 
     from .fast_weights import select_fast_params
 
-    if fast_params not in ("head", "last_stage"):
+    if fast_params not in SHARDABLE_FAST_PARAMS:
         raise ValueError(
             f"fast_params={fast_params!r}: under FSDP2 the fast weights must be a suffix left whole, 'head' or "
             "'last_stage' (second order cannot reach sharded parameters)"

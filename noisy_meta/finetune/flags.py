@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from ..config import SHARDABLE_FAST_PARAMS
 from ..labels.noise import OPEN_SET
 from .settings import (
     ARGS_FILE,
@@ -228,15 +229,12 @@ def _check_fsdp(settings: RunSettings) -> None:
         if refused:
             raise ValueError(f"--fsdp with {flag}: {why}")
     fast_params = settings.meta.fields.get("fast_params")
-    if fast_params is not None and "fast_params" not in settings.meta.defaulted and fast_params not in FSDP_FAST:
+    given = fast_params is not None and "fast_params" not in settings.meta.defaulted
+    if given and fast_params not in SHARDABLE_FAST_PARAMS:
         raise ValueError(
             f"--fsdp with --fast-params {fast_params}: second order cannot reach the sharded trunk, so the fast "
-            f"weights must be a suffix left whole: {' or '.join(FSDP_FAST)}"
+            f"weights must be a suffix left whole: {' or '.join(SHARDABLE_FAST_PARAMS)}"
         )
-
-
-#: The fast weights ``--fsdp`` can leave whole (`noisy_meta.fully_shard_trunk`).
-FSDP_FAST = ("head", "last_stage")
 
 
 def _check_streaming(settings: RunSettings) -> None:
