@@ -81,8 +81,8 @@ def fully_shard_trunk(
 
     if fast_params not in SHARDABLE_FAST_PARAMS:
         raise ValueError(
-            f"fast_params={fast_params!r}: under FSDP2 the fast weights must be a suffix left whole, 'head' or "
-            "'last_stage' (second order cannot reach sharded parameters)"
+            f"fast_params={fast_params!r}: under FSDP2 the fast weights must be a suffix left whole, "
+            f"{' or '.join(map(repr, SHARDABLE_FAST_PARAMS))} (second order cannot reach sharded parameters)"
         )
     whole = {model.get_parameter(name) for name in select_fast_params(model, fast_params)}
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model

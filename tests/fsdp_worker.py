@@ -44,12 +44,6 @@ def batch(step: int, rank: int):
     return helpers.image_batch(100 * step + rank, batch_size=8, size=32)
 
 
-def shard(model: torch.nn.Module, mesh, fast_params: str = "head") -> torch.nn.Module:
-    """The library's sharding: each block without a fast weight one FSDP2 unit, the fast weights (the head, or the
-    last stage and the head) whole on every process; a PEFT model sharded around its timm model."""
-    return fully_shard_trunk(model, fast_params, mesh)
-
-
 def sharding_layout(model: torch.nn.Module) -> dict:
     """Which modules `fully_shard_trunk` made FSDP2 units, and which parameters it left whole."""
     return {
@@ -82,8 +76,8 @@ def sharded_run(mesh, **settings) -> tuple[torch.nn.Module, torch.optim.Optimize
     """A fresh sharded student, its sharded mentor copy, SGD and the wrapper (seeded: every call builds the same)."""
     torch.manual_seed(0)
     model = tiny_resnet()
-    mentor = shard(copy.deepcopy(model), mesh)
-    model = shard(model, mesh)
+    mentor = fully_shard_trunk(copy.deepcopy(model), mesh=mesh)
+    model = fully_shard_trunk(model, mesh=mesh)
     optimizer = sgd(model, momentum=0.9)
     return model, optimizer, MetaNoiseWrapper(model, optimizer, mentor=mentor, **SETTINGS, **FROM_FIRST_UPDATE)
 
@@ -129,7 +123,9 @@ def half_batches_match_the_full_batch(mesh, rank: int) -> tuple[float, dict]:
     single, mentor = copy.deepcopy(model), copy.deepcopy(model)
 
     settings = {**SETTINGS, "meta_weight": 0.0}
-    wrapper = MetaNoiseWrapper(shard(model, mesh), sgd(model, 0.9), mentor=shard(mentor, mesh), **settings)
+    wrapper = MetaNoiseWrapper(
+        fully_shard_trunk(model, mesh=mesh), sgd(model, 0.9), mentor=fully_shard_trunk(mentor, mesh=mesh), **settings
+    )
     single_wrapper = MetaNoiseWrapper(single, sgd(single, 0.9), **settings)
     for step in range(3):
         inputs, targets = helpers.image_batch(step, batch_size=16, size=32)
@@ -149,8 +145,8 @@ def through_accelerate(mesh, rank: int) -> float:
     for prepared in (False, True):
         torch.manual_seed(0)
         model = tiny_resnet()
-        mentor = shard(copy.deepcopy(model), mesh)
-        model = shard(model, mesh)
+        mentor = fully_shard_trunk(copy.deepcopy(model), mesh=mesh)
+        model = fully_shard_trunk(model, mesh=mesh)
         optimizer = accelerator.prepare(sgd(model, 0.9)) if prepared else sgd(model, 0.9)
         settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": 0.5}
         wrapper = MetaNoiseWrapper(
@@ -178,9 +174,9 @@ def refusals(mesh) -> dict[str, str]:
     for name, attempt in attempts.items():
         torch.manual_seed(0)
         model = tiny_resnet()
-        mentor = shard(copy.deepcopy(model), mesh)
+        mentor = fully_shard_trunk(copy.deepcopy(model), mesh=mesh)
         try:
-            attempt(shard(model, mesh), mentor)
+            attempt(fully_shard_trunk(model, mesh=mesh), mentor)
             messages[name] = "accepted"
         except (ValueError, NotImplementedError) as error:
             messages[name] = str(error)
@@ -200,7 +196,7 @@ def main(path: str) -> None:
         settings = {**SETTINGS, **FROM_FIRST_UPDATE, "clip_grad": clip, "fast_params": fast_params}
         reference = MetaNoiseWrapper(ddp, sgd(ddp, momentum=0.9), **settings)
         reference_stats = train(reference, rank)
-        shard(sharded, mesh, fast_params), shard(mentor, mesh, fast_params)
+        fully_shard_trunk(sharded, fast_params, mesh=mesh), fully_shard_trunk(mentor, fast_params, mesh=mesh)
         wrapper = MetaNoiseWrapper(sharded, sgd(sharded, momentum=0.9), mentor=mentor, **settings)
         stats = train(wrapper, rank)
         pairs = [
